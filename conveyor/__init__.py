@@ -1,0 +1,61 @@
+"""conveyor: a distributed task queue for Python, safe by default and fast.
+
+```python
+from conveyor import Conveyor
+
+app = Conveyor("shop")          # embedded SQLite broker and results in ./conveyor.db
+
+@app.task(max_retries=3, retry_backoff=True)
+def resize(path: str, width: int) -> str: ...
+
+resize.delay("a.png", 100).get(timeout=10)
+```
+"""
+
+from conveyor.app import Conveyor
+from conveyor.errors import (
+    ArgumentError,
+    ConfigurationError,
+    ConveyorError,
+    DecodeError,
+    EncodeError,
+    MaxRetriesExceeded,
+    PublishError,
+    ResultTimeout,
+    Retry,
+    SoftTimeLimitExceeded,
+    TaskExpired,
+    TaskFailed,
+    TimeLimitExceeded,
+    UnknownTaskError,
+)
+from conveyor.results import State
+from conveyor.results.handle import Result
+from conveyor.settings import Settings
+from conveyor.task import Request, Task
+from conveyor.worker import Worker, WorkerStats
+
+__all__ = [
+    "ArgumentError",
+    "ConfigurationError",
+    "Conveyor",
+    "ConveyorError",
+    "DecodeError",
+    "EncodeError",
+    "MaxRetriesExceeded",
+    "PublishError",
+    "Request",
+    "Result",
+    "ResultTimeout",
+    "Retry",
+    "Settings",
+    "SoftTimeLimitExceeded",
+    "State",
+    "Task",
+    "TaskExpired",
+    "TaskFailed",
+    "TimeLimitExceeded",
+    "UnknownTaskError",
+    "Worker",
+    "WorkerStats",
+]

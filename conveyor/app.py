@@ -1,0 +1,165 @@
+"""`Conveyor`: settings, the task registry, and the wiring to a broker and a result store."""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any, Final, ParamSpec, TypeVar, overload
+
+from conveyor import brokers, results
+from conveyor.brokers import Broker, Outgoing
+from conveyor.errors import ConfigurationError, UnknownTaskError
+from conveyor.message import Envelope, encode
+from conveyor.redact import redact_url
+from conveyor.results import ResultStore
+from conveyor.results.handle import Result
+from conveyor.settings import Settings
+from conveyor.task import Task, parse_options
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+class _Unset:
+    def __repr__(self) -> str:
+        return "UNSET"
+
+
+UNSET: Final = _Unset()
+
+
+class Conveyor:
+    """A task queue application: where tasks are registered and sent from.
+
+    `broker` defaults to the embedded SQLite broker (`sqlite:///conveyor.db`). `results` defaults
+    to the same SQLite file with the SQLite broker, to memory with `memory://`, and to none
+    otherwise; `results=None` stores no results. Other settings (see `Settings`) can be passed as
+    keyword arguments or `CONVEYOR_*` environment variables.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        broker: str | None = None,
+        results: str | _Unset | None = UNSET,
+        **settings: Any,
+    ) -> None:
+        if results is None:
+            settings["ignore_results"] = True
+        elif not isinstance(results, _Unset):
+            settings["results"] = results
+        self.name = name
+        self.settings = Settings.load(broker=broker, **settings)
+        self.tasks: dict[str, Task[Any, Any]] = {}
+        self._lock = threading.Lock()
+        self._broker: Broker | None = None
+        self._results: ResultStore | _Unset | None = UNSET
+
+    def __repr__(self) -> str:
+        return f"<Conveyor {self.name} broker={redact_url(self.settings.broker)}>"
+
+    @property
+    def broker(self) -> Broker:
+        """The broker, connected lazily on first use."""
+        if self._broker is None:
+            with self._lock:
+                if self._broker is None:
+                    self._broker = brokers.from_url(
+                        self.settings.broker, visibility_timeout=self.settings.visibility_timeout
+                    )
+        return self._broker
+
+    @property
+    def results(self) -> ResultStore | None:
+        """The result store, or None when results are not kept."""
+        if isinstance(self._results, _Unset):
+            with self._lock:
+                if isinstance(self._results, _Unset):
+                    url = self._results_url()
+                    self._results = None if url is None else results.from_url(url)
+        return self._results
+
+    @overload
+    def task(self, fn: Callable[P, R], /) -> Task[P, R]: ...
+
+    @overload
+    def task(self, /, **options: Any) -> Callable[[Callable[P, R]], Task[P, R]]: ...
+
+    def task(
+        self, fn: Callable[P, R] | None = None, /, **options: Any
+    ) -> Task[P, R] | Callable[[Callable[P, R]], Task[P, R]]:
+        """Register a function as a task: `@app.task` or `@app.task(queue="images", ...)`.
+
+        Unknown or ill-typed options raise `ConfigurationError` right here.
+        """
+        parsed, autoretry_for = parse_options(options)
+
+        def register(fn: Callable[P, R]) -> Task[P, R]:
+            name = parsed.name or _default_name(fn)
+            if name in self.tasks and self.tasks[name].fn is not fn:
+                raise ConfigurationError(f"two tasks are named {name!r}: pass name=... to one")
+            task: Task[P, R] = Task(self, fn, name, parsed, autoretry_for)
+            self.tasks[name] = task
+            return task
+
+        return register if fn is None else register(fn)
+
+    def get_task(self, name: str) -> Task[Any, Any]:
+        """The task registered under `name`, or `UnknownTaskError`."""
+        try:
+            return self.tasks[name]
+        except KeyError:
+            raise UnknownTaskError(
+                f"unknown task {name!r}: no task of that name is registered on app {self.name!r}"
+            ) from None
+
+    def send(self, envelopes: Sequence[Envelope]) -> None:
+        """Encode and publish envelopes in one batch; returns once the broker stored them all."""
+        if envelopes:
+            self.broker.publish(self._outgoing(envelopes))
+
+    async def send_async(self, envelopes: Sequence[Envelope]) -> None:
+        """`send` for asyncio producers."""
+        if envelopes:
+            await self.broker.publish_async(self._outgoing(envelopes))
+
+    def result(self, task_id: str) -> Result[Any]:
+        """A handle on the result of any task id."""
+        return Result(task_id, self.results)
+
+    def close(self) -> None:
+        """Close this process's broker and store connections."""
+        if self._broker is not None:
+            self._broker.close()
+        if not isinstance(self._results, _Unset) and self._results is not None:
+            self._results.close()
+
+    def _outgoing(self, envelopes: Sequence[Envelope]) -> list[Outgoing]:
+        limit = self.settings.max_message_size
+        return [Outgoing(e.queue, encode(e, max_size=limit), e.priority, e.eta) for e in envelopes]
+
+    def _results_url(self) -> str | None:
+        settings = self.settings
+        if settings.ignore_results:
+            return None
+        if settings.results is not None:
+            return settings.results
+        if settings.broker.startswith(("sqlite:", "memory:")):
+            return settings.broker
+        return None
+
+
+def _default_name(fn: Callable[..., Any]) -> str:
+    """`module.function`; a script run directly is named after its file, not `__main__`."""
+    module = fn.__module__
+    if module == "__main__":
+        main = sys.modules["__main__"]
+        spec = getattr(main, "__spec__", None)
+        if spec is not None and spec.name:
+            module = spec.name
+        else:
+            module = os.path.splitext(os.path.basename(getattr(main, "__file__", "main")))[0]
+    return f"{module}.{fn.__qualname__}"

@@ -1,0 +1,27 @@
+"""Brokers carry messages between producers and workers. `from_url` picks one by URL scheme."""
+
+from __future__ import annotations
+
+from urllib.parse import urlsplit
+
+from conveyor.brokers.base import Broker, DeadLetter, Delivery, Outgoing, QueueStats
+from conveyor.errors import ConfigurationError
+from conveyor.redact import redact_url
+
+__all__ = ["Broker", "DeadLetter", "Delivery", "Outgoing", "QueueStats", "from_url"]
+
+
+def from_url(url: str, *, visibility_timeout: float) -> Broker:
+    """The broker for a URL: `sqlite:///file.db` (embedded) or `memory://` (tests)."""
+    scheme = urlsplit(url).scheme
+    if scheme == "sqlite":
+        from conveyor.brokers.sqlite import SQLiteBroker
+
+        return SQLiteBroker(url, visibility_timeout=visibility_timeout)
+    if scheme == "memory":
+        from conveyor.brokers.memory import MemoryBroker
+
+        return MemoryBroker(visibility_timeout=visibility_timeout)
+    raise ConfigurationError(
+        f"unsupported broker URL {redact_url(url)!r}: use sqlite:///path.db or memory://"
+    )

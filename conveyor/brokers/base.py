@@ -1,0 +1,128 @@
+"""The broker interface: the few primitives a transport implements.
+
+A broker moves opaque bodies between named queues. Everything above these primitives (envelopes,
+retries, poison handling, dead-letter decisions) is shared code in `conveyor.worker`.
+
+Consumer-side calls are blocking and made from one worker thread; `publish` may be called from any
+thread of any process. A broker is fork-safe: a child process never uses its parent's connections.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True, slots=True)
+class Outgoing:
+    """A body to publish. `deliver_at` (epoch seconds) holds it in the broker until then."""
+
+    queue: str
+    body: bytes
+    priority: int = 0
+    deliver_at: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """A body leased to this consumer until it is acked, requeued or dead-lettered.
+
+    `receipt` is the broker's own handle for settling it; `delivery_count` is 1 the first time a
+    message is handed out and grows each time it comes back without having been settled.
+    """
+
+    queue: str
+    body: bytes
+    receipt: Any
+    delivery_count: int = 1
+
+    @property
+    def redelivered(self) -> bool:
+        """True when an earlier delivery of this message ended without being settled."""
+        return self.delivery_count > 1
+
+
+@dataclass(frozen=True, slots=True)
+class QueueStats:
+    """How many messages a queue holds, by where they are."""
+
+    queue: str
+    ready: int
+    delayed: int
+    in_flight: int
+    dead: int
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """A message taken out of circulation, with the reason."""
+
+    queue: str
+    body: bytes
+    reason: str
+    delivery_count: int
+    died_at: float
+
+
+class Broker(abc.ABC):
+    """What every transport provides."""
+
+    #: The URL with any password masked, safe to print.
+    display_url: str = ""
+
+    # producer side
+
+    @abc.abstractmethod
+    def publish(self, messages: Sequence[Outgoing]) -> None:
+        """Store messages durably; return only once the broker has accepted all of them."""
+
+    async def publish_async(self, messages: Sequence[Outgoing]) -> None:
+        """`publish` for asyncio producers."""
+        await asyncio.to_thread(self.publish, messages)
+
+    # consumer side
+
+    @abc.abstractmethod
+    def fetch(self, queues: Sequence[str], limit: int) -> list[Delivery]:
+        """Lease up to `limit` ready messages, highest priority first; never blocks long."""
+
+    @abc.abstractmethod
+    def ack(self, deliveries: Sequence[Delivery]) -> int:
+        """Remove settled messages. Returns how many were still leased to us."""
+
+    @abc.abstractmethod
+    def requeue(
+        self, deliveries: Sequence[Delivery], *, delay: float = 0.0, count_delivery: bool = True
+    ) -> None:
+        """Give messages back, visible again after `delay` seconds.
+
+        With `count_delivery=False` the delivery does not count towards the poison limit (used when
+        a worker releases messages it never started).
+        """
+
+    @abc.abstractmethod
+    def dead_letter(self, items: Sequence[tuple[Delivery, str]]) -> None:
+        """Move messages out of circulation, each with the reason."""
+
+    def extend(self, deliveries: Sequence[Delivery], seconds: float) -> None:  # noqa: B027
+        """Keep leases of running messages alive for another `seconds`. Default: nothing to do."""
+
+    # administration
+
+    @abc.abstractmethod
+    def stats(self, queues: Sequence[str] | None = None) -> list[QueueStats]:
+        """Counts for the given queues, or for every queue the broker knows."""
+
+    @abc.abstractmethod
+    def purge(self, queue: str, *, dead: bool = False) -> int:
+        """Delete every ready and delayed message of a queue (or its dead letters); the count."""
+
+    @abc.abstractmethod
+    def dead_letters(self, queue: str, limit: int = 100) -> list[DeadLetter]:
+        """The most recent dead letters of a queue, newest first."""
+
+    def close(self) -> None:  # noqa: B027
+        """Release connections held by this process."""

@@ -1,0 +1,131 @@
+"""Every exception conveyor raises, in one tree.
+
+```
+ConveyorError
+├── ConfigurationError          a setting, URL, task option or app path is wrong
+├── MessageError
+│   ├── EncodeError             arguments or a result cannot be encoded
+│   └── DecodeError             bytes are not a valid envelope (carries .reason)
+├── BrokerError
+│   └── PublishError            the broker did not accept a message
+├── UnknownTaskError            no task is registered under that name
+├── ArgumentError               arguments do not fit the task's signature (also a TypeError)
+├── TaskError
+│   ├── TaskFailed              Result.get() of a task that failed
+│   ├── TaskExpired             the task's `expires` passed before it ran
+│   ├── MaxRetriesExceeded      a retry was asked for after the last try
+│   ├── TimeLimitExceeded       the hard time limit passed
+│   └── SoftTimeLimitExceeded   the soft time limit passed (raised inside the task)
+├── ResultError
+│   └── ResultTimeout           Result.get(timeout=...) ran out (also a TimeoutError)
+└── Retry                       raised by a task, through `raise self.retry(...)`
+```
+
+Messages say what went wrong and what to do about it. They never contain credentials.
+"""
+
+from __future__ import annotations
+
+
+class ConveyorError(Exception):
+    """The root of every conveyor exception."""
+
+
+class ConfigurationError(ConveyorError):
+    """A setting, broker URL, task option or application path is wrong."""
+
+
+class MessageError(ConveyorError):
+    """A message could not be encoded or decoded."""
+
+
+class EncodeError(MessageError):
+    """Task arguments or a task's return value cannot be encoded as JSON."""
+
+
+class DecodeError(MessageError):
+    """Bytes taken from a broker are not a valid envelope.
+
+    `reason` is a short, log-friendly explanation that also goes into the dead-letter record.
+    """
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class BrokerError(ConveyorError):
+    """The broker failed or refused an operation."""
+
+
+class PublishError(BrokerError):
+    """The broker did not confirm a message; the send did not happen."""
+
+
+class UnknownTaskError(ConveyorError):
+    """No task is registered under the given name."""
+
+
+class ArgumentError(ConveyorError, TypeError):
+    """Arguments do not fit the task's signature; raised at send time, before anything is sent."""
+
+
+class TaskError(ConveyorError):
+    """Something about running a task went wrong."""
+
+
+class TaskFailed(TaskError):
+    """The task raised. Carries the stored exception type name, message and traceback text.
+
+    The original exception class is never rebuilt from stored data: only its name is kept.
+    """
+
+    def __init__(self, task_id: str, type_name: str, message: str, traceback: str) -> None:
+        super().__init__(f"task {task_id} failed: {type_name}: {message}")
+        self.task_id = task_id
+        self.type_name = type_name
+        self.message = message
+        self.traceback = traceback
+
+
+class TaskExpired(TaskError):
+    """The task reached a worker after its `expires` time and was not run."""
+
+
+class MaxRetriesExceeded(TaskError):
+    """A task asked to retry after using up its `max_retries`."""
+
+
+class TimeLimitExceeded(TaskError):
+    """A task ran past its hard `time_limit`."""
+
+
+class SoftTimeLimitExceeded(TaskError):
+    """A task ran past its `soft_time_limit`; raised inside the task so it can clean up."""
+
+
+class ResultError(ConveyorError):
+    """A result could not be read."""
+
+
+class ResultTimeout(ResultError, TimeoutError):
+    """`Result.get(timeout=...)` ran out before the task finished."""
+
+
+class Retry(ConveyorError):
+    """Raised from a task (via `raise self.retry(...)`) to run it again later.
+
+    The worker re-publishes the message with a delay held by the broker and acknowledges the
+    current delivery; the task's result state becomes RETRY.
+    """
+
+    def __init__(
+        self,
+        countdown: float | None = None,
+        exc: BaseException | None = None,
+        max_retries: int | None = None,
+    ) -> None:
+        super().__init__(f"retry in {countdown}s" if countdown is not None else "retry")
+        self.countdown = countdown
+        self.exc = exc
+        self.max_retries = max_retries

@@ -1,0 +1,121 @@
+"""The versioned message envelope, and the only code that turns it into bytes and back.
+
+Envelopes are frozen msgspec Structs encoded as JSON. Decoding checks the size limit before parsing,
+then every field's type and range; anything that fails raises `DecodeError` with a reason fit for a
+dead-letter record. Nothing else ever escapes `decode`: bytes from a broker cannot crash a worker.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Annotated, Any
+
+import msgspec
+
+from conveyor.errors import DecodeError, EncodeError
+
+VERSION = 1
+DEFAULT_MAX_SIZE = 16 * 1024 * 1024
+MAX_PRIORITY = 9
+
+Name = Annotated[str, msgspec.Meta(min_length=1, max_length=255)]
+Identifier = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
+# Epoch seconds. The upper bound keeps absurd values (1e308, inf) out of arithmetic on delays.
+Timestamp = Annotated[float, msgspec.Meta(ge=0, le=1e11)]
+Priority = Annotated[int, msgspec.Meta(ge=0, le=MAX_PRIORITY)]
+Count = Annotated[int, msgspec.Meta(ge=0, le=1_000_000)]
+
+
+class Envelope(
+    msgspec.Struct,
+    frozen=True,
+    kw_only=True,
+    forbid_unknown_fields=True,
+    tag_field="v",
+    tag=VERSION,
+):
+    """One task invocation as it travels through a broker (envelope version 1)."""
+
+    id: Identifier
+    task: Name
+    queue: Name
+    args: tuple[Any, ...] = ()
+    kwargs: dict[str, Any] = {}
+    priority: Priority = 0
+    eta: Timestamp | None = None
+    """Do not run before this time. Brokers hold the message until then."""
+    expires: Timestamp | None = None
+    """Do not run after this time."""
+    retries: Count = 0
+    max_retries: Count | None = None
+    """Overrides the task's own `max_retries` for this message."""
+    root_id: Identifier | None = None
+    parent_id: Identifier | None = None
+    idempotency_key: Annotated[str, msgspec.Meta(max_length=255)] | None = None
+    sent_at: Timestamp = 0.0
+    headers: dict[str, str] = {}
+
+    def retried(self, eta: float | None) -> Envelope:
+        """The envelope of the next try: same id, one more retry, a new due time."""
+        return msgspec.structs.replace(self, retries=self.retries + 1, eta=eta, sent_at=time.time())
+
+
+class _Tagged(msgspec.Struct):
+    """Just enough of an envelope to tell which version a message claims to be."""
+
+    v: Any = None
+
+
+_encoder = msgspec.json.Encoder()
+_decoder = msgspec.json.Decoder(Envelope)
+_version_decoder = msgspec.json.Decoder(_Tagged)
+
+
+def new_id() -> str:
+    """A new task id."""
+    return uuid.uuid4().hex
+
+
+def encode(envelope: Envelope, *, max_size: int = DEFAULT_MAX_SIZE) -> bytes:
+    """Encode an envelope, or raise `EncodeError` saying which value cannot be sent."""
+    try:
+        data = _encoder.encode(envelope)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise EncodeError(
+            f"task {envelope.task}: arguments cannot be encoded as JSON ({exc}); "
+            "pass JSON-compatible values: str, int, float, bool, None, lists and dicts"
+        ) from None
+    if len(data) > max_size:
+        raise EncodeError(
+            f"task {envelope.task}: message is {len(data)} bytes, over the {max_size}-byte limit; "
+            "pass a reference (a path or a key) instead of the data itself"
+        )
+    return data
+
+
+def decode(data: bytes, *, max_size: int = DEFAULT_MAX_SIZE) -> Envelope:
+    """Decode and validate an envelope; raise `DecodeError` with a reason for anything else."""
+    if len(data) > max_size:
+        raise DecodeError(f"message is {len(data)} bytes, over the {max_size}-byte limit")
+    try:
+        return _decoder.decode(data)
+    except msgspec.ValidationError as exc:
+        raise DecodeError(_validation_reason(data, exc)) from None
+    except msgspec.DecodeError as exc:
+        raise DecodeError(f"malformed JSON: {exc}") from None
+    except (RecursionError, MemoryError, UnicodeError, ValueError) as exc:
+        raise DecodeError(f"undecodable message: {type(exc).__name__}") from None
+
+
+def _validation_reason(data: bytes, exc: msgspec.ValidationError) -> str:
+    """Say "unknown envelope version" when that is the problem, else which field is wrong."""
+    try:
+        version = _version_decoder.decode(data).v
+    except msgspec.MsgspecError:
+        version = None
+    if version is None:
+        return "not an envelope: no version field `v`"
+    if version != VERSION:
+        return f"unknown envelope version {version!r} (this worker reads version {VERSION})"
+    return f"invalid envelope: {exc}"

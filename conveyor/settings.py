@@ -1,0 +1,73 @@
+"""One typed settings object: keyword arguments first, then `CONVEYOR_*` variables, then defaults.
+
+Every setting has exactly one name. `CONVEYOR_VISIBILITY_TIMEOUT=30` sets `visibility_timeout`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from collections.abc import Mapping
+from typing import Annotated, Any
+
+import msgspec
+
+from conveyor.errors import ConfigurationError
+
+ENV_PREFIX = "CONVEYOR_"
+
+Positive = Annotated[float, msgspec.Meta(gt=0)]
+Count = Annotated[int, msgspec.Meta(ge=0)]
+
+
+class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Everything configurable about an app and its workers."""
+
+    broker: str = "sqlite:///conveyor.db"
+    """Where tasks go: `sqlite:///path.db` (embedded, the default) or `memory://` (tests)."""
+    results: str | None = None
+    """Where results go. Unset: the SQLite file with the SQLite broker, memory with memory."""
+    ignore_results: bool = False
+    """Store no results for any task (a task's own `ignore_result` does this for one task)."""
+    default_queue: str = "default"
+    result_expires: Positive = 86_400.0
+    """Seconds a stored result is kept."""
+    visibility_timeout: Positive = 60.0
+    """Seconds a fetched message stays leased to a worker; workers extend leases while running."""
+    max_message_size: Annotated[int, msgspec.Meta(gt=0)] = 16 * 1024 * 1024
+    poison_limit: Annotated[int, msgspec.Meta(ge=1)] = 3
+    """Deliveries that ended without being settled (worker or child died) before dead-lettering."""
+    default_max_retries: Count = 3
+    default_retry_backoff_max: Positive = 600.0
+    concurrency: Annotated[int, msgspec.Meta(ge=1)] = max(os.cpu_count() or 1, 1)
+    pool: str = "threads"
+    shutdown_grace: Annotated[float, msgspec.Meta(ge=0)] = 30.0
+    """Seconds a warm shutdown waits for running tasks before releasing them."""
+    log_level: str = "INFO"
+
+    @classmethod
+    def load(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        """Build settings from keyword arguments, then `CONVEYOR_*` variables, then defaults."""
+        env = os.environ if env is None else env
+        names = cls.__struct_fields__
+        for key in overrides:
+            if key not in names:
+                raise ConfigurationError(unknown_name_message(key, names, "setting"))
+        raw: dict[str, Any] = {}
+        for name in names:
+            value = env.get(ENV_PREFIX + name.upper())
+            if value is not None:
+                raw[name] = None if value == "" and name == "results" else value
+        raw.update({k: v for k, v in overrides.items() if v is not None})
+        try:
+            # strict=False lets "30" from the environment become 30.0.
+            return msgspec.convert(raw, cls, strict=False)
+        except msgspec.ValidationError as exc:
+            raise ConfigurationError(f"invalid setting: {exc}") from None
+
+
+def unknown_name_message(key: str, known: tuple[str, ...], what: str) -> str:
+    """An error message for an unknown name, with the closest known one when there is one."""
+    close = difflib.get_close_matches(key, known, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return f"unknown {what} {key!r}{hint} Known: {', '.join(sorted(known))}."

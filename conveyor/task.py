@@ -1,0 +1,315 @@
+"""`Task[P, R]`: a registered function that can be sent to workers or called inline."""
+
+from __future__ import annotations
+
+import contextvars
+import datetime as dt
+import functools
+import inspect
+import random
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Annotated, Any, Generic, ParamSpec, TypeVar
+
+import msgspec
+
+from conveyor.errors import ArgumentError, ConfigurationError, Retry
+from conveyor.message import MAX_PRIORITY, Envelope, new_id
+from conveyor.results.handle import Result
+from conveyor.settings import unknown_name_message
+
+if TYPE_CHECKING:
+    from conveyor.app import Conveyor
+
+P = ParamSpec("P")
+R = TypeVar("R")
+T = TypeVar("T")
+
+PositiveSeconds = Annotated[float, msgspec.Meta(gt=0)]
+
+
+class TaskOptions(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Options accepted by `@app.task(...)`; unset ones fall back to the app's settings."""
+
+    name: Annotated[str, msgspec.Meta(min_length=1, max_length=255)] | None = None
+    queue: Annotated[str, msgspec.Meta(min_length=1, max_length=255)] | None = None
+    priority: Annotated[int, msgspec.Meta(ge=0, le=MAX_PRIORITY)] = 0
+    max_retries: Annotated[int, msgspec.Meta(ge=0)] | None = None
+    retry_backoff: bool | Annotated[float, msgspec.Meta(gt=0)] = False
+    """True: exponential backoff from 1 s; a number: from that many seconds."""
+    retry_backoff_max: PositiveSeconds | None = None
+    retry_jitter: bool = True
+    acks_late: bool = True
+    time_limit: PositiveSeconds | None = None
+    soft_time_limit: PositiveSeconds | None = None
+    ignore_result: bool = False
+    bind: bool = False
+
+
+TASK_OPTION_NAMES = (*TaskOptions.__struct_fields__, "autoretry_for")
+
+
+def parse_options(options: dict[str, Any]) -> tuple[TaskOptions, tuple[type[BaseException], ...]]:
+    """Validate `@app.task` keyword arguments; unknown or ill-typed ones fail right here."""
+    options = dict(options)
+    autoretry_for = options.pop("autoretry_for", ())
+    for key in options:
+        if key not in TaskOptions.__struct_fields__:
+            raise ConfigurationError(unknown_name_message(key, TASK_OPTION_NAMES, "task option"))
+    try:
+        parsed = msgspec.convert(options, TaskOptions)
+    except msgspec.ValidationError as exc:
+        raise ConfigurationError(f"invalid task option: {exc}") from None
+    if isinstance(autoretry_for, type):
+        autoretry_for = (autoretry_for,)
+    if not isinstance(autoretry_for, tuple) or not all(
+        isinstance(e, type) and issubclass(e, BaseException) for e in autoretry_for
+    ):
+        raise ConfigurationError("autoretry_for takes an exception class or a tuple of them")
+    soft, hard = parsed.soft_time_limit, parsed.time_limit
+    if soft is not None and hard is not None and soft >= hard:
+        raise ConfigurationError(
+            f"soft_time_limit ({soft}s) must be lower than time_limit ({hard}s)"
+        )
+    return parsed, autoretry_for
+
+
+def resolve(*candidates: T | None, default: T) -> T:
+    """Option precedence in one place: the first value that is set wins (message, task, app)."""
+    for value in candidates:
+        if value is not None:
+            return value
+    return default
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """What a running task knows about its own invocation (`self.request` with bind=True)."""
+
+    id: str
+    task: str
+    args: tuple[Any, ...] = ()
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    queue: str = ""
+    retries: int = 0
+    max_retries: int | None = None
+    redelivered: bool = False
+    delivery_count: int = 1
+    eta: float | None = None
+    expires: float | None = None
+    root_id: str | None = None
+    parent_id: str | None = None
+    idempotency_key: str | None = None
+    headers: dict[str, str] = field(default_factory=dict)
+    inline: bool = False
+    """True when the task was called as a plain function, not by a worker."""
+
+
+current_request: contextvars.ContextVar[Request | None] = contextvars.ContextVar(
+    "conveyor_request", default=None
+)
+
+
+class Task(Generic[P, R]):
+    """A function registered with an app. Call it to run inline; `delay` to send it."""
+
+    def __init__(
+        self,
+        app: Conveyor,
+        fn: Callable[..., Any],
+        name: str,
+        options: TaskOptions,
+        autoretry_for: tuple[type[BaseException], ...],
+    ) -> None:
+        self.app = app
+        self.fn = fn
+        self.name = name
+        self.options = options
+        self.autoretry_for = autoretry_for
+        self.is_async = inspect.iscoroutinefunction(fn)
+        signature = inspect.signature(fn)
+        if options.bind:
+            params = list(signature.parameters.values())
+            if not params:
+                raise ConfigurationError(f"task {name} has bind=True but takes no `self` argument")
+            signature = signature.replace(parameters=params[1:])
+        self.signature = signature
+        functools.update_wrapper(self, fn)
+
+    def __repr__(self) -> str:
+        return f"<Task {self.name}>"
+
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
+        """Run the function here and now, as a plain call."""
+        if current_request.get() is None:
+            token = current_request.set(Request(new_id(), self.name, args, kwargs, inline=True))
+            try:
+                return self.run(args, kwargs)  # type: ignore[no-any-return]
+            finally:
+                current_request.reset(token)
+        return self.run(args, kwargs)  # type: ignore[no-any-return]
+
+    def run(self, args: Sequence[Any], kwargs: dict[str, Any]) -> Any:
+        """Call the function (with the task first when bound)."""
+        if self.options.bind:
+            return self.fn(self, *args, **kwargs)
+        return self.fn(*args, **kwargs)
+
+    @property
+    def request(self) -> Request:
+        """The invocation being run in this context."""
+        request = current_request.get()
+        if request is None:
+            raise RuntimeError(f"task {self.name} is not running: `request` exists only inside it")
+        return request
+
+    @property
+    def queue(self) -> str:
+        """The queue this task is sent to unless a send says otherwise."""
+        return resolve(self.options.queue, default=self.app.settings.default_queue)
+
+    @property
+    def max_retries(self) -> int:
+        """How many retries this task gets (message overrides are applied by the worker)."""
+        return resolve(self.options.max_retries, default=self.app.settings.default_max_retries)
+
+    def delay(self, *args: P.args, **kwargs: P.kwargs) -> Result[R]:
+        """Send with default options; returns once the broker has stored the message."""
+        return self.apply_async(args, kwargs)
+
+    async def delay_async(self, *args: P.args, **kwargs: P.kwargs) -> Result[R]:
+        """`delay` for asyncio producers."""
+        envelope = self.envelope(args, kwargs)
+        await self.app.send_async([envelope])
+        return self._result(envelope.id)
+
+    def apply_async(
+        self,
+        args: Sequence[Any] = (),
+        kwargs: dict[str, Any] | None = None,
+        *,
+        countdown: float | None = None,
+        eta: dt.datetime | None = None,
+        expires: dt.datetime | float | None = None,
+        priority: int | None = None,
+        queue: str | None = None,
+        task_id: str | None = None,
+        idempotency_key: str | None = None,
+        max_retries: int | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> Result[R]:
+        """Send with options; returns once the broker has stored the message.
+
+        `countdown` (seconds) or `eta` (a datetime) delays the task; the broker holds it until
+        then. `expires` (seconds from now, or a datetime) drops it if it has not started by then.
+        """
+        envelope = self.envelope(
+            args,
+            kwargs,
+            countdown=countdown,
+            eta=eta,
+            expires=expires,
+            priority=priority,
+            queue=queue,
+            task_id=task_id,
+            idempotency_key=idempotency_key,
+            max_retries=max_retries,
+            headers=headers,
+        )
+        self.app.send([envelope])
+        return self._result(envelope.id)
+
+    def map(self, arguments: Iterable[Sequence[Any]]) -> list[Result[R]]:
+        """Send one task per argument tuple, all in one batch."""
+        envelopes = [self.envelope(args) for args in arguments]
+        self.app.send(envelopes)
+        return [self._result(e.id) for e in envelopes]
+
+    def retry(
+        self,
+        *,
+        countdown: float | None = None,
+        exc: BaseException | None = None,
+        max_retries: int | None = None,
+    ) -> Retry:
+        """The exception to raise (`raise self.retry(...)`) to run this task again later.
+
+        Without `countdown`, the task's backoff policy picks the delay. Past `max_retries` the
+        task fails and its message is dead-lettered.
+        """
+        return Retry(countdown, exc, max_retries)
+
+    def envelope(
+        self,
+        args: Sequence[Any] = (),
+        kwargs: dict[str, Any] | None = None,
+        *,
+        countdown: float | None = None,
+        eta: dt.datetime | None = None,
+        expires: dt.datetime | float | None = None,
+        priority: int | None = None,
+        queue: str | None = None,
+        task_id: str | None = None,
+        idempotency_key: str | None = None,
+        max_retries: int | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> Envelope:
+        """Build (and check) the envelope for one invocation."""
+        kwargs = kwargs or {}
+        try:
+            self.signature.bind(*args, **kwargs)
+        except TypeError as exc:
+            raise ArgumentError(f"task {self.name}: {exc}") from None
+        now = time.time()
+        if countdown is not None and eta is not None:
+            raise ConfigurationError("pass countdown or eta, not both")
+        due = now + countdown if countdown is not None else eta.timestamp() if eta else None
+        parent = current_request.get()
+        try:
+            return Envelope(
+                id=task_id or new_id(),
+                task=self.name,
+                queue=resolve(queue, self.options.queue, default=self.app.settings.default_queue),
+                args=tuple(args),
+                kwargs=kwargs,
+                priority=resolve(priority, default=self.options.priority),
+                eta=due if due is not None and due > now else None,
+                expires=_timestamp(expires, now),
+                max_retries=max_retries,
+                root_id=None if parent is None else (parent.root_id or parent.id),
+                parent_id=None if parent is None else parent.id,
+                idempotency_key=idempotency_key,
+                sent_at=now,
+                headers=headers or {},
+            )
+        except (TypeError, msgspec.ValidationError) as exc:
+            raise ConfigurationError(f"task {self.name}: invalid send option: {exc}") from None
+
+    def retry_delay(self, retries: int, countdown: float | None) -> float:
+        """Seconds before try number `retries + 1`: the countdown given, else the backoff."""
+        if countdown is not None:
+            return max(countdown, 0.0)
+        backoff = self.options.retry_backoff
+        if backoff is False:
+            return 0.0
+        base = 1.0 if backoff is True else float(backoff)
+        ceiling = resolve(
+            self.options.retry_backoff_max, default=self.app.settings.default_retry_backoff_max
+        )
+        delay = min(ceiling, base * 2.0**retries)
+        # Full jitter spreads retries of tasks that failed together.
+        return random.uniform(0, delay) if self.options.retry_jitter else delay
+
+    def _result(self, task_id: str) -> Result[R]:
+        store = None if self.options.ignore_result else self.app.results
+        return Result(task_id, store, self.name)
+
+
+def _timestamp(value: dt.datetime | float | None, now: float) -> float | None:
+    """Epoch seconds from a datetime (naive means local time) or a number of seconds from now."""
+    if value is None:
+        return None
+    if isinstance(value, dt.datetime):
+        return value.timestamp()
+    return now + float(value)

@@ -1,0 +1,387 @@
+"""The consumer: fetch deliveries, hand them to the pool, and settle what comes back.
+
+Everything here runs on the worker's event loop, except broker and result-store calls, which run
+on one I/O thread. Each I/O round first settles what finished (results stored, retries published,
+then acks and dead letters: a message is only removed once its outcome is safe) and then fetches
+no more messages than the pool has free slots.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import msgspec
+
+from conveyor.app import Conveyor
+from conveyor.brokers import Delivery, Outgoing
+from conveyor.errors import ArgumentError, DecodeError, TaskExpired, UnknownTaskError
+from conveyor.message import Envelope, decode, encode
+from conveyor.results import ResultRecord, State
+from conveyor.task import resolve
+from conveyor.worker.execution import Job, Kind, Outcome
+from conveyor.worker.pools.base import Pool
+
+log = logging.getLogger("conveyor.worker")
+
+T = TypeVar("T")
+MIN_POLL_S = 0.001
+MAX_POLL_S = 0.05
+IO_RETRY_S = 1.0
+
+
+@dataclass
+class WorkerStats:
+    """Counts of what a worker did."""
+
+    received: int = 0
+    succeeded: int = 0
+    failed: int = 0
+    retried: int = 0
+    dead_lettered: int = 0
+    expired: int = 0
+    released: int = 0
+
+    @property
+    def settled(self) -> int:
+        """Deliveries that reached an end: success, failure, retry scheduled or dead letter."""
+        return self.succeeded + self.failed + self.retried + self.dead_lettered + self.expired
+
+
+@dataclass
+class Settlements:
+    """Outcomes waiting for the next I/O round. Each part is cleared once it went through."""
+
+    records: list[ResultRecord] = field(default_factory=list)
+    publish: list[Outgoing] = field(default_factory=list)
+    acks: list[Delivery] = field(default_factory=list)
+    dead: list[tuple[Delivery, str]] = field(default_factory=list)
+    release: list[Delivery] = field(default_factory=list)
+    delay: list[tuple[Delivery, float]] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(
+            self.records or self.publish or self.acks or self.dead or self.release or self.delay
+        )
+
+    def merge(self, later: Settlements) -> Settlements:
+        """These settlements followed by `later` ones, in order."""
+        return Settlements(
+            self.records + later.records,
+            self.publish + later.publish,
+            self.acks + later.acks,
+            self.dead + later.dead,
+            self.release + later.release,
+            self.delay + later.delay,
+        )
+
+
+class Consumer:
+    """Moves messages from a broker through a pool until told to stop (or drained)."""
+
+    def __init__(
+        self,
+        app: Conveyor,
+        pool: Pool,
+        queues: Sequence[str],
+        stats: WorkerStats,
+        *,
+        until_empty: bool = False,
+    ) -> None:
+        self.app = app
+        self.pool = pool
+        self.queues = list(queues)
+        self.stats = stats
+        self.until_empty = until_empty
+        self.broker = app.broker
+        self.store = app.results
+        self.worker_id = f"{socket.gethostname()}:{os.getpid()}"
+        self._settings = app.settings
+        self._io = ThreadPoolExecutor(1, thread_name_prefix="conveyor-io")
+        self._pending = Settlements()
+        self._running: set[Job] = set()
+        self._abandoned: set[Job] = set()
+        self._wakeup = asyncio.Event()
+        self._stopping = False
+
+    # lifecycle
+
+    async def run(self) -> None:
+        """Consume until `stop()` and every running job is settled, or until drained."""
+        renewer = asyncio.create_task(self._renew_leases())
+        poll = MIN_POLL_S
+        try:
+            while True:
+                free = 0 if self._stopping else self.pool.concurrency - len(self._running)
+                if not self._pending and free <= 0:
+                    if self._stopping and not self._running:
+                        return
+                    await self._wait(None)
+                    continue
+                deliveries = await self._round(free)
+                if deliveries:
+                    await self._dispatch(deliveries)
+                    poll = MIN_POLL_S
+                elif free > 0:
+                    if self.until_empty and not self._running and await self._drained():
+                        return
+                    await self._wait(poll)
+                    poll = min(poll * 2, MAX_POLL_S)
+        finally:
+            renewer.cancel()
+            self._io.shutdown(wait=True)
+
+    def stop(self) -> None:
+        """Warm shutdown: fetch nothing more; `run` returns once running jobs are settled."""
+        self._stopping = True
+        self._wakeup.set()
+
+    def abandon(self) -> None:
+        """Give every running job's message back now (cold shutdown, or the grace ran out)."""
+        self._stopping = True
+        for job in self._running:
+            self._pending.release.append(job.delivery)
+        self.stats.released += len(self._running)
+        self._abandoned |= self._running
+        self._running = set()
+        self._wakeup.set()
+
+    @property
+    def running(self) -> int:
+        """Jobs running now."""
+        return len(self._running)
+
+    # I/O
+
+    async def _call(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._io, fn, *args)
+
+    async def _round(self, free: int) -> list[Delivery]:
+        """One trip to the I/O thread: settle, then fetch. A failure is logged and retried.
+
+        The I/O thread gets the pending settlements as its own object, so outcomes arriving on
+        the loop meanwhile go into a fresh one; whatever did not go through is put back.
+        """
+        batch, self._pending = self._pending, Settlements()
+        try:
+            return await self._call(self._settle_and_fetch, batch, free)
+        except Exception as exc:
+            log.error("broker or result store failed: %s; retrying in %.0fs", exc, IO_RETRY_S)
+            self._pending = batch.merge(self._pending)
+            await asyncio.sleep(IO_RETRY_S)
+            return []
+
+    def _settle_and_fetch(self, batch: Settlements, free: int) -> list[Delivery]:
+        broker = self.broker
+        if batch.records and self.store is not None:
+            self.store.put(batch.records)
+        batch.records = []
+        if batch.publish:
+            broker.publish(batch.publish)
+            batch.publish = []
+        if batch.acks:
+            lost = len(batch.acks) - broker.ack(batch.acks)
+            if lost:
+                log.warning("%d messages were settled after their leases expired", lost)
+            batch.acks = []
+        if batch.dead:
+            broker.dead_letter(batch.dead)
+            batch.dead = []
+        if batch.release:
+            broker.requeue(batch.release, count_delivery=False)
+            batch.release = []
+        while batch.delay:
+            delivery, seconds = batch.delay[-1]
+            broker.requeue([delivery], delay=seconds, count_delivery=False)
+            batch.delay.pop()
+        return broker.fetch(self.queues, free) if free > 0 else []
+
+    async def _drained(self) -> bool:
+        stats = await self._call(self.broker.stats, self.queues)
+        return all(s.ready + s.delayed + s.in_flight == 0 for s in stats) and not self._pending
+
+    async def _wait(self, timeout: float | None) -> None:
+        try:
+            await asyncio.wait_for(self._wakeup.wait(), timeout)
+        except TimeoutError:
+            pass
+        finally:
+            self._wakeup.clear()
+
+    async def _renew_leases(self) -> None:
+        """Keep leases of long-running jobs from expiring while they run."""
+        timeout = self._settings.visibility_timeout
+        while True:
+            await asyncio.sleep(timeout / 3)
+            running = [job.delivery for job in self._running]
+            if running:
+                try:
+                    await self._call(self.broker.extend, running, timeout)
+                except Exception as exc:
+                    log.error("could not renew %d leases: %s", len(running), exc)
+
+    # dispatch
+
+    async def _dispatch(self, deliveries: list[Delivery]) -> None:
+        now = time.time()
+        jobs = [job for d in deliveries if (job := self._admit(d, now)) is not None]
+        early = [job.delivery for job in jobs if not job.task.options.acks_late]
+        if early:
+            # acks_late=False: at most once, so the ack must be stored before the task starts.
+            await self._call(self.broker.ack, early)
+        for job in jobs:
+            self._running.add(job)
+            self.pool.submit(job, self._done)
+
+    def _admit(self, delivery: Delivery, now: float) -> Job | None:
+        """Decode and check a delivery; a job to run, or None if it was settled right away."""
+        self.stats.received += 1
+        try:
+            envelope = decode(delivery.body, max_size=self._settings.max_message_size)
+        except DecodeError as exc:
+            self._reject(delivery, exc.reason, None, "DecodeError")
+            return None
+        limit = self._settings.poison_limit
+        if delivery.delivery_count > limit:
+            reason = (
+                f"delivered {delivery.delivery_count} times without finishing "
+                f"(poison limit {limit}): the process running it probably died"
+            )
+            self._reject(delivery, reason, envelope, "WorkerLost")
+            return None
+        task = self.app.tasks.get(envelope.task)
+        if task is None:
+            reason = f"unknown task {envelope.task!r}: not registered on app {self.app.name!r}"
+            self._reject(delivery, reason, envelope, UnknownTaskError.__name__)
+            return None
+        try:
+            task.signature.bind(*envelope.args, **envelope.kwargs)
+        except TypeError as exc:
+            reason = f"arguments do not fit task {task.name}: {exc}"
+            self._reject(delivery, reason, envelope, ArgumentError.__name__)
+            return None
+        if envelope.expires is not None and now > envelope.expires:
+            self.stats.expired += 1
+            log.info("task %s[%s] expired before it started", envelope.task, envelope.id)
+            outcome = Outcome.failure(TaskExpired("expired before it started"))
+            self._record(envelope, State.FAILURE, outcome=outcome)
+            self._pending.acks.append(delivery)
+            return None
+        if envelope.eta is not None and envelope.eta > now + 0.5:
+            self._pending.delay.append((delivery, envelope.eta - now))
+            return None
+        job = Job(delivery, envelope, task, started_at=now)
+        if not task.options.ignore_result:
+            self._record(envelope, State.STARTED, started_at=now)
+        return job
+
+    def _reject(
+        self, delivery: Delivery, reason: str, envelope: Envelope | None, error_type: str
+    ) -> None:
+        """Dead-letter a message that cannot run; logged once, and the worker goes on."""
+        self.stats.dead_lettered += 1
+        where = (
+            f"task {envelope.task}[{envelope.id}]" if envelope else f"a message on {delivery.queue}"
+        )
+        log.warning("dead-lettered %s: %s", where, reason)
+        self._pending.dead.append((delivery, reason))
+        if envelope is not None:
+            outcome = Outcome(Kind.FAILURE, None, error_type, reason, "", finished_at=time.time())
+            self._record(envelope, State.FAILURE, outcome=outcome)
+
+    # settlement
+
+    def _done(self, job: Job, outcome: Outcome) -> None:
+        """A job ended (called on the loop): queue its settlement for the next I/O round."""
+        if job in self._abandoned:
+            self._abandoned.discard(job)
+            return
+        self._running.discard(job)
+        env, task, pending = job.envelope, job.task, self._pending
+        ack = [job.delivery] if task.options.acks_late else []
+        if outcome.kind is Kind.SUCCESS:
+            self.stats.succeeded += 1
+            self._record(env, State.SUCCESS, outcome=outcome, started_at=job.started_at)
+            pending.acks += ack
+        elif outcome.kind is Kind.RETRY and env.retries < self._max_retries(job, outcome):
+            self.stats.retried += 1
+            delay = task.retry_delay(env.retries, outcome.countdown)
+            retry = env.retried(time.time() + delay if delay > 0 else None)
+            log.info(
+                "task %s[%s] will retry in %.2fs (try %d): %s",
+                env.task, env.id, delay, retry.retries + 1, _error(outcome),
+            )  # fmt: skip
+            body = encode(retry, max_size=self._settings.max_message_size)
+            pending.publish.append(Outgoing(retry.queue, body, retry.priority, retry.eta))
+            self._record(env, State.RETRY, outcome=outcome, started_at=job.started_at)
+            pending.acks += ack
+        else:
+            self.stats.failed += 1
+            log.error(
+                "task %s[%s] failed: %s\n%s",
+                env.task, env.id, _error(outcome), outcome.traceback,
+            )  # fmt: skip
+            self._record(env, State.FAILURE, outcome=outcome, started_at=job.started_at)
+            if outcome.kind is Kind.RETRY:
+                reason = f"gave up after {env.retries} retries: {_error(outcome)}"
+                if task.options.acks_late:
+                    pending.dead.append((job.delivery, reason))
+            else:
+                pending.acks += ack
+        self._wakeup.set()
+
+    def _max_retries(self, job: Job, outcome: Outcome) -> int:
+        return resolve(
+            outcome.max_retries,
+            job.envelope.max_retries,
+            job.task.options.max_retries,
+            default=self._settings.default_max_retries,
+        )
+
+    def _record(
+        self,
+        env: Envelope,
+        state: State,
+        *,
+        outcome: Outcome | None = None,
+        started_at: float | None = None,
+    ) -> None:
+        task = self.app.tasks.get(env.task)
+        if self.store is None or (task is not None and task.options.ignore_result):
+            return
+        now = time.time()
+        record = ResultRecord(
+            id=env.id,
+            state=state,
+            task=env.task,
+            retries=env.retries,
+            worker=self.worker_id,
+            started_at=started_at,
+            updated_at=now,
+            expires_at=now + self._settings.result_expires,
+        )
+        if outcome is not None:
+            record = _with_outcome(record, outcome)
+        self._pending.records.append(record)
+
+
+def _with_outcome(record: ResultRecord, outcome: Outcome) -> ResultRecord:
+    return msgspec.structs.replace(
+        record,
+        value=outcome.value if outcome.value is not None else record.value,
+        error_type=outcome.error_type,
+        error_message=outcome.error_message,
+        traceback=outcome.traceback,
+        finished_at=outcome.finished_at or None,
+    )
+
+
+def _error(outcome: Outcome) -> str:
+    return f"{outcome.error_type}: {outcome.error_message}"

@@ -1,0 +1,154 @@
+"""Running one task and turning whatever happens into an `Outcome`.
+
+This is the code every pool shares, wherever it runs the task (a thread, the main thread, a child
+process). It never raises: a task that fails, asks to retry, or returns something that cannot be
+encoded produces an outcome the consumer settles.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import threading
+import time
+import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+
+from conveyor.brokers import Delivery
+from conveyor.errors import EncodeError, Retry
+from conveyor.message import Envelope
+from conveyor.task import Request, Task, current_request
+
+_encoder = msgspec.json.Encoder()
+_local = threading.local()
+
+
+class Kind(enum.Enum):
+    """How a run ended."""
+
+    SUCCESS = "success"
+    FAILURE = "failure"
+    RETRY = "retry"
+
+
+@dataclass(slots=True, eq=False)
+class Job:
+    """A decoded delivery on its way through a pool."""
+
+    delivery: Delivery
+    envelope: Envelope
+    task: Task[Any, Any]
+    started_at: float = 0.0
+
+
+@dataclass(slots=True)
+class Outcome:
+    """What a run produced."""
+
+    kind: Kind
+    value: msgspec.Raw | None = None
+    error_type: str | None = None
+    error_message: str | None = None
+    traceback: str | None = None
+    countdown: float | None = None
+    max_retries: int | None = None
+    finished_at: float = 0.0
+
+    @classmethod
+    def failure(cls, exc: BaseException, *, with_traceback: bool = True) -> Outcome:
+        """An outcome for an exception, kept as three strings."""
+        text = "".join(traceback.format_exception(exc)) if with_traceback else ""
+        return cls(Kind.FAILURE, None, type(exc).__name__, str(exc), text, finished_at=time.time())
+
+
+def request_for(job: Job) -> Request:
+    """The `self.request` a task sees."""
+    env = job.envelope
+    return Request(
+        id=env.id,
+        task=env.task,
+        args=env.args,
+        kwargs=env.kwargs,
+        queue=env.queue,
+        retries=env.retries,
+        max_retries=env.max_retries,
+        redelivered=job.delivery.redelivered,
+        delivery_count=job.delivery.delivery_count,
+        eta=env.eta,
+        expires=env.expires,
+        root_id=env.root_id,
+        parent_id=env.parent_id,
+        idempotency_key=env.idempotency_key,
+        headers=env.headers,
+    )
+
+
+class _Run:
+    """Collects the outcome of one run; `capture` turns exceptions into outcomes."""
+
+    outcome: Outcome
+
+    def succeed(self, value: Any) -> None:
+        try:
+            raw = msgspec.Raw(_encoder.encode(value))
+        except (TypeError, ValueError, OverflowError) as exc:
+            error = EncodeError(
+                f"the return value ({type(value).__name__}) cannot be encoded as JSON: {exc}"
+            )
+            self.outcome = Outcome.failure(error, with_traceback=False)
+            return
+        self.outcome = Outcome(Kind.SUCCESS, raw, finished_at=time.time())
+
+
+@contextmanager
+def _capture(job: Job) -> Iterator[_Run]:
+    run = _Run()
+    token = current_request.set(request_for(job))
+    try:
+        yield run
+    except Retry as retry:
+        run.outcome = _retry_outcome(retry.exc or retry, retry.countdown, retry.max_retries)
+    except job.task.autoretry_for as exc:
+        run.outcome = _retry_outcome(exc, None, None)
+    except Exception as exc:
+        run.outcome = Outcome.failure(exc)
+    finally:
+        current_request.reset(token)
+
+
+def _retry_outcome(exc: BaseException, countdown: float | None, max_retries: int | None) -> Outcome:
+    outcome = Outcome.failure(exc)
+    outcome.kind, outcome.countdown, outcome.max_retries = Kind.RETRY, countdown, max_retries
+    return outcome
+
+
+def execute(job: Job) -> Outcome:
+    """Run a job in this thread; async tasks run on this thread's own event loop."""
+    with _capture(job) as run:
+        value = job.task.run(job.envelope.args, job.envelope.kwargs)
+        if job.task.is_async:
+            value = _thread_loop().run_until_complete(value)
+        run.succeed(value)
+    return run.outcome
+
+
+async def execute_async(job: Job) -> Outcome:
+    """Run a job on the running event loop (async tasks are awaited, sync ones called)."""
+    with _capture(job) as run:
+        value = job.task.run(job.envelope.args, job.envelope.kwargs)
+        if job.task.is_async:
+            value = await value
+        run.succeed(value)
+    return run.outcome
+
+
+def _thread_loop() -> asyncio.AbstractEventLoop:
+    loop: asyncio.AbstractEventLoop | None = getattr(_local, "loop", None)
+    if loop is None or loop.is_closed():
+        loop = _local.loop = asyncio.new_event_loop()
+    return loop

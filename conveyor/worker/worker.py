@@ -1,0 +1,123 @@
+"""The worker's lifecycle, top to bottom: start the pool, consume, shut down.
+
+The first SIGTERM or SIGINT starts a warm shutdown: nothing more is fetched, running tasks get
+`shutdown_grace` seconds to finish, and whatever is still running then is given back to the broker.
+A second signal is a cold shutdown: running tasks' messages go back at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import threading
+from collections.abc import Sequence
+
+from conveyor.app import Conveyor
+from conveyor.redact import redact_url
+from conveyor.worker import pools
+from conveyor.worker.consumer import Consumer, WorkerStats
+
+log = logging.getLogger("conveyor.worker")
+
+
+class Worker:
+    """Runs an app's tasks from the given queues."""
+
+    def __init__(
+        self,
+        app: Conveyor,
+        *,
+        queues: Sequence[str] | None = None,
+        pool: str | None = None,
+        concurrency: int | None = None,
+        until_empty: bool = False,
+        shutdown_grace: float | None = None,
+    ) -> None:
+        settings = app.settings
+        self.app = app
+        self.queues = list(queues or [settings.default_queue])
+        self.pool_name = pool or settings.pool
+        self.concurrency = concurrency or settings.concurrency
+        self.until_empty = until_empty
+        self.shutdown_grace = settings.shutdown_grace if shutdown_grace is None else shutdown_grace
+        self.stats = WorkerStats()
+        self.started = threading.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._consumer: Consumer | None = None
+        self._signals = 0
+
+    def run(self) -> WorkerStats:
+        """Run until stopped (or, with `until_empty`, until the queues are empty)."""
+        asyncio.run(self._main())
+        return self.stats
+
+    def stop(self) -> None:
+        """Ask for a shutdown from any thread; a second call makes it cold."""
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._on_signal)
+
+    async def _main(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        pool = pools.create(self.pool_name, self.concurrency)
+        consumer = self._consumer = Consumer(
+            self.app, pool, self.queues, self.stats, until_empty=self.until_empty
+        )
+        log.info(
+            "worker for %s starting: broker %s, queues %s, pool %s x%d",
+            self.app.name,
+            redact_url(self.app.broker.display_url),
+            ",".join(self.queues),
+            self.pool_name,
+            pool.concurrency,
+        )
+        await pool.start()
+        installed = self._install_signals()
+        self.started.set()
+        try:
+            await consumer.run()
+        finally:
+            for sig in installed:
+                self._loop.remove_signal_handler(sig)
+            await pool.stop()
+            s = self.stats
+            log.info(
+                "worker stopped: %d succeeded, %d failed, %d retried, %d dead-lettered, "
+                "%d released",
+                s.succeeded,
+                s.failed,
+                s.retried,
+                s.dead_lettered,
+                s.released,
+            )
+
+    def _install_signals(self) -> list[signal.Signals]:
+        if threading.current_thread() is not threading.main_thread():
+            return []
+        assert self._loop is not None
+        installed = [signal.SIGTERM, signal.SIGINT]
+        for sig in installed:
+            self._loop.add_signal_handler(sig, self._on_signal)
+        return installed
+
+    def _on_signal(self) -> None:
+        consumer, loop = self._consumer, self._loop
+        if consumer is None or loop is None:
+            return
+        self._signals += 1
+        if self._signals == 1:
+            log.info(
+                "warm shutdown: finishing %d running tasks (up to %.0fs); signal again to stop now",
+                consumer.running,
+                self.shutdown_grace,
+            )
+            consumer.stop()
+            loop.call_later(self.shutdown_grace, self._grace_over)
+        else:
+            log.warning("cold shutdown: giving %d running tasks back", consumer.running)
+            consumer.abandon()
+
+    def _grace_over(self) -> None:
+        if self._consumer is not None and self._consumer.running:
+            log.warning("shutdown grace over: giving %d running tasks back", self._consumer.running)
+            self._consumer.abandon()
