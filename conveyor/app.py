@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 import threading
@@ -163,3 +164,28 @@ def _default_name(fn: Callable[..., Any]) -> str:
         else:
             module = os.path.splitext(os.path.basename(getattr(main, "__file__", "main")))[0]
     return f"{module}.{fn.__qualname__}"
+
+
+def load_app(path: str) -> Conveyor:
+    """Import `module:attribute` (the current directory is importable, as for uvicorn)."""
+    module_name, sep, attribute = path.partition(":")
+    if not sep or not module_name or not attribute:
+        raise ConfigurationError(
+            f"app path {path!r} must look like module:attribute, e.g. shop:app"
+        )
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name and module_name.startswith(exc.name):
+            raise ConfigurationError(
+                f"cannot import module {module_name!r} for app {path!r}: run from the directory "
+                "that contains it, or install it"
+            ) from None
+        raise
+    app = getattr(module, attribute, None)
+    if not isinstance(app, Conveyor):
+        found = "nothing" if app is None else type(app).__name__
+        raise ConfigurationError(f"{path!r} is {found}, not a Conveyor app")
+    return app

@@ -1,0 +1,169 @@
+"""The `conveyor` command: argument parsing, and presenting what the library returns."""
+
+from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import Callable
+from typing import Any, ParamSpec, TypeVar
+
+import click
+import msgspec
+from rich.console import Console
+from rich.table import Table
+
+from conveyor import log
+from conveyor.app import load_app
+from conveyor.errors import ConveyorError
+from conveyor.redact import redact_text, redact_url
+
+P = ParamSpec("P")
+R = TypeVar("R")
+console = Console()
+
+
+def _clear_errors(fn: Callable[P, R]) -> Callable[P, R]:
+    """Our errors become one line on stderr and exit status 2, never a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return fn(*args, **kwargs)
+        except ConveyorError as exc:
+            raise click.ClickException(redact_text(str(exc))) from None
+
+    return wrapper
+
+
+@click.group()
+@click.version_option(package_name="conveyor")
+def main() -> None:
+    """conveyor: a distributed task queue. APP is module:attribute, e.g. shop.tasks:app."""
+
+
+@main.command()
+@click.argument("app_path", metavar="APP")
+@click.option("--pool", "-P", type=click.Choice(["threads", "solo", "prefork"]), help="Pool.")
+@click.option("--concurrency", "-c", type=click.IntRange(min=1), help="Tasks run at once.")
+@click.option("--queues", "-Q", help="Comma-separated queues to consume.")
+@click.option("--until-empty", is_flag=True, help="Exit once the queues are empty.")
+@click.option("--shutdown-grace", type=click.FloatRange(min=0), help="Seconds for warm shutdown.")
+@click.option("--loglevel", "-l", default="INFO", show_default=True, help="Log level.")
+@_clear_errors
+def worker(
+    app_path: str,
+    pool: str | None,
+    concurrency: int | None,
+    queues: str | None,
+    until_empty: bool,
+    shutdown_grace: float | None,
+    loglevel: str,
+) -> None:
+    """Run a worker for APP."""
+    from conveyor.worker import Worker
+
+    log.setup(loglevel)
+    app = load_app(app_path)
+    names = [q.strip() for q in queues.split(",") if q.strip()] if queues else None
+    Worker(
+        app,
+        queues=names,
+        pool=pool,
+        concurrency=concurrency,
+        until_empty=until_empty,
+        shutdown_grace=shutdown_grace,
+    ).run()
+
+
+@main.command()
+@click.argument("app_path", metavar="APP")
+@click.argument("task_name", metavar="TASK")
+@click.argument("args", nargs=-1)
+@click.option("--kwargs", "kwargs_json", help='Keyword arguments as a JSON object: {"x": 1}.')
+@click.option("--countdown", type=click.FloatRange(min=0), help="Run no sooner than in S seconds.")
+@click.option("--queue", help="Send to this queue instead of the task's own.")
+@click.option("--priority", type=click.IntRange(0, 9), help="0 to 9, higher runs first.")
+@click.option("--wait", type=click.FloatRange(min=0), help="Wait up to S seconds for the result.")
+@_clear_errors
+def send(
+    app_path: str,
+    task_name: str,
+    args: tuple[str, ...],
+    kwargs_json: str | None,
+    countdown: float | None,
+    queue: str | None,
+    priority: int | None,
+    wait: float | None,
+) -> None:
+    """Send TASK with ARGS, each a JSON value: conveyor send shop:app shop.resize '"a.png"' 100."""
+    app = load_app(app_path)
+    task = app.get_task(task_name)
+    values = [_json(arg, f"argument {n}") for n, arg in enumerate(args, 1)]
+    kwargs = _json(kwargs_json, "--kwargs") if kwargs_json else {}
+    if not isinstance(kwargs, dict):
+        raise click.ClickException('--kwargs must be a JSON object, e.g. {"width": 100}')
+    result = task.apply_async(values, kwargs, countdown=countdown, queue=queue, priority=priority)
+    click.echo(result.id)
+    if wait is not None:
+        click.echo(msgspec.json.encode(result.get(timeout=wait)).decode())
+
+
+@main.command()
+@click.argument("app_path", metavar="APP")
+@_clear_errors
+def status(app_path: str) -> None:
+    """Show APP's queues: ready, delayed, in flight and dead-lettered messages."""
+    app = load_app(app_path)
+    table = Table(title=f"{app.name} on {redact_url(app.broker.display_url)}")
+    for column in ("queue", "ready", "delayed", "in flight", "dead-lettered"):
+        table.add_column(column, justify="left" if column == "queue" else "right")
+    for s in app.broker.stats():
+        table.add_row(s.queue, *(f"{n:,}" for n in (s.ready, s.delayed, s.in_flight, s.dead)))
+    if not table.rows:
+        table.add_row("(no queues yet)", "", "", "", "")
+    console.print(table)
+    store = app.results
+    if store is None:
+        console.print("results: not stored")
+    else:
+        console.print(f"results: {redact_url(store.display_url)}, {store.count():,} kept")
+
+
+@main.command()
+@click.argument("app_path", metavar="APP")
+@click.option("--queue", "-Q", required=True, help="The queue to empty.")
+@click.option("--dead", is_flag=True, help="Delete the queue's dead letters instead.")
+@click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
+@_clear_errors
+def purge(app_path: str, queue: str, dead: bool, yes: bool) -> None:
+    """Delete every waiting message of a queue (messages being run are left alone)."""
+    app = load_app(app_path)
+    what = f"the dead letters of {queue!r}" if dead else f"every waiting message in {queue!r}"
+    if not yes:
+        click.confirm(f"Delete {what}?", abort=True)
+    count = app.broker.purge(queue, dead=dead)
+    click.echo(f"purged {count:,} messages from {queue}{' (dead letters)' if dead else ''}")
+
+
+@main.command()
+@click.option("--tasks", "-n", default=20_000, show_default=True, type=click.IntRange(min=1))
+@click.option("--concurrency", "-c", default=2, show_default=True, type=click.IntRange(min=1))
+@_clear_errors
+def demo(tasks: int, concurrency: int) -> None:
+    """Send TASKS orders to the embedded broker and process them, with progress and a summary."""
+    from conveyor.demo import run
+
+    run(console, tasks=tasks, concurrency=concurrency)
+
+
+def _json(text: str, what: str) -> Any:
+    try:
+        return msgspec.json.decode(text)
+    except msgspec.DecodeError as exc:
+        raise click.ClickException(
+            f"{what} is not valid JSON ({exc}): strings need quotes, e.g. '\"a.png\"'"
+        ) from None
+
+
+if __name__ == "__main__":
+    sys.exit(main())
