@@ -16,6 +16,7 @@ from conveyor import log
 from conveyor.app import load_app
 from conveyor.errors import ConveyorError
 from conveyor.redact import redact_text, redact_url
+from conveyor.worker.pools import POOLS
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -23,7 +24,7 @@ console = Console()
 
 
 def _clear_errors(fn: Callable[P, R]) -> Callable[P, R]:
-    """Our errors become one line on stderr and exit status 2, never a traceback."""
+    """Our errors become one line on stderr and exit status 1, never a traceback."""
 
     @functools.wraps(fn)
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
@@ -43,12 +44,12 @@ def main() -> None:
 
 @main.command()
 @click.argument("app_path", metavar="APP")
-@click.option("--pool", "-P", type=click.Choice(["threads", "solo", "prefork"]), help="Pool.")
+@click.option("--pool", "-P", type=click.Choice(POOLS), help="Pool (default: the app's setting).")
 @click.option("--concurrency", "-c", type=click.IntRange(min=1), help="Tasks run at once.")
 @click.option("--queues", "-Q", help="Comma-separated queues to consume.")
 @click.option("--until-empty", is_flag=True, help="Exit once the queues are empty.")
 @click.option("--shutdown-grace", type=click.FloatRange(min=0), help="Seconds for warm shutdown.")
-@click.option("--loglevel", "-l", default="INFO", show_default=True, help="Log level.")
+@click.option("--loglevel", "-l", help="Log level (default: the app's log_level, INFO).")
 @_clear_errors
 def worker(
     app_path: str,
@@ -57,13 +58,13 @@ def worker(
     queues: str | None,
     until_empty: bool,
     shutdown_grace: float | None,
-    loglevel: str,
+    loglevel: str | None,
 ) -> None:
     """Run a worker for APP."""
     from conveyor.worker import Worker
 
-    log.setup(loglevel)
     app = load_app(app_path)
+    log.setup(loglevel or app.settings.log_level)
     names = [q.strip() for q in queues.split(",") if q.strip()] if queues else None
     Worker(
         app,

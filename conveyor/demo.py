@@ -90,7 +90,7 @@ def _run(console: Console, app: Conveyor, tasks: int, concurrency: int) -> Worke
             while thread.is_alive():
                 thread.join(0.1)
                 s = worker.stats
-                progress.update(bar, completed=s.succeeded + s.failed + s.dead_lettered)
+                progress.update(bar, completed=s.finished)
         except KeyboardInterrupt:
             worker.stop()
             worker.stop()

@@ -69,5 +69,5 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
 def unknown_name_message(key: str, known: tuple[str, ...], what: str) -> str:
     """An error message for an unknown name, with the closest known one when there is one."""
     close = difflib.get_close_matches(key, known, n=1)
-    hint = f"; did you mean {close[0]!r}?" if close else ""
-    return f"unknown {what} {key!r}{hint} Known: {', '.join(sorted(known))}."
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return f"unknown {what} {key!r}{hint}; known: {', '.join(sorted(known))}"

@@ -265,26 +265,24 @@ class Task(Generic[P, R]):
         if countdown is not None and eta is not None:
             raise ConfigurationError("pass countdown or eta, not both")
         due = now + countdown if countdown is not None else eta.timestamp() if eta else None
+        _check_send_options(self.name, priority, queue, task_id, max_retries, idempotency_key)
         parent = current_request.get()
-        try:
-            return Envelope(
-                id=task_id or new_id(),
-                task=self.name,
-                queue=resolve(queue, self.options.queue, default=self.app.settings.default_queue),
-                args=tuple(args),
-                kwargs=kwargs,
-                priority=resolve(priority, default=self.options.priority),
-                eta=due if due is not None and due > now else None,
-                expires=_timestamp(expires, now),
-                max_retries=max_retries,
-                root_id=None if parent is None else (parent.root_id or parent.id),
-                parent_id=None if parent is None else parent.id,
-                idempotency_key=idempotency_key,
-                sent_at=now,
-                headers=headers or {},
-            )
-        except (TypeError, msgspec.ValidationError) as exc:
-            raise ConfigurationError(f"task {self.name}: invalid send option: {exc}") from None
+        return Envelope(
+            id=task_id or new_id(),
+            task=self.name,
+            queue=resolve(queue, self.options.queue, default=self.app.settings.default_queue),
+            args=tuple(args),
+            kwargs=kwargs,
+            priority=resolve(priority, default=self.options.priority),
+            eta=due if due is not None and due > now else None,
+            expires=_timestamp(expires, now),
+            max_retries=max_retries,
+            root_id=None if parent is None else (parent.root_id or parent.id),
+            parent_id=None if parent is None else parent.id,
+            idempotency_key=idempotency_key,
+            sent_at=now,
+            headers=_checked_headers(self.name, headers),
+        )
 
     def retry_delay(self, retries: int, countdown: float | None) -> float:
         """Seconds before try number `retries + 1`: the countdown given, else the backoff."""
@@ -304,6 +302,40 @@ class Task(Generic[P, R]):
     def _result(self, task_id: str) -> Result[R]:
         store = None if self.options.ignore_result else self.app.results
         return Result(task_id, store, self.name)
+
+
+def _check_send_options(
+    task: str,
+    priority: int | None,
+    queue: str | None,
+    task_id: str | None,
+    max_retries: int | None,
+    idempotency_key: str | None,
+) -> None:
+    """Refuse at send time what a worker would otherwise dead-letter as an invalid envelope."""
+    problems = []
+    if priority is not None and (type(priority) is not int or not 0 <= priority <= MAX_PRIORITY):
+        problems.append(f"priority must be an integer from 0 to {MAX_PRIORITY}, not {priority!r}")
+    if queue is not None and (not isinstance(queue, str) or not 0 < len(queue) <= 255):
+        problems.append(f"queue must be a name of 1 to 255 characters, not {queue!r}")
+    if task_id is not None and (not isinstance(task_id, str) or not 0 < len(task_id) <= 128):
+        problems.append(f"task_id must be a string of 1 to 128 characters, not {task_id!r}")
+    if max_retries is not None and (type(max_retries) is not int or max_retries < 0):
+        problems.append(f"max_retries must be a non-negative integer, not {max_retries!r}")
+    if idempotency_key is not None and (
+        not isinstance(idempotency_key, str) or len(idempotency_key) > 255
+    ):
+        problems.append("idempotency_key must be a string of at most 255 characters")
+    if problems:
+        raise ConfigurationError(f"task {task}: " + "; ".join(problems))
+
+
+def _checked_headers(task: str, headers: dict[str, str] | None) -> dict[str, str]:
+    if not headers:
+        return {}
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in headers.items()):
+        raise ConfigurationError(f"task {task}: headers must map strings to strings")
+    return headers
 
 
 def _timestamp(value: dt.datetime | float | None, now: float) -> float | None:

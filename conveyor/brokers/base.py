@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -72,6 +73,9 @@ class Broker(abc.ABC):
 
     #: The URL with any password masked, safe to print.
     display_url: str = ""
+    #: True when consumer-side calls are short local operations (an embedded database, memory)
+    #: that the worker may make on its event loop instead of handing them to an I/O thread.
+    local: bool = False
 
     # producer side
 
@@ -106,6 +110,13 @@ class Broker(abc.ABC):
     @abc.abstractmethod
     def dead_letter(self, items: Sequence[tuple[Delivery, str]]) -> None:
         """Move messages out of circulation, each with the reason."""
+
+    def batch(self) -> contextlib.AbstractContextManager[object]:
+        """Make the consumer-side calls inside one transaction where the transport can.
+
+        The worker settles a round of outcomes and fetches the next messages inside one batch.
+        """
+        return contextlib.nullcontext()
 
     def extend(self, deliveries: Sequence[Delivery], seconds: float) -> None:  # noqa: B027
         """Keep leases of running messages alive for another `seconds`. Default: nothing to do."""

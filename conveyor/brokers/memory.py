@@ -31,6 +31,7 @@ class MemoryBroker(Broker):
     """A thread-safe broker that lives in this process's memory."""
 
     display_url = "memory://"
+    local = True
 
     def __init__(self, *, visibility_timeout: float = 60.0) -> None:
         self.visibility_timeout = visibility_timeout

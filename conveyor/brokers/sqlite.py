@@ -15,6 +15,7 @@ suffix of them (an ack, which means a redelivery, never a lost message).
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import secrets
 import sqlite3
@@ -67,22 +68,28 @@ _PROMOTE = """
 class SQLiteBroker(Broker):
     """The embedded default broker (`sqlite:///conveyor.db`)."""
 
+    local = True
+
     def __init__(self, url: str, *, visibility_timeout: float = 60.0) -> None:
         self.display_url = url
         self.visibility_timeout = visibility_timeout
         path = path_from_url(url)
-        self._producer_db = Database(path, SCHEMA, synchronous="FULL")
-        self._consumer_db = Database(path, SCHEMA, synchronous="NORMAL")
+        self._producer_db = Database.shared(path, SCHEMA, synchronous="FULL")
+        self._consumer_db = Database.shared(path, SCHEMA, synchronous="NORMAL")
         self._rotation = itertools.count()
 
     def publish(self, messages: Sequence[Outgoing]) -> None:
         """Insert messages in one durable transaction."""
+        if not messages:
+            return
         now = time.time()
         ready = [(m.queue, m.priority, m.body) for m in messages if not _is_delayed(m, now)]
         delayed = [
             (m.queue, m.priority, m.deliver_at, m.body) for m in messages if _is_delayed(m, now)
         ]
-        with self._producer_db.transaction() as conn:
+        # A worker re-publishing a retry inside its batch must use the batch's own connection.
+        db = self._consumer_db if self._consumer_db.in_transaction() else self._producer_db
+        with db.transaction() as conn:
             if ready:
                 conn.executemany(
                     "INSERT INTO conveyor_messages (queue, priority, body) VALUES (?, ?, ?)", ready
@@ -100,7 +107,7 @@ class SQLiteBroker(Broker):
             return []
         conn = self._consumer_db.connection()
         now = time.time()
-        if not self._anything_due(conn, queues, now):
+        if not conn.in_transaction and not self._anything_due(conn, queues, now):
             return []
         lease = secrets.randbits(62)
         start = next(self._rotation) % len(queues)
@@ -172,6 +179,10 @@ class SQLiteBroker(Broker):
                 ).rowcount
                 if moved:
                     conn.execute("DELETE FROM conveyor_messages WHERE id = ?", (rid,))
+
+    def batch(self) -> contextlib.AbstractContextManager[object]:
+        """One transaction for a worker's round: results (same file), settlements and a claim."""
+        return self._consumer_db.transaction()
 
     def extend(self, deliveries: Sequence[Delivery], seconds: float) -> None:
         """Push the leases of running messages further out."""
@@ -245,8 +256,9 @@ class SQLiteBroker(Broker):
         marks = ",".join("?" * len(queues))
         row = conn.execute(
             f"SELECT EXISTS (SELECT 1 FROM conveyor_messages WHERE queue IN ({marks}) "
-            "AND visible_at <= ?) OR EXISTS (SELECT 1 FROM conveyor_delayed WHERE due_at <= ?)",
-            (*queues, now, now),
+            "AND visible_at <= ?) OR EXISTS (SELECT 1 FROM conveyor_delayed WHERE due_at <= ? "
+            f"AND queue IN ({marks}))",
+            (*queues, now, now, *queues),
         ).fetchone()
         return bool(row[0])
 

@@ -19,7 +19,7 @@ SCHEMA = (
         id TEXT PRIMARY KEY,
         state TEXT NOT NULL,
         expires_at REAL NOT NULL,
-        data BLOB NOT NULL)""",
+        data BLOB NOT NULL) WITHOUT ROWID""",
     "CREATE INDEX IF NOT EXISTS conveyor_results_expiry ON conveyor_results (expires_at)",
 )
 
@@ -39,7 +39,9 @@ class SQLiteResultStore(ResultStore):
     def __init__(self, url: str) -> None:
         self.display_url = url
         # Results are rewritten by the next run after a crash, so NORMAL durability suffices.
-        self._db = Database(path_from_url(url), SCHEMA, synchronous="NORMAL")
+        # The same object as the SQLite broker's consumer side when they share a file, so a
+        # worker stores results and acknowledges messages in one transaction.
+        self._db = Database.shared(path_from_url(url), SCHEMA, synchronous="NORMAL")
         self._next_cleanup = 0.0
 
     def put(self, records: Sequence[ResultRecord]) -> None:

@@ -115,7 +115,8 @@ def _capture(job: Job) -> Iterator[_Run]:
         run.outcome = _retry_outcome(retry.exc or retry, retry.countdown, retry.max_retries)
     except job.task.autoretry_for as exc:
         run.outcome = _retry_outcome(exc, None, None)
-    except Exception as exc:
+    except (Exception, SystemExit) as exc:
+        # SystemExit too: a task calling sys.exit() fails; it does not end a pool thread.
         run.outcome = Outcome.failure(exc)
     finally:
         current_request.reset(token)
