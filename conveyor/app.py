@@ -154,9 +154,12 @@ class Conveyor:
 
 
 def _default_name(fn: Callable[..., Any]) -> str:
-    """`module.function`; a script run directly is named after its file, not `__main__`."""
+    """`module.function`; a script run directly is named after its file, not `__main__`.
+
+    `__mp_main__` is the same script re-imported by a spawned process: it gets the same name.
+    """
     module = fn.__module__
-    if module == "__main__":
+    if module in ("__main__", "__mp_main__"):
         main = sys.modules["__main__"]
         spec = getattr(main, "__spec__", None)
         if spec is not None and spec.name:

@@ -7,8 +7,9 @@ dead-letter record. Nothing else ever escapes `decode`: bytes from a broker cann
 
 from __future__ import annotations
 
+import math
+import random
 import time
-import uuid
 from typing import Annotated, Any
 
 import msgspec
@@ -61,6 +62,10 @@ class Envelope(
         return msgspec.structs.replace(self, retries=self.retries + 1, eta=eta, sent_at=time.time())
 
 
+class _NoVersion(msgspec.Struct, tag_field="v", tag=0):
+    """Never sent. Decoding into a union with it makes msgspec require the `v` tag."""
+
+
 class _Tagged(msgspec.Struct):
     """Just enough of an envelope to tell which version a message claims to be."""
 
@@ -68,20 +73,28 @@ class _Tagged(msgspec.Struct):
 
 
 _encoder = msgspec.json.Encoder()
-_decoder = msgspec.json.Decoder(Envelope)
+_decoder = msgspec.json.Decoder(Envelope | _NoVersion)
 _version_decoder = msgspec.json.Decoder(_Tagged)
 
 
 def new_id() -> str:
-    """A new task id."""
-    return uuid.uuid4().hex
+    """A new task id: 32 hex digits, a millisecond timestamp then 80 random bits.
+
+    Ids sorted by time keep result-store inserts on the last page of the index instead of a
+    random one, which measurably cuts what each commit writes. Ids must be unique, not secret:
+    `random` (reseeded in forked children) avoids a system call per id.
+    """
+    return f"{time.time_ns() // 1_000_000:012x}{random.getrandbits(80):020x}"
 
 
 def encode(envelope: Envelope, *, max_size: int = DEFAULT_MAX_SIZE) -> bytes:
     """Encode an envelope, or raise `EncodeError` saying which value cannot be sent."""
     try:
+        if _has_non_finite(envelope.args) or _has_non_finite(envelope.kwargs):
+            # JSON has no NaN or infinity; the encoder would silently send null instead.
+            raise ValueError("NaN and infinite floats have no JSON form")
         data = _encoder.encode(envelope)
-    except (TypeError, ValueError, OverflowError) as exc:
+    except (TypeError, ValueError, OverflowError, RecursionError) as exc:
         raise EncodeError(
             f"task {envelope.task}: arguments cannot be encoded as JSON ({exc}); "
             "pass JSON-compatible values: str, int, float, bool, None, lists and dicts"
@@ -94,25 +107,38 @@ def encode(envelope: Envelope, *, max_size: int = DEFAULT_MAX_SIZE) -> bytes:
     return data
 
 
+def _has_non_finite(value: Any) -> bool:
+    if isinstance(value, float):
+        return not math.isfinite(value)
+    if isinstance(value, list | tuple):
+        return any(_has_non_finite(v) for v in value)
+    if isinstance(value, dict):
+        return any(_has_non_finite(v) for v in value.values())
+    return False
+
+
 def decode(data: bytes, *, max_size: int = DEFAULT_MAX_SIZE) -> Envelope:
     """Decode and validate an envelope; raise `DecodeError` with a reason for anything else."""
     if len(data) > max_size:
         raise DecodeError(f"message is {len(data)} bytes, over the {max_size}-byte limit")
     try:
-        return _decoder.decode(data)
+        envelope = _decoder.decode(data)
     except msgspec.ValidationError as exc:
         raise DecodeError(_validation_reason(data, exc)) from None
     except msgspec.DecodeError as exc:
         raise DecodeError(f"malformed JSON: {exc}") from None
     except (RecursionError, MemoryError, UnicodeError, ValueError) as exc:
         raise DecodeError(f"undecodable message: {type(exc).__name__}") from None
+    if not isinstance(envelope, Envelope):
+        raise DecodeError("unknown envelope version 0 (this worker reads version 1)")
+    return envelope
 
 
 def _validation_reason(data: bytes, exc: msgspec.ValidationError) -> str:
     """Say "unknown envelope version" when that is the problem, else which field is wrong."""
     try:
         version = _version_decoder.decode(data).v
-    except msgspec.MsgspecError:
+    except (msgspec.MsgspecError, RecursionError, MemoryError, ValueError):
         version = None
     if version is None:
         return "not an envelope: no version field `v`"

@@ -8,7 +8,7 @@ from __future__ import annotations
 import difflib
 import os
 from collections.abc import Mapping
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import msgspec
 
@@ -40,7 +40,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     default_max_retries: Count = 3
     default_retry_backoff_max: Positive = 600.0
     concurrency: Annotated[int, msgspec.Meta(ge=1)] = max(os.cpu_count() or 1, 1)
-    pool: str = "threads"
+    pool: Literal["threads", "solo"] = "threads"
     shutdown_grace: Annotated[float, msgspec.Meta(ge=0)] = 30.0
     """Seconds a warm shutdown waits for running tasks before releasing them."""
     log_level: str = "INFO"

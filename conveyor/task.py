@@ -26,6 +26,9 @@ P = ParamSpec("P")
 R = TypeVar("R")
 T = TypeVar("T")
 
+# Longest delay a send may ask for; keeps envelope timestamps within their valid range.
+MAX_DELAY_S = 100 * 365 * 86_400.0
+
 PositiveSeconds = Annotated[float, msgspec.Meta(gt=0)]
 
 
@@ -264,7 +267,14 @@ class Task(Generic[P, R]):
         now = time.time()
         if countdown is not None and eta is not None:
             raise ConfigurationError("pass countdown or eta, not both")
-        due = now + countdown if countdown is not None else eta.timestamp() if eta else None
+        if countdown is not None and not (
+            isinstance(countdown, int | float) and countdown <= MAX_DELAY_S
+        ):  # NaN fails the comparison too; zero or less means "now"
+            raise ConfigurationError(
+                f"task {self.name}: countdown must be a number of seconds up to "
+                f"{MAX_DELAY_S:.0f}, not {countdown!r}"
+            )
+        due = now + countdown if countdown is not None else _timestamp(eta, now)
         _check_send_options(self.name, priority, queue, task_id, max_retries, idempotency_key)
         parent = current_request.get()
         return Envelope(
@@ -295,7 +305,8 @@ class Task(Generic[P, R]):
         ceiling = resolve(
             self.options.retry_backoff_max, default=self.app.settings.default_retry_backoff_max
         )
-        delay = min(ceiling, base * 2.0**retries)
+        # The exponent is capped so a task on its thousandth retry cannot overflow a float.
+        delay = min(ceiling, base * 2.0 ** min(retries, 64))
         # Full jitter spreads retries of tasks that failed together.
         return random.uniform(0, delay) if self.options.retry_jitter else delay
 
@@ -342,6 +353,10 @@ def _timestamp(value: dt.datetime | float | None, now: float) -> float | None:
     """Epoch seconds from a datetime (naive means local time) or a number of seconds from now."""
     if value is None:
         return None
-    if isinstance(value, dt.datetime):
-        return value.timestamp()
-    return now + float(value)
+    stamp = value.timestamp() if isinstance(value, dt.datetime) else now + float(value)
+    if not 0 <= stamp <= now + MAX_DELAY_S:  # also false for NaN
+        raise ConfigurationError(
+            f"time {value!r} is out of range: use a datetime or seconds, at most "
+            f"{MAX_DELAY_S / 86_400 / 365:.0f} years ahead"
+        )
+    return stamp

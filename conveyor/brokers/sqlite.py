@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import secrets
+import random
 import sqlite3
 import time
 from collections.abc import Sequence
@@ -58,7 +58,7 @@ _CLAIM = """
     UPDATE conveyor_messages SET lease = ?, visible_at = ?, deliveries = deliveries + 1
     WHERE id IN (SELECT id FROM conveyor_messages WHERE queue = ? AND visible_at <= ?
                  ORDER BY priority DESC, id LIMIT ?)
-    RETURNING id, priority, deliveries, body"""
+    RETURNING id, priority, deliveries, CAST(body AS BLOB)"""
 _PROMOTE = """
     INSERT INTO conveyor_messages (queue, priority, visible_at, deliveries, body)
     SELECT queue, priority, 0, deliveries, body FROM conveyor_delayed
@@ -77,6 +77,7 @@ class SQLiteBroker(Broker):
         self._producer_db = Database.shared(path, SCHEMA, synchronous="FULL")
         self._consumer_db = Database.shared(path, SCHEMA, synchronous="NORMAL")
         self._rotation = itertools.count()
+        self._closed = False
 
     def publish(self, messages: Sequence[Outgoing]) -> None:
         """Insert messages in one durable transaction."""
@@ -109,7 +110,7 @@ class SQLiteBroker(Broker):
         now = time.time()
         if not conn.in_transaction and not self._anything_due(conn, queues, now):
             return []
-        lease = secrets.randbits(62)
+        lease = random.getrandbits(62)  # unique per claim, not secret: no system call
         start = next(self._rotation) % len(queues)
         out: list[Delivery] = []
         with self._consumer_db.transaction(conn):
@@ -238,7 +239,7 @@ class SQLiteBroker(Broker):
         rows = (
             self._producer_db.connection()
             .execute(
-                "SELECT queue, body, reason, deliveries, died_at FROM conveyor_dead "
+                "SELECT queue, CAST(body AS BLOB), reason, deliveries, died_at FROM conveyor_dead "
                 "WHERE queue = ? ORDER BY id DESC LIMIT ?",
                 (queue, limit),
             )
@@ -247,9 +248,11 @@ class SQLiteBroker(Broker):
         return [DeadLetter(*row) for row in rows]
 
     def close(self) -> None:
-        """Close this process's connections."""
-        self._producer_db.close()
-        self._consumer_db.close()
+        """Close this process's connections (once; later calls do nothing)."""
+        if not self._closed:
+            self._closed = True
+            self._producer_db.close()
+            self._consumer_db.close()
 
     def _anything_due(self, conn: sqlite3.Connection, queues: Sequence[str], now: float) -> bool:
         """A read-only check, so idle workers never take the write lock."""

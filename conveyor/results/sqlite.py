@@ -43,6 +43,7 @@ class SQLiteResultStore(ResultStore):
         # worker stores results and acknowledges messages in one transaction.
         self._db = Database.shared(path_from_url(url), SCHEMA, synchronous="NORMAL")
         self._next_cleanup = 0.0
+        self._closed = False
 
     def put(self, records: Sequence[ResultRecord]) -> None:
         """Upsert records in one transaction."""
@@ -89,5 +90,7 @@ class SQLiteResultStore(ResultStore):
         return int(row[0])
 
     def close(self) -> None:
-        """Close this process's connections."""
-        self._db.close()
+        """Close this process's connections (once; later calls do nothing)."""
+        if not self._closed:
+            self._closed = True
+            self._db.close()

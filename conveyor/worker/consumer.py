@@ -347,6 +347,15 @@ class Consumer:
             self._abandoned.discard(job)
             return
         self._running.discard(job)
+        try:
+            self._settle(job, outcome)
+        except Exception as exc:
+            # Settling must not fail silently in a loop callback: that would strand the message.
+            reason = f"could not settle the outcome: {type(exc).__name__}: {exc}"
+            self._reject(job.delivery, reason, job.envelope, type(exc).__name__)
+        self._wake()
+
+    def _settle(self, job: Job, outcome: Outcome) -> None:
         env, task, pending = job.envelope, job.task, self._pending
         ack = [job.delivery] if task.options.acks_late else []
         if outcome.kind is Kind.SUCCESS:
@@ -383,7 +392,6 @@ class Consumer:
                 self.stats.dead_lettered += 1
                 reason = f"gave up after {env.retries} retries: {_error(outcome)}"
                 pending.dead.append((job.delivery, reason))
-        self._wake()
 
     def _max_retries(self, job: Job, outcome: Outcome) -> int:
         return resolve(

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 
-from conveyor.worker.execution import Job, execute_async
+from conveyor.worker.execution import Job, execute, execute_async
 from conveyor.worker.pools.base import Done, Pool
 
 
@@ -23,7 +23,10 @@ class SoloPool(Pool):
         """Nothing to start."""
 
     def submit(self, job: Job, done: Done) -> None:
-        """Schedule the job on the loop."""
+        """Run a synchronous job right here; schedule an async one on the loop."""
+        if not job.task.is_async:
+            done(job, execute(job))
+            return
         task = asyncio.get_running_loop().create_task(self._run(job, done))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
