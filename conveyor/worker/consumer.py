@@ -363,14 +363,14 @@ class Consumer:
             self._record(env, State.SUCCESS, outcome=outcome, started_at=job.started_at)
             pending.acks += ack
         elif outcome.kind is Kind.RETRY and env.retries < self._max_retries(job, outcome):
-            self.stats.retried += 1
             delay = task.retry_delay(env.retries, outcome.countdown)
             retry = env.retried(time.time() + delay if delay > 0 else None)
+            body = encode(retry, max_size=self._settings.max_message_size)
             log.info(
                 "task %s[%s] will retry in %.2fs (try %d): %s",
                 env.task, env.id, delay, retry.retries + 1, _error(outcome),
             )  # fmt: skip
-            body = encode(retry, max_size=self._settings.max_message_size)
+            self.stats.retried += 1
             pending.publish.append(Outgoing(retry.queue, body, retry.priority, retry.eta))
             self._record(env, State.RETRY, outcome=outcome, started_at=job.started_at)
             pending.acks += ack

@@ -12,7 +12,7 @@ import enum
 import threading
 import time
 import traceback
-from collections.abc import Iterator
+from collections.abc import Awaitable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -20,12 +20,14 @@ from typing import Any
 import msgspec
 
 from conveyor.brokers import Delivery
-from conveyor.errors import EncodeError, Retry
+from conveyor.errors import EncodeError, Retry, SoftTimeLimitExceeded, TimeLimitExceeded
 from conveyor.message import Envelope
 from conveyor.task import Request, Task, current_request
+from conveyor.worker.limits import Watchdog
 
 _encoder = msgspec.json.Encoder()
 _local = threading.local()
+_watchdog = Watchdog()
 
 
 class Kind(enum.Enum):
@@ -115,8 +117,9 @@ def _capture(job: Job) -> Iterator[_Run]:
         run.outcome = _retry_outcome(retry.exc or retry, retry.countdown, retry.max_retries)
     except job.task.autoretry_for as exc:
         run.outcome = _retry_outcome(exc, None, None)
-    except (Exception, SystemExit) as exc:
-        # SystemExit too: a task calling sys.exit() fails; it does not end a pool thread.
+    except BaseException as exc:
+        # Whatever a task raises (sys.exit(), CancelledError, KeyboardInterrupt) fails the task;
+        # it never ends a pool thread or strands the message.
         run.outcome = Outcome.failure(exc)
     finally:
         current_request.reset(token)
@@ -129,23 +132,57 @@ def _retry_outcome(exc: BaseException, countdown: float | None, max_retries: int
 
 
 def execute(job: Job) -> Outcome:
-    """Run a job in this thread; async tasks run on this thread's own event loop."""
-    with _capture(job) as run:
-        value = job.task.run(job.envelope.args, job.envelope.kwargs)
-        if job.task.is_async:
-            value = _thread_loop().run_until_complete(value)
-        run.succeed(value)
-    return run.outcome
+    """Run a job in this thread, within its time limits; async tasks run on a thread-own loop."""
+    task, env = job.task, job.envelope
+    if task.is_async:
+        with _capture(job) as run:
+            coroutine = _limited(job, task.run(env.args, env.kwargs))
+            run.succeed(_thread_loop().run_until_complete(coroutine))
+        return run.outcome
+    soft, hard = task.options.soft_time_limit, task.options.time_limit
+    if soft is None and hard is None:
+        with _capture(job) as run:
+            run.succeed(task.run(env.args, env.kwargs))
+        return run.outcome
+    outcome: Outcome | None = None
+    try:
+        _watchdog.watch(soft, hard)
+        with _capture(job) as run:
+            run.succeed(task.run(env.args, env.kwargs))
+        outcome = run.outcome
+        _watchdog.unwatch()
+    except (SoftTimeLimitExceeded, TimeLimitExceeded) as exc:
+        # The limit passed just as the task returned: the exception landed out here.
+        _watchdog.unwatch()
+        if outcome is None:
+            outcome = Outcome.failure(exc)
+    return outcome
 
 
 async def execute_async(job: Job) -> Outcome:
     """Run a job on the running event loop (async tasks are awaited, sync ones called)."""
+    if not job.task.is_async:
+        return execute(job)
     with _capture(job) as run:
-        value = job.task.run(job.envelope.args, job.envelope.kwargs)
-        if job.task.is_async:
-            value = await value
-        run.succeed(value)
+        run.succeed(await _limited(job, job.task.run(job.envelope.args, job.envelope.kwargs)))
     return run.outcome
+
+
+async def _limited(job: Job, coroutine: Awaitable[Any]) -> Any:
+    """Await an async task within its limit: the soft one if set (the coroutine is cancelled
+    there and the task fails with SoftTimeLimitExceeded), else the hard one."""
+    soft, hard = job.task.options.soft_time_limit, job.task.options.time_limit
+    limit, error = (soft, SoftTimeLimitExceeded) if soft is not None else (hard, TimeLimitExceeded)
+    if limit is None:
+        return await coroutine
+    timeout = asyncio.timeout(limit)
+    try:
+        async with timeout:
+            return await coroutine
+    except TimeoutError:
+        if timeout.expired():
+            raise error(f"task {job.task.name} ran past its {limit}s limit") from None
+        raise
 
 
 def _thread_loop() -> asyncio.AbstractEventLoop:
@@ -153,3 +190,10 @@ def _thread_loop() -> asyncio.AbstractEventLoop:
     if loop is None or loop.is_closed():
         loop = _local.loop = asyncio.new_event_loop()
     return loop
+
+
+def close_thread_loop() -> None:
+    """Close the calling thread's event loop for async tasks, if it made one."""
+    loop: asyncio.AbstractEventLoop | None = getattr(_local, "loop", None)
+    if loop is not None and not loop.is_closed():
+        loop.close()

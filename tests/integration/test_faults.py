@@ -31,10 +31,7 @@ app = Conveyor("faults", broker="sqlite:///{db}", visibility_timeout=2.0)
 
 
 def _ledger(n):
-    conn = sqlite3.connect("{ledger}", timeout=30, isolation_level=None)
-    conn.execute("PRAGMA journal_mode=WAL")
-    conn.execute("CREATE TABLE IF NOT EXISTS runs (n INTEGER, pid INTEGER, phase TEXT)")
-    return conn
+    return sqlite3.connect("{ledger}", timeout=30, isolation_level=None)
 
 
 @app.task(name="faults.work")
@@ -54,6 +51,11 @@ def project(tmp_path: Path) -> Iterator[tuple[Path, Conveyor]]:
     db, ledger = tmp_path / "broker.db", tmp_path / "ledger.db"
     source = APP_MODULE.format(db=db, ledger=ledger)
     (tmp_path / "faultapp.py").write_text(textwrap.dedent(source))
+    # Created up front: tasks racing to create it could fail on the journal-mode switch.
+    conn = sqlite3.connect(ledger, isolation_level=None)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("CREATE TABLE runs (n INTEGER, pid INTEGER, phase TEXT)")
+    conn.close()
     producer = Conveyor("faults", broker=f"sqlite:///{db}", visibility_timeout=2.0)
 
     @producer.task(name="faults.work")
@@ -72,14 +74,9 @@ def start_worker(cwd: Path, *args: str) -> subprocess.Popen[bytes]:
 
 
 def ledger_rows(cwd: Path, phase: str) -> list[tuple[int, int]]:
-    path = cwd / "ledger.db"
-    if not path.exists():
-        return []
-    conn = sqlite3.connect(path, timeout=30)
+    conn = sqlite3.connect(cwd / "ledger.db", timeout=30)
     try:
         return conn.execute("SELECT n, pid FROM runs WHERE phase = ?", (phase,)).fetchall()
-    except sqlite3.OperationalError:  # the table is not created yet
-        return []
     finally:
         conn.close()
 

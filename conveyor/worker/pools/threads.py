@@ -11,7 +11,7 @@ import collections
 import queue
 import threading
 
-from conveyor.worker.execution import Job, Outcome, execute
+from conveyor.worker.execution import Job, Outcome, close_thread_loop, execute
 from conveyor.worker.pools.base import Done, Pool
 
 _STOP = None
@@ -64,7 +64,8 @@ class ThreadPool(Pool):
             try:
                 loop.call_soon_threadsafe(self._drain)
             except RuntimeError:
-                return  # the loop is closed: the worker is gone and the message goes back
+                break  # the loop is closed: the worker is gone and the message goes back
+        close_thread_loop()
 
     def _drain(self) -> None:
         """On the loop: report every finished job."""
