@@ -12,9 +12,9 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -22,6 +22,8 @@ from conveyor import Conveyor
 from conveyor.results import State
 
 pytestmark = pytest.mark.integration
+
+Poll = Callable[..., Any]
 
 APP_MODULE = """
 import os, sqlite3, time
@@ -81,22 +83,14 @@ def ledger_rows(cwd: Path, phase: str) -> list[tuple[int, int]]:
         conn.close()
 
 
-def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
-
-
 def test_sigkill_mid_run_then_restart_loses_nothing(
-    project: tuple[Path, Conveyor],
+    project: tuple[Path, Conveyor], poll: Poll
 ) -> None:
     cwd, app = project
     n = 1500
     results = app.tasks["faults.work"].map([(i, 0.002) for i in range(n)])
     worker = start_worker(cwd, "--concurrency", "4")
-    wait_for(lambda: len(ledger_rows(cwd, "end")) >= 200, 60, "the first 200 tasks")
+    poll(lambda: len(ledger_rows(cwd, "end")) >= 200, timeout=60, what="the first 200 tasks")
     worker.send_signal(signal.SIGKILL)
     assert worker.wait(timeout=10) == -signal.SIGKILL
     killed_at = len(ledger_rows(cwd, "end"))
@@ -122,13 +116,13 @@ def test_sigkill_mid_run_then_restart_loses_nothing(
 
 
 def test_sigterm_finishes_running_tasks_and_loses_none(
-    project: tuple[Path, Conveyor],
+    project: tuple[Path, Conveyor], poll: Poll
 ) -> None:
     cwd, app = project
     n = 40
     results = app.tasks["faults.work"].map([(i, 0.3) for i in range(n)])
     worker = start_worker(cwd, "--concurrency", "4", "--shutdown-grace", "30")
-    wait_for(lambda: len(ledger_rows(cwd, "start")) >= 6, 60, "tasks to start")
+    poll(lambda: len(ledger_rows(cwd, "start")) >= 6, timeout=60, what="tasks to start")
     worker.send_signal(signal.SIGTERM)
     output = worker.communicate(timeout=60)[0].decode()
     assert worker.returncode == 0, output
@@ -150,12 +144,12 @@ def test_sigterm_finishes_running_tasks_and_loses_none(
 
 
 def test_second_signal_gives_running_tasks_back_at_once(
-    project: tuple[Path, Conveyor],
+    project: tuple[Path, Conveyor], poll: Poll
 ) -> None:
     cwd, app = project
     results = app.tasks["faults.work"].map([(i, 30.0) for i in range(2)])
     worker = start_worker(cwd, "--concurrency", "2", "--shutdown-grace", "60")
-    wait_for(lambda: len(ledger_rows(cwd, "start")) == 2, 60, "both tasks to start")
+    poll(lambda: len(ledger_rows(cwd, "start")) == 2, timeout=60, what="both tasks to start")
     worker.send_signal(signal.SIGTERM)
     # Two signals sent back to back can merge into one; send the second once the first landed.
     assert worker.stdout is not None

@@ -1,0 +1,327 @@
+"""The envelope: lossless round-trips, and only DecodeError out of decode, whatever the bytes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from conveyor.errors import DecodeError, EncodeError
+from conveyor.message import DEFAULT_MAX_SIZE, MAX_PRIORITY, VERSION, Envelope, decode, encode
+
+SETTINGS = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+# JSON-compatible values: what the envelope promises to carry unchanged. NaN and infinities have no
+# JSON spelling, and tuples come back as lists, so neither is generated here.
+json_scalars = (
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text()
+)
+json_values = st.recursive(
+    json_scalars,
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(), children, max_size=4)
+    ),
+    max_leaves=15,
+)
+timestamps = st.floats(min_value=0, max_value=1e11, allow_nan=False)
+identifiers = st.text(min_size=1, max_size=128)
+names = st.text(min_size=1, max_size=255)
+
+
+@st.composite
+def envelopes(draw: st.DrawFn) -> Envelope:
+    """Any valid envelope."""
+    return Envelope(
+        id=draw(identifiers),
+        task=draw(names),
+        queue=draw(names),
+        args=tuple(draw(st.lists(json_values, max_size=5))),
+        kwargs=draw(st.dictionaries(st.text(), json_values, max_size=5)),
+        priority=draw(st.integers(0, MAX_PRIORITY)),
+        eta=draw(st.none() | timestamps),
+        expires=draw(st.none() | timestamps),
+        retries=draw(st.integers(0, 1_000_000)),
+        max_retries=draw(st.none() | st.integers(0, 1_000_000)),
+        root_id=draw(st.none() | identifiers),
+        parent_id=draw(st.none() | identifiers),
+        idempotency_key=draw(st.none() | st.text(max_size=255)),
+        sent_at=draw(timestamps),
+        headers=draw(st.dictionaries(st.text(), st.text(), max_size=4)),
+    )
+
+
+def envelope_dict(**changes: Any) -> dict[str, Any]:
+    """A valid envelope as a JSON object, with some keys changed (or added)."""
+    base = Envelope(id="abc", task="shop.resize", queue="default", args=(1, "a"), kwargs={"k": 2})
+    data: dict[str, Any] = msgspec.json.decode(encode(base))
+    data.update(changes)
+    return data
+
+
+def reason_of(data: bytes, **kwargs: Any) -> str:
+    with pytest.raises(DecodeError) as info:
+        decode(data, **kwargs)
+    assert info.value.reason == str(info.value)
+    return info.value.reason
+
+
+# round-trips
+
+
+@SETTINGS
+@given(envelopes())
+def test_encode_decode_round_trip(envelope: Envelope) -> None:
+    data = encode(envelope)
+    assert isinstance(data, bytes)
+    decoded = decode(data)
+    assert decoded == envelope
+    assert decoded.args == envelope.args
+    assert decoded.kwargs == envelope.kwargs
+    # Encoding is deterministic: the decoded envelope encodes to the same bytes.
+    assert encode(decoded) == data
+
+
+@SETTINGS
+@given(st.lists(json_values, max_size=5), st.dictionaries(st.text(), json_values, max_size=5))
+def test_arguments_survive_unchanged(args: list[Any], kwargs: dict[str, Any]) -> None:
+    envelope = Envelope(id="i", task="t", queue="q", args=tuple(args), kwargs=kwargs)
+    decoded = decode(encode(envelope))
+    assert list(decoded.args) == args
+    assert decoded.kwargs == kwargs
+
+
+def test_envelope_carries_its_version() -> None:
+    data = msgspec.json.decode(encode(Envelope(id="i", task="t", queue="q")))
+    assert data["v"] == VERSION == 1
+
+
+def test_retried_keeps_id_and_counts_one_more_try() -> None:
+    envelope = Envelope(id="i", task="t", queue="q", retries=2, sent_at=1.0)
+    nxt = envelope.retried(eta=123.0)
+    assert (nxt.id, nxt.retries, nxt.eta) == ("i", 3, 123.0)
+    assert nxt.sent_at > 1.0
+    assert decode(encode(nxt)) == nxt
+
+
+# nothing but DecodeError
+
+
+def assert_only_decode_error(data: bytes, **kwargs: Any) -> None:
+    try:
+        decode(data, **kwargs)
+    except DecodeError as exc:
+        assert isinstance(exc.reason, str)
+        assert exc.reason
+
+
+@SETTINGS
+@given(st.binary(max_size=2048))
+def test_arbitrary_bytes_raise_only_decode_error(data: bytes) -> None:
+    assert_only_decode_error(data)
+
+
+@SETTINGS
+@given(json_values)
+def test_arbitrary_json_values_raise_only_decode_error(value: Any) -> None:
+    assert_only_decode_error(msgspec.json.encode(value))
+
+
+@SETTINGS
+@given(st.dictionaries(st.sampled_from([*Envelope.__struct_fields__, "v", "x"]), json_values))
+def test_objects_with_envelope_keys_raise_only_decode_error(value: dict[str, Any]) -> None:
+    assert_only_decode_error(msgspec.json.encode(value))
+
+
+@SETTINGS
+@given(st.sampled_from(sorted(envelope_dict())), json_values)
+def test_envelope_with_one_field_replaced_raises_only_decode_error(key: str, value: Any) -> None:
+    assert_only_decode_error(msgspec.json.encode(envelope_dict(**{key: value})))
+
+
+@SETTINGS
+@given(envelopes(), st.data())
+def test_truncated_envelope_is_a_decode_error(envelope: Envelope, data: st.DataObject) -> None:
+    body = encode(envelope)
+    cut = data.draw(st.integers(0, len(body) - 1))
+    with pytest.raises(DecodeError):
+        decode(body[:cut])
+
+
+@SETTINGS
+@given(envelopes(), st.data())
+def test_corrupted_envelope_bytes_raise_only_decode_error(
+    envelope: Envelope, data: st.DataObject
+) -> None:
+    body = bytearray(encode(envelope))
+    for _ in range(data.draw(st.integers(1, 4))):
+        body[data.draw(st.integers(0, len(body) - 1))] = data.draw(st.integers(0, 255))
+    assert_only_decode_error(bytes(body))
+
+
+DEEP = 100_000
+NEST = b"[" * DEEP + b"]" * DEEP
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        pytest.param(b"[" * DEEP, id="unclosed-arrays"),
+        pytest.param(b"{" * DEEP, id="unclosed-objects"),
+        pytest.param(NEST, id="closed-arrays"),
+        pytest.param(b'{"v":' + NEST + b"}", id="deep-version"),
+        pytest.param(
+            b'{"v":1,"id":"a","task":"t","queue":"q","args":[' + NEST + b"]}", id="deep-args"
+        ),
+        pytest.param(b'{"args":[' + NEST + b'],"id":5}', id="deep-args-first"),
+        pytest.param(b"\xff" * 1000, id="invalid-utf8"),
+        pytest.param(b"", id="empty"),
+        pytest.param(b"null", id="null"),
+        pytest.param(b'"\\ud800"', id="lone-surrogate-escape"),
+        pytest.param(b"1e999999", id="huge-exponent"),
+        pytest.param(b"9" * 10_000, id="huge-integer"),
+    ],
+)
+def test_pathological_input_is_a_decode_error(data: bytes) -> None:
+    reason_of(data)
+
+
+# Regression: the reason finder re-parsed the body and let RecursionError escape decode.
+@pytest.mark.parametrize(
+    "data",
+    [
+        pytest.param(b'{"a":' * DEEP, id="unclosed-nested-objects"),
+        pytest.param(b'{"x":' + NEST + b"}", id="deep-unknown-field"),
+        pytest.param(b'{"v":1,"id":5,"x":' + NEST + b"}", id="deep-after-wrong-type"),
+        pytest.param(
+            b'{"v":1,"id":"a","task":"t","queue":"q","headers":{"h":' + NEST + b"}}",
+            id="deep-header-value",
+        ),
+    ],
+)
+def test_deeply_nested_value_after_a_validation_error_is_a_decode_error(data: bytes) -> None:
+    reason_of(data)
+
+
+# size limits
+
+
+def test_default_size_limit_is_16_mib() -> None:
+    assert DEFAULT_MAX_SIZE == 16 * 1024 * 1024
+
+
+def test_encode_enforces_the_size_limit_exactly() -> None:
+    envelope = Envelope(id="i", task="t", queue="q", args=("x" * 1000,))
+    size = len(encode(envelope))
+    assert encode(envelope, max_size=size)  # exactly at the limit is fine
+    with pytest.raises(EncodeError, match=f"{size} bytes, over the {size - 1}-byte limit"):
+        encode(envelope, max_size=size - 1)
+
+
+def test_decode_enforces_the_size_limit_exactly() -> None:
+    data = encode(Envelope(id="i", task="t", queue="q", args=("x" * 1000,)))
+    assert decode(data, max_size=len(data)).args == ("x" * 1000,)
+    reason = reason_of(data, max_size=len(data) - 1)
+    assert f"over the {len(data) - 1}-byte limit" in reason
+
+
+def test_decode_checks_the_size_before_parsing() -> None:
+    # Junk that would be a parse error: the size check must be what rejects it.
+    reason = reason_of(b"[" * 2000, max_size=1000)
+    assert "2000 bytes" in reason and "1000-byte limit" in reason
+
+
+def test_encode_rejects_unencodable_arguments() -> None:
+    with pytest.raises(EncodeError, match="cannot be encoded as JSON"):
+        encode(Envelope(id="i", task="t", queue="q", args=(object(),)))
+
+
+# validation reasons
+
+
+@pytest.mark.parametrize("version", [0, 2, 99, -1, "2", "one", 2**70])
+def test_unknown_version_reason_mentions_the_version(version: object) -> None:
+    reason = reason_of(msgspec.json.encode(envelope_dict(v=version)))
+    assert "unknown envelope version" in reason
+    assert repr(version) in reason
+
+
+@SETTINGS
+@given(st.integers().filter(lambda v: v != VERSION))
+def test_any_other_integer_version_is_unknown(version: int) -> None:
+    reason = reason_of(msgspec.json.encode(envelope_dict(v=version)))
+    assert f"unknown envelope version {version}" in reason
+
+
+def test_object_without_version_among_other_errors_is_not_an_envelope() -> None:
+    data = envelope_dict(id=5)
+    del data["v"]
+    assert "no version field" in reason_of(msgspec.json.encode(data))
+
+
+# Regression: msgspec treats the tag of a directly decoded tagged Struct as optional.
+def test_otherwise_valid_envelope_without_version_is_rejected() -> None:
+    data = envelope_dict()
+    del data["v"]
+    assert "no version field" in reason_of(msgspec.json.encode(data))
+
+
+WRONG_TYPES = [
+    ("id", 5),
+    ("id", ""),
+    ("task", None),
+    ("task", ["t"]),
+    ("queue", {}),
+    ("args", "not-a-list"),
+    ("kwargs", [1, 2]),
+    ("kwargs", "k=1"),
+    ("priority", "high"),
+    ("priority", 10),
+    ("priority", -1),
+    ("priority", 1.5),
+    ("eta", "soon"),
+    ("eta", -1.0),
+    ("eta", 1e300),
+    ("expires", {}),
+    ("retries", -1),
+    ("retries", "0"),
+    ("max_retries", 2.5),
+    ("root_id", 1),
+    ("parent_id", False),
+    ("idempotency_key", 7),
+    ("idempotency_key", "k" * 256),
+    ("sent_at", "now"),
+    ("headers", {"h": 1}),
+    ("headers", ["h"]),
+]
+
+
+@pytest.mark.parametrize(("field", "value"), WRONG_TYPES)
+def test_wrong_field_type_reason_names_the_field(field: str, value: object) -> None:
+    reason = reason_of(msgspec.json.encode(envelope_dict(**{field: value})))
+    assert f"$.{field}" in reason
+    assert "invalid envelope" in reason
+
+
+@pytest.mark.parametrize("field", ["id", "task", "queue"])
+def test_missing_required_field_reason_names_it(field: str) -> None:
+    data = envelope_dict()
+    del data[field]
+    assert f"`{field}`" in reason_of(msgspec.json.encode(data))
+
+
+@pytest.mark.parametrize("extra", ["x", "pickle", "Task", "v2"])
+def test_unknown_fields_are_rejected(extra: str) -> None:
+    reason = reason_of(msgspec.json.encode(envelope_dict(**{extra: 1})))
+    assert "unknown field" in reason
+    assert f"`{extra}`" in reason
+
+
+def test_malformed_json_reason() -> None:
+    assert "malformed JSON" in reason_of(b'{"v": 1, "id": ')
