@@ -16,6 +16,7 @@ from conveyor import log
 from conveyor.app import load_app
 from conveyor.errors import ConveyorError
 from conveyor.redact import redact_text, redact_url
+from conveyor.settings import LOG_LEVELS
 from conveyor.worker.pools import POOLS
 
 P = ParamSpec("P")
@@ -49,7 +50,12 @@ def main() -> None:
 @click.option("--queues", "-Q", help="Comma-separated queues to consume.")
 @click.option("--until-empty", is_flag=True, help="Exit once the queues are empty.")
 @click.option("--shutdown-grace", type=click.FloatRange(min=0), help="Seconds for warm shutdown.")
-@click.option("--loglevel", "-l", help="Log level (default: the app's log_level, INFO).")
+@click.option(
+    "--loglevel",
+    "-l",
+    type=click.Choice(LOG_LEVELS, case_sensitive=False),
+    help="Log level (default: the app's log_level, INFO).",
+)
 @_clear_errors
 def worker(
     app_path: str,

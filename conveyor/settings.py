@@ -15,6 +15,7 @@ import msgspec
 from conveyor.errors import ConfigurationError
 
 ENV_PREFIX = "CONVEYOR_"
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 Positive = Annotated[float, msgspec.Meta(gt=0)]
 Count = Annotated[int, msgspec.Meta(ge=0)]
@@ -61,9 +62,15 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
         raw.update({k: v for k, v in overrides.items() if v is not None})
         try:
             # strict=False lets "30" from the environment become 30.0.
-            return msgspec.convert(raw, cls, strict=False)
+            settings = msgspec.convert(raw, cls, strict=False)
         except msgspec.ValidationError as exc:
             raise ConfigurationError(f"invalid setting: {exc}") from None
+        if settings.log_level.upper() not in LOG_LEVELS:
+            raise ConfigurationError(
+                f"invalid setting: log_level {settings.log_level!r}; use one of "
+                f"{', '.join(LOG_LEVELS)}"
+            )
+        return settings
 
 
 def unknown_name_message(key: str, known: tuple[str, ...], what: str) -> str:

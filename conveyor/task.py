@@ -268,7 +268,9 @@ class Task(Generic[P, R]):
         if countdown is not None and eta is not None:
             raise ConfigurationError("pass countdown or eta, not both")
         if countdown is not None and not (
-            isinstance(countdown, int | float) and countdown <= MAX_DELAY_S
+            isinstance(countdown, int | float)
+            and not isinstance(countdown, bool)
+            and -MAX_DELAY_S <= countdown <= MAX_DELAY_S
         ):  # NaN fails the comparison too; zero or less means "now"
             raise ConfigurationError(
                 f"task {self.name}: countdown must be a number of seconds up to "

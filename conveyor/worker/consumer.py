@@ -1,7 +1,8 @@
 """The consumer: fetch deliveries, hand them to the pool, and settle what comes back.
 
-Everything here runs on the worker's event loop, except broker and result-store calls, which run
-on one I/O thread. Each I/O round first settles what finished (results stored, retries published,
+Everything here runs on the worker's event loop. Calls to a remote broker and its result store
+run on one I/O thread; an embedded broker's (SQLite, memory) are made on the loop itself, as they
+take microseconds. Each I/O round first settles what finished (results stored, retries published,
 then acks and dead letters: a message is only removed once its outcome is safe) and then fetches
 no more messages than the pool has free slots.
 """
@@ -56,7 +57,8 @@ class WorkerStats:
     """Tasks that raised and will not be tried again (including those out of retries)."""
     retried: int = 0
     rejected: int = 0
-    """Messages dead-lettered without running: undecodable, unknown task, bad arguments, poison."""
+    """Messages dead-lettered by the worker itself: undecodable, unknown task, bad arguments,
+    poison, or an outcome that could not be settled (a retry grown past the size limit)."""
     dead_lettered: int = 0
     """Every message dead-lettered: the rejected ones and the tasks out of retries."""
     expired: int = 0
@@ -158,6 +160,8 @@ class Consumer:
                 if deliveries:
                     await self._dispatch(deliveries)
                     poll = MIN_POLL_S
+                    # Calls to a local broker never suspend: give signals and timers a turn.
+                    await asyncio.sleep(0)
                 elif free > 0:
                     if self.until_empty and not self._running and await self._drained():
                         return

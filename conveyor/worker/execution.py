@@ -28,6 +28,7 @@ from conveyor.worker.limits import Watchdog
 _encoder = msgspec.json.Encoder()
 _local = threading.local()
 _watchdog = Watchdog()
+_LIMITS = (SoftTimeLimitExceeded.__name__, TimeLimitExceeded.__name__)
 
 
 class Kind(enum.Enum):
@@ -156,6 +157,10 @@ def execute(job: Job) -> Outcome:
         _watchdog.unwatch()
         if outcome is None:
             outcome = Outcome.failure(exc)
+    if outcome.error_type in _LIMITS and not outcome.error_message:
+        # Raised asynchronously as a bare class, so it carries no message of its own.
+        limit = soft if outcome.error_type == SoftTimeLimitExceeded.__name__ else hard
+        outcome.error_message = f"task {task.name} ran past its {limit}s limit"
     return outcome
 
 

@@ -68,11 +68,27 @@ def project(tmp_path: Path) -> Iterator[tuple[Path, Conveyor]]:
     producer.close()
 
 
-def start_worker(cwd: Path, *args: str) -> subprocess.Popen[bytes]:
-    cmd = [sys.executable, "-m", "conveyor", "worker", "faultapp:app", "--pool", "threads"]
-    return subprocess.Popen(
-        [*cmd, *args], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
-    )
+StartWorker = Callable[..., "subprocess.Popen[bytes]"]
+
+
+@pytest.fixture
+def start_worker() -> Iterator[StartWorker]:
+    """Start `conveyor worker faultapp:app` processes; any still running at the end is killed."""
+    started: list[subprocess.Popen[bytes]] = []
+
+    def start(cwd: Path, *args: str, pool: str = "threads") -> subprocess.Popen[bytes]:
+        cmd = [sys.executable, "-m", "conveyor", "worker", "faultapp:app", "--pool", pool]
+        process = subprocess.Popen(
+            [*cmd, *args], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+        )
+        started.append(process)
+        return process
+
+    yield start
+    for process in started:
+        if process.poll() is None:
+            process.kill()
+        process.communicate()
 
 
 def ledger_rows(cwd: Path, phase: str) -> list[tuple[int, int]]:
@@ -84,7 +100,7 @@ def ledger_rows(cwd: Path, phase: str) -> list[tuple[int, int]]:
 
 
 def test_sigkill_mid_run_then_restart_loses_nothing(
-    project: tuple[Path, Conveyor], poll: Poll
+    project: tuple[Path, Conveyor], poll: Poll, start_worker: StartWorker
 ) -> None:
     cwd, app = project
     n = 1500
@@ -115,14 +131,16 @@ def test_sigkill_mid_run_then_restart_loses_nothing(
     assert all(s.ready == s.in_flight == s.delayed == 0 for s in app.broker.stats())
 
 
+@pytest.mark.parametrize("pool", ["threads", "solo"])
 def test_sigterm_finishes_running_tasks_and_loses_none(
-    project: tuple[Path, Conveyor], poll: Poll
+    project: tuple[Path, Conveyor], poll: Poll, start_worker: StartWorker, pool: str
 ) -> None:
     cwd, app = project
     n = 40
     results = app.tasks["faults.work"].map([(i, 0.3) for i in range(n)])
-    worker = start_worker(cwd, "--concurrency", "4", "--shutdown-grace", "30")
-    poll(lambda: len(ledger_rows(cwd, "start")) >= 6, timeout=60, what="tasks to start")
+    worker = start_worker(cwd, "--concurrency", "4", "--shutdown-grace", "30", pool=pool)
+    # The solo pool runs tasks on the loop's own thread: it must still hear the signal.
+    poll(lambda: len(ledger_rows(cwd, "start")) >= 3, timeout=60, what="tasks to start")
     worker.send_signal(signal.SIGTERM)
     output = worker.communicate(timeout=60)[0].decode()
     assert worker.returncode == 0, output
@@ -144,7 +162,7 @@ def test_sigterm_finishes_running_tasks_and_loses_none(
 
 
 def test_second_signal_gives_running_tasks_back_at_once(
-    project: tuple[Path, Conveyor], poll: Poll
+    project: tuple[Path, Conveyor], poll: Poll, start_worker: StartWorker
 ) -> None:
     cwd, app = project
     results = app.tasks["faults.work"].map([(i, 30.0) for i in range(2)])

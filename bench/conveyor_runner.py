@@ -1,0 +1,290 @@
+"""Benchmark conveyor's embedded SQLite broker so its figures can sit next to Huey's.
+
+Same command line and JSON line as ``huey_runner.py``. Each run uses a fresh SQLite file in a
+temporary directory (WAL adds -wal and -shm files beside it) and measures two rates:
+
+* enqueue: one producer sends N no-op tasks with ``Task.map()``, conveyor's documented bulk send,
+  in tasks/second. It returns once the broker has stored every message durably (one
+  ``synchronous=FULL`` transaction). The producer's connection is opened and the schema created
+  before the clock starts, as ``SqliteHuey`` does in its constructor.
+* process: ``Worker(until_empty=True)``, in tasks/second.
+
+  - ``--worker-type thread``: one worker in this process with the threads pool and ``--workers``
+    threads, timed from ``run()`` to its return.
+  - ``--worker-type process``: ``--workers`` processes (multiprocessing, "spawn"), each building
+    its own app on the same file and running a worker with the solo pool (one task at a time in
+    the worker's own thread: a process that runs one task at a time needs no task thread).
+    Interpreter start-up and imports are not timed: the children build their app and worker, meet
+    the parent at a barrier, and the clock runs from the barrier until every child has reported its
+    counts (Huey's consumer forks its children inside its timed window, which costs next to nothing;
+    spawning costs 0.1 to 0.3 s here, which no deployed worker pays per batch). The spawn time is
+    reported in the settings.
+
+Results go to the broker's SQLite file (the default), so every task costs result writes as well.
+A run counts only if every task succeeded exactly once: the workers' counts must equal N, and the
+queue must end empty with no dead letters. Otherwise the runner exits non-zero and prints nothing.
+
+Prints one JSON line on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import json
+import multiprocessing
+import os
+import queue
+import sqlite3
+import sys
+import tempfile
+import threading
+import time
+import traceback
+from collections.abc import Sequence
+from dataclasses import asdict
+from multiprocessing.synchronize import Barrier
+from typing import Any, Final
+
+from conveyor import Conveyor, Task, Worker, WorkerStats
+
+# An explicit name, because the default (module.function) differs between the ways this module is
+# loaded: "conveyor_runner" as a script or in spawned children, "bench.conveyor_runner" when
+# imported. Producer and workers must agree on it or every message is dead-lettered.
+NOOP_NAME = "bench.conveyor_runner.noop"
+START_METHOD: Final = "spawn"
+# A spawned child needs well under a second to import conveyor and build its worker.
+READY_TIMEOUT_S = 60.0
+
+
+def noop() -> None:
+    """The benchmarked task. Module level, so spawned worker processes find it on import."""
+
+
+def make_app(path: str) -> tuple[Conveyor, Task[[], None]]:
+    """The benchmark app on `path`, with conveyor's defaults (results in the same file)."""
+    app = Conveyor("bench", broker=f"sqlite:///{path}")
+    return app, app.task(name=NOOP_NAME)(noop)
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tasks", type=int, default=20000)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--worker-type", choices=("thread", "process"), default="thread")
+    parser.add_argument("--dir", default=None, help="where to create the temporary database")
+    parser.add_argument("--timeout", type=float, default=600.0, help="give up after this long")
+    return parser.parse_args()
+
+
+def worker_process(
+    path: str, barrier: Barrier, reports: multiprocessing.Queue[tuple[int, Any, str | None]]
+) -> None:
+    """One worker process: build the app, wait for the start signal, drain the queue, report."""
+    app: Conveyor | None = None
+    try:
+        app, _ = make_app(path)
+        worker = Worker(app, pool="solo", until_empty=True)
+        barrier.wait()
+        stats = worker.run()
+        reports.put((os.getpid(), asdict(stats), None))
+    except BaseException:
+        # The parent must hear about a failure, or it would wait for counts that never come.
+        barrier.abort()
+        reports.put((os.getpid(), None, traceback.format_exc()))
+        raise
+    finally:
+        if app is not None:
+            app.close()
+
+
+def process_in_threads(app: Conveyor, args: argparse.Namespace) -> tuple[float, WorkerStats]:
+    """Drain the queue with one worker of `args.workers` threads in this process."""
+    worker = Worker(app, pool="threads", concurrency=args.workers, until_empty=True)
+    # A warm shutdown at the deadline ends run() with fewer successes than tasks, which fails.
+    deadline = threading.Timer(args.timeout, worker.stop)
+    deadline.daemon = True
+    deadline.start()
+    try:
+        started = time.perf_counter()
+        stats = worker.run()
+        return time.perf_counter() - started, stats
+    finally:
+        deadline.cancel()
+
+
+def process_in_processes(path: str, args: argparse.Namespace) -> tuple[float, WorkerStats, float]:
+    """Drain the queue with `args.workers` spawned one-thread workers; time, summed counts, spawn.
+
+    The last figure is how long the children took to start and be ready, which is not timed.
+    """
+    ctx = multiprocessing.get_context(START_METHOD)
+    barrier = ctx.Barrier(args.workers + 1)
+    reports: multiprocessing.Queue[tuple[int, Any, str | None]] = ctx.Queue()
+    children = [
+        ctx.Process(target=worker_process, args=(path, barrier, reports), name=f"worker-{i}")
+        for i in range(args.workers)
+    ]
+    spawned = time.perf_counter()
+    for child in children:
+        child.start()
+    try:
+        try:
+            barrier.wait(timeout=READY_TIMEOUT_S)
+        except threading.BrokenBarrierError:
+            raise RuntimeError(
+                "a worker process failed to start (its traceback is on stderr)"
+            ) from None
+        started = time.perf_counter()
+        total = WorkerStats()
+        deadline = started + args.timeout
+        for _ in children:
+            pid, counts, error = _next_report(reports, children, deadline)
+            if error is not None:
+                raise RuntimeError(f"worker process {pid} failed:\n{error}")
+            for name, value in counts.items():
+                setattr(total, name, getattr(total, name) + value)
+        process_s = time.perf_counter() - started
+    except BaseException:
+        # SIGTERM is a warm shutdown for a conveyor worker: the children stop fetching and exit.
+        for child in children:
+            child.terminate()
+        raise
+    finally:
+        for child in children:
+            child.join(timeout=30)
+            if child.is_alive():
+                child.kill()
+                child.join()
+    return process_s, total, started - spawned
+
+
+def _next_report(
+    reports: multiprocessing.Queue[tuple[int, Any, str | None]],
+    children: Sequence[multiprocessing.process.BaseProcess],
+    deadline: float,
+) -> tuple[int, Any, str | None]:
+    """The next child's report; fails if the time is up or a child died without reporting."""
+    while True:
+        try:
+            return reports.get(timeout=0.05)
+        except queue.Empty:
+            pass
+        if time.perf_counter() > deadline:
+            raise RuntimeError("the worker processes did not finish in time")
+        # A child that reported and exited may still have its report in the pipe, so only a
+        # non-zero exit (killed, or crashed before reporting) is an error here.
+        dead = [c for c in children if c.exitcode not in (None, 0)]
+        if dead:
+            child = dead[0]
+            raise RuntimeError(f"worker process {child.pid} died with exit code {child.exitcode}")
+
+
+def check(app: Conveyor, queue_name: str, n: int, stats: WorkerStats) -> None:
+    """Refuse the run unless every task ran exactly once and nothing is left behind."""
+    counts = asdict(stats)
+    # Every counter other than these two must be zero (failed, retried, dead-lettered, released,
+    # and any counter added later), so a new way of going wrong cannot slip past this check.
+    expected = {name: n if name in ("received", "succeeded") else 0 for name in counts}
+    if "received" not in counts or "succeeded" not in counts or counts != expected:
+        raise RuntimeError(f"expected {n} tasks received and succeeded once each, got {counts}")
+    (left,) = app.broker.stats([queue_name])
+    if left.ready or left.delayed or left.in_flight or left.dead:
+        raise RuntimeError(f"the queue is not empty after the run: {left}")
+    store = app.results
+    if store is not None and store.count() != n:
+        raise RuntimeError(f"expected {n} stored results, found {store.count()}")
+
+
+def synchronous_levels(app: Conveyor) -> dict[str, int | str]:
+    """PRAGMA synchronous on each of this thread's connections, so the report says what was paid.
+
+    These are private attributes of the SQLite broker and store; if they move, say so rather
+    than guess.
+    """
+    out: dict[str, int | str] = {}
+    sources = {
+        "producer": getattr(app.broker, "_producer_db", None),
+        "consumer": getattr(app.broker, "_consumer_db", None),
+        "results": getattr(app.results, "_db", None),
+    }
+    for role, db in sources.items():
+        try:
+            row = db.connection().execute("pragma synchronous").fetchone()  # type: ignore[union-attr]
+            out[role] = int(row[0])
+        except Exception:
+            out[role] = "unknown"
+    return out
+
+
+def run(args: argparse.Namespace, path: str) -> dict[str, Any]:
+    n = args.tasks
+    app, task = make_app(path)
+    # Open the producer's connection and create the schema now, as SqliteHuey's constructor does.
+    app.broker.stats([task.queue])
+
+    started = time.perf_counter()
+    sent = task.map([() for _ in range(n)])
+    enqueue_s = time.perf_counter() - started
+    (ready,) = app.broker.stats([task.queue])
+    if len(sent) != n or ready.ready != n:
+        raise RuntimeError(f"expected {n} queued tasks, found {ready.ready}")
+
+    spawn_s: float | None = None
+    if args.worker_type == "thread":
+        process_s, stats = process_in_threads(app, args)
+    else:
+        # The children open their own connections; this process's are not used meanwhile.
+        app.close()
+        process_s, stats, spawn_s = process_in_processes(path, args)
+    check(app, task.queue, n, stats)
+    # Read after the timed part, so no extra connection is open while it runs.
+    synchronous = synchronous_levels(app)
+
+    with sqlite3.connect(path) as conn:
+        journal_mode = conn.execute("pragma journal_mode").fetchone()[0]
+    settings = app.settings
+    app.close()
+    worker: dict[str, Any] = {
+        "pool": "threads",
+        "until_empty": True,
+        "processes": 1 if args.worker_type == "thread" else args.workers,
+        "threads_per_process": args.workers if args.worker_type == "thread" else 1,
+    }
+    if spawn_s is not None:
+        worker["start_method"] = START_METHOD
+        worker["spawn_s_not_timed"] = round(spawn_s, 3)
+    return {
+        "peer": "conveyor",
+        "version": importlib.metadata.version("conveyor"),
+        "tasks": n,
+        "workers": args.workers,
+        "worker_type": args.worker_type,
+        "enqueue_per_s": round(n / enqueue_s, 1),
+        "process_per_s": round(n / process_s, 1),
+        "settings": {
+            "broker": "embedded SQLite",
+            "results": (
+                "none" if settings.ignore_results else (settings.results or "the broker's file")
+            ),
+            "enqueue": "Task.map, one transaction for all tasks",
+            "worker": worker,
+            "sqlite": {"journal_mode": journal_mode, "synchronous": synchronous},
+            "visibility_timeout": settings.visibility_timeout,
+            # CONVEYOR_* variables change settings silently; list them so a report shows them.
+            "environment": {k: v for k, v in os.environ.items() if k.startswith("CONVEYOR_")},
+            "python": sys.version.split()[0],
+        },
+    }
+
+
+def main() -> int:
+    args = parse_args()
+    with tempfile.TemporaryDirectory(prefix="conveyor-bench-", dir=args.dir) as tmp:
+        result = run(args, os.path.join(tmp, "conveyor.db"))
+    print(json.dumps(result), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
