@@ -13,6 +13,7 @@ import asyncio
 import logging
 import os
 import socket
+import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -45,6 +46,7 @@ MAX_POLL_S = 0.05
 # STARTED records alone wait this long for company before a round of their own writes them.
 LAZY_FLUSH_S = 0.05
 IO_RETRY_S = 1.0
+LOOP_TURN_S = 0.005
 
 
 @dataclass
@@ -140,28 +142,45 @@ class Consumer:
         self._woken = False
         self._waiter: asyncio.Future[None] | None = None
         self._stopping = False
+        # Guards the consumer's state: pool threads settle their own jobs (and, on a local
+        # broker, run the next round) while the loop polls, renews leases and shuts down.
+        self._lock = threading.RLock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread = 0
+        self._direct = pool.threaded and self.broker.local
 
     # lifecycle
 
     async def run(self) -> None:
         """Consume until `stop()` and every running job is settled, or until drained."""
+        self._loop, self._loop_thread = asyncio.get_running_loop(), threading.get_ident()
         renewer = asyncio.create_task(self._renew_leases())
         poll = MIN_POLL_S
+        next_turn = 0.0
         try:
             while True:
-                free = 0 if self._stopping else self.pool.concurrency - len(self._running)
-                if free <= 0 and not self._pending.urgent:
-                    if self._stopping and not self._running and not self._pending:
+                with self._lock:
+                    free = self._free()
+                    idle = free <= 0 and not self._pending.urgent
+                    if idle and self._stopping and not self._running and not self._pending:
                         return
+                if idle:
                     woken = await self._wait(LAZY_FLUSH_S if self._pending else None)
                     if woken or not self._pending:
                         continue
-                deliveries = await self._round(free)
-                if deliveries:
-                    await self._dispatch(deliveries)
+                if self.broker.local:
+                    dispatched = self._cycle(free)
+                else:
+                    dispatched = await self._dispatch(await self._round(free))
+                if dispatched > 0:
                     poll = MIN_POLL_S
-                    # Calls to a local broker never suspend: give signals and timers a turn.
-                    await asyncio.sleep(0)
+                    if time.monotonic() >= next_turn:
+                        # A local broker's calls never suspend: give signals and timers a turn,
+                        # every few milliseconds rather than every round (a turn costs a poll).
+                        await asyncio.sleep(0)
+                        next_turn = time.monotonic() + LOOP_TURN_S
+                elif dispatched < 0:
+                    await asyncio.sleep(IO_RETRY_S)
                 elif free > 0:
                     if self.until_empty and not self._running and await self._drained():
                         return
@@ -173,17 +192,19 @@ class Consumer:
 
     def stop(self) -> None:
         """Warm shutdown: fetch nothing more; `run` returns once running jobs are settled."""
-        self._stopping = True
+        with self._lock:
+            self._stopping = True
         self._wake()
 
     def abandon(self) -> None:
         """Give every running job's message back now (cold shutdown, or the grace ran out)."""
-        self._stopping = True
-        for job in self._running:
-            self._pending.release.append(job.delivery)
-        self.stats.released += len(self._running)
-        self._abandoned |= self._running
-        self._running = set()
+        with self._lock:
+            self._stopping = True
+            for job in self._running:
+                self._pending.release.append(job.delivery)
+            self.stats.released += len(self._running)
+            self._abandoned |= self._running
+            self._running = set()
         self._wake()
 
     @property
@@ -200,21 +221,45 @@ class Consumer:
             return fn(*args)
         return await asyncio.get_running_loop().run_in_executor(self._io, fn, *args)
 
-    async def _round(self, free: int) -> list[Delivery]:
-        """One trip to the I/O thread: settle, then fetch. A failure is logged and retried.
+    def _free(self) -> int:
+        return 0 if self._stopping else self.pool.concurrency - len(self._running)
 
-        The I/O thread gets the pending settlements as its own object, so outcomes arriving on
-        the loop meanwhile go into a fresh one; if the round fails, the batch is put back whole
-        (its transaction, where the broker has one, was rolled back).
+    def _cycle(self, free: int) -> int:
+        """A whole round on a local broker, in the calling thread: settle, fetch, start jobs.
+
+        Returns how many deliveries were fetched, or -1 if the broker failed (the settlements
+        are kept for the next round).
         """
-        batch, self._pending = self._pending, Settlements()
+        with self._lock:
+            batch, self._pending = self._pending, Settlements()
+            try:
+                deliveries = self._settle_and_fetch(batch, free)
+            except Exception as exc:
+                log.error("broker or result store failed: %s; retrying", exc)
+                self._pending = batch.merge(self._pending)
+                return -1
+            jobs, early = self._admit_all(deliveries)
+            if early:
+                self.broker.ack(early)
+            self._start(jobs)
+            return len(deliveries)
+
+    async def _round(self, free: int) -> list[Delivery] | None:
+        """One trip to the I/O thread: settle, then fetch. None if the broker failed.
+
+        The I/O thread gets the pending settlements as its own object, so outcomes arriving
+        meanwhile go into a fresh one; if the round fails, the batch is put back whole (its
+        transaction, where the broker has one, was rolled back).
+        """
+        with self._lock:
+            batch, self._pending = self._pending, Settlements()
         try:
             return await self._call(self._settle_and_fetch, batch, free)
         except Exception as exc:
             log.error("broker or result store failed: %s; retrying in %.0fs", exc, IO_RETRY_S)
-            self._pending = batch.merge(self._pending)
-            await asyncio.sleep(IO_RETRY_S)
-            return []
+            with self._lock:
+                self._pending = batch.merge(self._pending)
+            return None
 
     def _settle_and_fetch(self, batch: Settlements, free: int) -> list[Delivery]:
         broker = self.broker
@@ -238,9 +283,16 @@ class Consumer:
 
     async def _drained(self) -> bool:
         stats = await self._call(self.broker.stats, self.queues)
-        return all(s.ready + s.delayed + s.in_flight == 0 for s in stats) and not self._pending
+        with self._lock:
+            idle = not self._pending and not self._running
+        return idle and all(s.ready + s.delayed + s.in_flight == 0 for s in stats)
 
     def _wake(self) -> None:
+        """Wake the loop; from another thread, by scheduling this on the loop."""
+        if threading.get_ident() != self._loop_thread:
+            if self._loop is not None and not self._loop.is_closed():
+                self._loop.call_soon_threadsafe(self._wake)
+            return
         self._woken = True
         waiter = self._waiter
         if waiter is not None and not waiter.done():
@@ -266,7 +318,8 @@ class Consumer:
         timeout = self._settings.visibility_timeout
         while True:
             await asyncio.sleep(timeout / 3)
-            running = [job.delivery for job in self._running]
+            with self._lock:
+                running = [job.delivery for job in self._running]
             if running:
                 try:
                     await self._call(self.broker.extend, running, timeout)
@@ -275,13 +328,26 @@ class Consumer:
 
     # dispatch
 
-    async def _dispatch(self, deliveries: list[Delivery]) -> None:
+    async def _dispatch(self, deliveries: list[Delivery] | None) -> int:
+        """Admit and start what a remote broker's round fetched; the count, -1 on failure."""
+        if deliveries is None:
+            return -1
+        with self._lock:
+            jobs, early = self._admit_all(deliveries)
+        if early:
+            await self._call(self.broker.ack, early)
+        with self._lock:
+            self._start(jobs)
+        return len(deliveries)
+
+    def _admit_all(self, deliveries: list[Delivery]) -> tuple[list[Job], list[Delivery]]:
+        """Jobs to start, and the deliveries to ack before starting them (acks_late=False: at
+        most once, so the ack must be stored before the task runs)."""
         now = time.time()
         jobs = [job for d in deliveries if (job := self._admit(d, now)) is not None]
-        early = [job.delivery for job in jobs if not job.task.options.acks_late]
-        if early:
-            # acks_late=False: at most once, so the ack must be stored before the task starts.
-            await self._call(self.broker.ack, early)
+        return jobs, [job.delivery for job in jobs if not job.task.options.acks_late]
+
+    def _start(self, jobs: list[Job]) -> None:
         for job in jobs:
             self._running.add(job)
             self.pool.submit(job, self._done)
@@ -346,17 +412,24 @@ class Consumer:
     # settlement
 
     def _done(self, job: Job, outcome: Outcome) -> None:
-        """A job ended (called on the loop): queue its settlement for the next I/O round."""
-        if job in self._abandoned:
-            self._abandoned.discard(job)
-            return
-        self._running.discard(job)
-        try:
-            self._settle(job, outcome)
-        except Exception as exc:
-            # Settling must not fail silently in a loop callback: that would strand the message.
-            reason = f"could not settle the outcome: {type(exc).__name__}: {exc}"
-            self._reject(job.delivery, reason, job.envelope, type(exc).__name__)
+        """A job ended: queue its settlement for the next round. Safe from any thread.
+
+        A pool thread on a local broker runs that round itself and takes its next job from it,
+        so in steady state work flows without a hand-off through the event loop.
+        """
+        with self._lock:
+            if job in self._abandoned:
+                self._abandoned.discard(job)
+                return
+            self._running.discard(job)
+            try:
+                self._settle(job, outcome)
+            except Exception as exc:
+                # Settling must not fail silently: that would strand the message.
+                reason = f"could not settle the outcome: {type(exc).__name__}: {exc}"
+                self._reject(job.delivery, reason, job.envelope, type(exc).__name__)
+            if self._direct and not self._stopping and self._cycle(self._free()) > 0:
+                return
         self._wake()
 
     def _settle(self, job: Job, outcome: Outcome) -> None:

@@ -1,7 +1,8 @@
 """The pool interface: where the consumer hands jobs to be run.
 
 A pool runs at most `concurrency` jobs at once; the consumer never submits more than that, so a
-pool never queues work behind a busy slot. `done` is always called on the consumer's event loop.
+pool never queues work behind a busy slot. A pool calls `done` from whichever thread ran the job;
+the consumer makes that safe.
 """
 
 from __future__ import annotations
@@ -16,6 +17,10 @@ Done = Callable[[Job, Outcome], None]
 
 class Pool(abc.ABC):
     """Runs jobs and reports their outcomes."""
+
+    #: True when jobs run on the pool's own threads, which may then carry on with the consumer's
+    #: next round themselves instead of handing it to the event loop.
+    threaded: bool = False
 
     def __init__(self, concurrency: int) -> None:
         self.concurrency = concurrency

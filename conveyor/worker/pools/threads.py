@@ -6,36 +6,33 @@ messages go back to the broker) and the process exits around them.
 
 from __future__ import annotations
 
-import asyncio
-import collections
+import logging
 import queue
 import threading
 
-from conveyor.worker.execution import Job, Outcome, close_thread_loop, execute
+from conveyor.worker.execution import Job, close_thread_loop, execute
 from conveyor.worker.pools.base import Done, Pool
 
 _STOP = None
+log = logging.getLogger("conveyor.worker")
 
 
 class ThreadPool(Pool):
     """Jobs run on a fixed set of threads fed by one queue.
 
-    Finished jobs are collected in a deque; the loop is woken once per batch of them rather than
-    once per job, since each wake-up is a system call.
+    Each thread reports its job's outcome itself; on a local broker the consumer's next round
+    then runs on that thread, which usually takes the job that round started next.
     """
+
+    threaded = True
 
     def __init__(self, concurrency: int) -> None:
         super().__init__(concurrency)
         self._jobs: queue.SimpleQueue[tuple[Job, Done] | None] = queue.SimpleQueue()
         self._threads: list[threading.Thread] = []
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._finished: collections.deque[tuple[Job, Done, Outcome]] = collections.deque()
-        self._drain_scheduled = False
-        self._drain_lock = threading.Lock()
 
     async def start(self) -> None:
         """Start the threads."""
-        self._loop = asyncio.get_running_loop()
         for n in range(self.concurrency):
             thread = threading.Thread(target=self._work, name=f"conveyor-task-{n}", daemon=True)
             thread.start()
@@ -52,26 +49,10 @@ class ThreadPool(Pool):
         self._threads.clear()
 
     def _work(self) -> None:
-        loop = self._loop
-        assert loop is not None
         while (item := self._jobs.get()) is not _STOP:
             job, done = item
-            self._finished.append((job, done, execute(job)))
-            with self._drain_lock:
-                if self._drain_scheduled:
-                    continue
-                self._drain_scheduled = True
             try:
-                loop.call_soon_threadsafe(self._drain)
-            except RuntimeError:
-                break  # the loop is closed: the worker is gone and the message goes back
+                done(job, execute(job))
+            except Exception:
+                log.exception("could not report the outcome of task %s", job.envelope.id)
         close_thread_loop()
-
-    def _drain(self) -> None:
-        """On the loop: report every finished job."""
-        with self._drain_lock:
-            self._drain_scheduled = False
-        finished = self._finished
-        while finished:
-            job, done, outcome = finished.popleft()
-            done(job, outcome)
