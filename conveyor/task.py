@@ -174,7 +174,7 @@ class Task(Generic[P, R]):
 
     @property
     def max_retries(self) -> int:
-        """How many retries this task gets (message overrides are applied by the worker)."""
+        """How many retries this task gets unless a send or a `retry()` says otherwise."""
         return resolve(self.options.max_retries, default=self.app.settings.default_max_retries)
 
     def delay(self, *args: P.args, **kwargs: P.kwargs) -> Result[R]:
@@ -282,7 +282,7 @@ class Task(Generic[P, R]):
         return Envelope(
             id=task_id or new_id(),
             task=self.name,
-            queue=resolve(queue, self.options.queue, default=self.app.settings.default_queue),
+            queue=resolve(queue, default=self.queue),
             args=tuple(args),
             kwargs=kwargs,
             priority=resolve(priority, default=self.options.priority),

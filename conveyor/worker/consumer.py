@@ -471,12 +471,8 @@ class Consumer:
                 pending.dead.append((job.delivery, reason))
 
     def _max_retries(self, job: Job, outcome: Outcome) -> int:
-        return resolve(
-            outcome.max_retries,
-            job.envelope.max_retries,
-            job.task.options.max_retries,
-            default=self._settings.default_max_retries,
-        )
+        # The retry() call, then the send, then the task and app (Task.max_retries).
+        return resolve(outcome.max_retries, job.envelope.max_retries, default=job.task.max_retries)
 
     def _record(
         self,
