@@ -113,8 +113,10 @@ class Conveyor:
         try:
             return self.tasks[name]
         except KeyError:
+            known = ", ".join(sorted(self.tasks)) or "none"
             raise UnknownTaskError(
-                f"unknown task {name!r}: no task of that name is registered on app {self.name!r}"
+                f"unknown task {name!r}: no task of that name is registered on app "
+                f"{self.name!r} (known: {known})"
             ) from None
 
     def send(self, envelopes: Sequence[Envelope]) -> None:
@@ -187,8 +189,12 @@ def load_app(path: str) -> Conveyor:
                 "that contains it, or install it"
             ) from None
         raise
-    app = getattr(module, attribute, None)
+    if not hasattr(module, attribute):
+        raise ConfigurationError(
+            f"module {module_name!r} has no attribute {attribute!r}: APP is module:attribute, "
+            f"where attribute is your Conveyor(...) object"
+        )
+    app = getattr(module, attribute)
     if not isinstance(app, Conveyor):
-        found = "nothing" if app is None else type(app).__name__
-        raise ConfigurationError(f"{path!r} is {found}, not a Conveyor app")
+        raise ConfigurationError(f"{path!r} is a {type(app).__name__}, not a Conveyor app")
     return app

@@ -124,10 +124,11 @@ def status(app_path: str) -> None:
     table = Table(title=f"{app.name} on {redact_url(app.broker.display_url)}")
     for column in ("queue", "ready", "delayed", "in flight", "dead-lettered"):
         table.add_column(column, justify="left" if column == "queue" else "right")
-    for s in app.broker.stats():
+    # The app's own queues are listed even when empty; others once the broker holds messages.
+    known = {app.settings.default_queue} | {task.queue for task in app.tasks.values()}
+    names = sorted(known | {s.queue for s in app.broker.stats()})
+    for s in app.broker.stats(names):
         table.add_row(s.queue, *(f"{n:,}" for n in (s.ready, s.delayed, s.in_flight, s.dead)))
-    if not table.rows:
-        table.add_row("(no queues yet)", "", "", "", "")
     console.print(table)
     store = app.results
     if store is None:
