@@ -138,10 +138,13 @@ class Database:
             conn.execute("BEGIN IMMEDIATE")
             try:
                 yield conn
+                conn.execute("COMMIT")
             except BaseException:
-                conn.execute("ROLLBACK")
+                # Also when COMMIT itself failed: SQLite can leave the transaction open then,
+                # and the next statement on this connection would silently join it.
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
                 raise
-            conn.execute("COMMIT")
         finally:
             if gate >= 0:
                 fcntl.flock(gate, fcntl.LOCK_UN)

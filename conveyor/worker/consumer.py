@@ -59,8 +59,9 @@ class WorkerStats:
     """Tasks that raised and will not be tried again (including those out of retries)."""
     retried: int = 0
     rejected: int = 0
-    """Messages dead-lettered by the worker itself: undecodable, unknown task, bad arguments,
-    poison, or an outcome that could not be settled (a retry grown past the size limit)."""
+    """Messages the worker refused: undecodable, unknown task, bad arguments, poison, or an
+    outcome that could not be settled (a retry grown past the size limit). Dead-lettered, unless
+    the task had acks_late=False and its message was acknowledged before it ran."""
     dead_lettered: int = 0
     """Every message dead-lettered: the rejected ones and the tasks out of retries."""
     expired: int = 0
@@ -200,9 +201,10 @@ class Consumer:
         """Give every running job's message back now (cold shutdown, or the grace ran out)."""
         with self._lock:
             self._stopping = True
-            for job in self._running:
-                self._pending.release.append(job.delivery)
-            self.stats.released += len(self._running)
+            # acks_late=False messages were acknowledged before they ran: nothing to give back.
+            released = [job.delivery for job in self._running if job.task.options.acks_late]
+            self._pending.release += released
+            self.stats.released += len(released)
             self._abandoned |= self._running
             self._running = set()
         self._wake()
@@ -427,7 +429,13 @@ class Consumer:
             except Exception as exc:
                 # Settling must not fail silently: that would strand the message.
                 reason = f"could not settle the outcome: {type(exc).__name__}: {exc}"
-                self._reject(job.delivery, reason, job.envelope, type(exc).__name__)
+                if job.task.options.acks_late:
+                    self._reject(job.delivery, reason, job.envelope, type(exc).__name__)
+                else:  # acknowledged before it ran: there is no message left to dead-letter
+                    self.stats.rejected += 1
+                    log.error("task %s[%s] failed: %s", job.envelope.task, job.envelope.id, reason)
+                    failure = Outcome(Kind.FAILURE, None, type(exc).__name__, reason, "")
+                    self._record(job.envelope, State.FAILURE, outcome=failure)
             if self._direct and not self._stopping and self._cycle(self._free()) > 0:
                 return
         self._wake()
