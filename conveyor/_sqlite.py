@@ -184,7 +184,12 @@ class Database:
             # A separate file: closing any descriptor of the database file itself would drop
             # SQLite's own POSIX locks.
             conn.gate = os.open(f"{self.path}-gate", os.O_RDWR | os.O_CREAT, 0o644)
-            conn.execute("PRAGMA journal_mode=WAL")
+            # Switching a new file to WAL does not wait for a busy lock: openers take turns.
+            fcntl.flock(conn.gate, fcntl.LOCK_EX)
+            try:
+                conn.execute("PRAGMA journal_mode=WAL")
+            finally:
+                fcntl.flock(conn.gate, fcntl.LOCK_UN)
             conn.execute(f"PRAGMA synchronous={self._synchronous}")
             # Fewer, larger checkpoints: measured to cut a worker's commit time by about 40%.
             conn.execute("PRAGMA wal_autocheckpoint=10000")

@@ -183,7 +183,9 @@ def load_app(path: str) -> Conveyor:
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
-        if exc.name and module_name.startswith(exc.name):
+        # Only when the app's own module (or a package above it) is missing; a missing
+        # dependency imported by it is the user's to see as it is.
+        if exc.name and (exc.name == module_name or module_name.startswith(exc.name + ".")):
             raise ConfigurationError(
                 f"cannot import module {module_name!r} for app {path!r}: run from the directory "
                 "that contains it, or install it"

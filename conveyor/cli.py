@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 import sys
 from collections.abc import Callable
 from typing import Any, ParamSpec, TypeVar
@@ -11,6 +12,7 @@ import click
 import msgspec
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from conveyor import log
 from conveyor.app import load_app
@@ -103,8 +105,16 @@ def send(
     wait: float | None,
 ) -> None:
     """Send TASK with ARGS, each a JSON value: conveyor send shop:app shop.resize '"a.png"' 100."""
+    if wait is not None and not math.isfinite(wait):
+        raise click.ClickException("--wait takes a number of seconds")
     app = load_app(app_path)
     task = app.get_task(task_name)
+    if wait is not None and (app.results is None or task.options.ignore_result):
+        # Refuse before sending: retrying the command would otherwise send the task twice.
+        raise click.ClickException(
+            f"--wait needs a stored result, but {task.name} stores none (no result store, or "
+            "ignore_result=True); send without --wait"
+        )
     values = [_json(arg, f"argument {n}") for n, arg in enumerate(args, 1)]
     kwargs = _json(kwargs_json, "--kwargs") if kwargs_json else {}
     if not isinstance(kwargs, dict):
@@ -128,7 +138,8 @@ def status(app_path: str) -> None:
     known = {app.settings.default_queue} | {task.queue for task in app.tasks.values()}
     names = sorted(known | {s.queue for s in app.broker.stats()})
     for s in app.broker.stats(names):
-        table.add_row(s.queue, *(f"{n:,}" for n in (s.ready, s.delayed, s.in_flight, s.dead)))
+        counts = (f"{n:,}" for n in (s.ready, s.delayed, s.in_flight, s.dead))
+        table.add_row(Text(s.queue), *counts)  # Text: a queue name is never read as markup
     console.print(table)
     store = app.results
     if store is None:
@@ -150,7 +161,8 @@ def purge(app_path: str, queue: str, dead: bool, yes: bool) -> None:
     if not yes:
         click.confirm(f"Delete {what}?", abort=True)
     count = app.broker.purge(queue, dead=dead)
-    click.echo(f"purged {count:,} messages from {queue}{' (dead letters)' if dead else ''}")
+    noun = "message" if count == 1 else "messages"
+    click.echo(f"purged {count:,} {noun} from {queue}{' (dead letters)' if dead else ''}")
 
 
 @main.command()

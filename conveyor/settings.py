@@ -64,7 +64,13 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
             # strict=False lets "30" from the environment become 30.0.
             settings = msgspec.convert(raw, cls, strict=False)
         except msgspec.ValidationError as exc:
-            raise ConfigurationError(f"invalid setting: {exc}") from None
+            where = next((n for n in names if f"`$.{n}`" in str(exc)), None)
+            source = (
+                f" (from {ENV_PREFIX}{where.upper()})"
+                if where is not None and where not in overrides
+                else ""
+            )
+            raise ConfigurationError(f"invalid setting: {exc}{source}") from None
         if settings.log_level.upper() not in LOG_LEVELS:
             raise ConfigurationError(
                 f"invalid setting: log_level {settings.log_level!r}; use one of "
