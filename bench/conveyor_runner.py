@@ -246,10 +246,10 @@ def run(args: argparse.Namespace, path: str) -> dict[str, Any]:
     settings = app.settings
     app.close()
     worker: dict[str, Any] = {
-        "pool": "threads",
+        "pool": "threads" if args.worker_type == "thread" else "solo",
         "until_empty": True,
         "processes": 1 if args.worker_type == "thread" else args.workers,
-        "threads_per_process": args.workers if args.worker_type == "thread" else 1,
+        "slots_per_process": args.workers if args.worker_type == "thread" else 1,
     }
     if spawn_s is not None:
         worker["start_method"] = START_METHOD
