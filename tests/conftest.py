@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 import pytest
 
-from conveyor import Conveyor
+from conveyor import Conveyor, Worker, WorkerStats
 from conveyor.testing import memory_app
 
 T = TypeVar("T")
@@ -43,3 +44,37 @@ def app() -> Iterator[Conveyor]:
     application = memory_app()
     yield application
     application.close()
+
+
+def start_worker(worker: Worker) -> tuple[threading.Thread, list[BaseException]]:
+    """Run `worker` on a daemon thread; anything escaping `run` is collected, never re-raised
+    as is (a KeyboardInterrupt re-raised here would end the test session)."""
+    errors: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            worker.run()
+        except BaseException as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    return thread, errors
+
+
+def run_bounded(
+    app: Conveyor, pool: str = "threads", concurrency: int = 2, timeout: float = 5.0
+) -> WorkerStats:
+    """Run a worker until the queue is empty, off the main thread; fail instead of hanging
+    (for behaviour that could wedge the worker)."""
+    worker = Worker(app, pool=pool, concurrency=concurrency, until_empty=True, shutdown_grace=0)
+    thread, errors = start_worker(worker)
+    thread.join(timeout)
+    if thread.is_alive():
+        worker.stop()
+        worker.stop()  # the second stop is a cold shutdown
+        thread.join(5)
+        raise AssertionError(f"the worker did not drain its queue within {timeout}s")
+    if errors:
+        raise AssertionError(f"the worker raised {errors[0]!r}") from errors[0]
+    return worker.stats

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import run_bounded, start_worker
 
 import conveyor._sqlite
 import conveyor.results.memory
@@ -81,39 +82,6 @@ def record_of(app: Conveyor, task_id: str) -> ResultRecord:
 def counts(app: Conveyor) -> tuple[int, int, int, int]:
     [s] = app.broker.stats([Q])
     return (s.ready, s.delayed, s.in_flight, s.dead)
-
-
-def start_worker(worker: Worker) -> tuple[threading.Thread, list[BaseException]]:
-    """Run `worker` on a daemon thread; anything escaping `run` is collected, never re-raised
-    as is (a KeyboardInterrupt re-raised here would end the test session)."""
-    errors: list[BaseException] = []
-
-    def target() -> None:
-        try:
-            worker.run()
-        except BaseException as exc:
-            errors.append(exc)
-
-    thread = threading.Thread(target=target, daemon=True)
-    thread.start()
-    return thread, errors
-
-
-def run_bounded(
-    app: Conveyor, pool: str = "threads", concurrency: int = 2, timeout: float = 5.0
-) -> WorkerStats:
-    """Run a worker until the queue is empty, off the main thread; fail instead of hanging."""
-    worker = Worker(app, pool=pool, concurrency=concurrency, until_empty=True, shutdown_grace=0)
-    thread, errors = start_worker(worker)
-    thread.join(timeout)
-    if thread.is_alive():
-        worker.stop()
-        worker.stop()
-        thread.join(5)
-        raise AssertionError(f"the worker did not drain its queue within {timeout}s")
-    if errors:
-        raise AssertionError(f"the worker raised {errors[0]!r}") from errors[0]
-    return worker.stats
 
 
 # A message that keeps killing its worker is dead-lettered

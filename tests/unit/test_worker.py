@@ -12,8 +12,9 @@ from typing import Any
 
 import msgspec
 import pytest
+from conftest import run_bounded
 
-from conveyor import Conveyor, State, Task, Worker, WorkerStats
+from conveyor import Conveyor, State, Task, WorkerStats
 from conveyor.brokers import Outgoing
 from conveyor.errors import TaskFailed
 from conveyor.message import Envelope, decode, encode, new_id
@@ -38,33 +39,6 @@ def app() -> Iterator[Conveyor]:
 
 def run(app: Conveyor, pool: str) -> WorkerStats:
     return run_until_empty(app, pool=pool, concurrency=2)
-
-
-def run_bounded(app: Conveyor, pool: str = "threads", timeout: float = 2.0) -> WorkerStats:
-    """Run a worker until empty in a thread; stop it and fail if it is not done by `timeout`.
-
-    For behaviour that currently wedges the worker: the test fails instead of hanging.
-    """
-    worker = Worker(app, pool=pool, concurrency=2, until_empty=True, shutdown_grace=0)
-    errors: list[BaseException] = []
-
-    def target() -> None:
-        try:
-            worker.run()
-        except BaseException as exc:
-            errors.append(exc)
-
-    thread = threading.Thread(target=target, daemon=True)
-    thread.start()
-    thread.join(timeout)
-    if thread.is_alive():
-        worker.stop()
-        worker.stop()  # the second stop is a cold shutdown
-        thread.join(10)
-        raise AssertionError(f"the worker did not drain its queue within {timeout}s")
-    if errors:
-        raise errors[0]
-    return worker.stats
 
 
 def broker_is_empty(app: Conveyor) -> bool:
