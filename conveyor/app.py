@@ -69,7 +69,9 @@ class Conveyor:
             with self._lock:
                 if self._broker is None:
                     self._broker = brokers.from_url(
-                        self.settings.broker, visibility_timeout=self.settings.visibility_timeout
+                        self.settings.broker,
+                        visibility_timeout=self.settings.visibility_timeout,
+                        max_priority=self.settings.queue_max_priority,
                     )
         return self._broker
 

@@ -36,6 +36,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     visibility_timeout: Positive = 60.0
     """Seconds a fetched message stays leased to a worker; workers extend leases while running."""
     max_message_size: Annotated[int, msgspec.Meta(gt=0)] = 16 * 1024 * 1024
+    queue_max_priority: Annotated[int, msgspec.Meta(ge=0, le=255)] = 9
+    """RabbitMQ queues' x-max-priority; 0 declares queues without priorities."""
     poison_limit: Annotated[int, msgspec.Meta(ge=1)] = 3
     """Deliveries that ended without being settled (worker or child died) before dead-lettering."""
     default_max_retries: Count = 3

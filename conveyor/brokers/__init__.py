@@ -11,9 +11,17 @@ from conveyor.redact import redact_url
 __all__ = ["Broker", "DeadLetter", "Delivery", "Outgoing", "QueueStats", "from_url"]
 
 
-def from_url(url: str, *, visibility_timeout: float) -> Broker:
-    """The broker for a URL: `sqlite:///file.db` (embedded) or `memory://` (tests)."""
+def from_url(url: str, *, visibility_timeout: float, max_priority: int = 9) -> Broker:
+    """The broker for a URL: `sqlite:///file.db` (embedded), `amqp://` (RabbitMQ), `memory://`."""
     scheme = urlsplit(url).scheme
+    if scheme in ("amqp", "amqps"):
+        try:
+            from conveyor.brokers.rabbitmq import RabbitMQBroker
+        except ImportError:
+            raise ConfigurationError(
+                "the RabbitMQ broker needs aiormq: pip install 'conveyor[rabbitmq]'"
+            ) from None
+        return RabbitMQBroker(url, max_priority=max_priority)
     if scheme == "sqlite":
         from conveyor.brokers.sqlite import SQLiteBroker
 
@@ -23,5 +31,6 @@ def from_url(url: str, *, visibility_timeout: float) -> Broker:
 
         return MemoryBroker(visibility_timeout=visibility_timeout)
     raise ConfigurationError(
-        f"unsupported broker URL {redact_url(url)!r}: use sqlite:///path.db or memory://"
+        f"unsupported broker URL {redact_url(url)!r}: use sqlite:///path.db, "
+        "amqp://user:pass@host:5672/ or memory://"
     )

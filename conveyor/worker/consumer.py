@@ -47,6 +47,8 @@ MAX_POLL_S = 0.05
 LAZY_FLUSH_S = 0.05
 IO_RETRY_S = 1.0
 LOOP_TURN_S = 0.005
+# A task may start this much before its ETA; earlier deliveries are delayed again.
+EARLY_TOLERANCE_S = 0.01
 
 
 @dataclass
@@ -388,7 +390,8 @@ class Consumer:
             self._record(envelope, State.FAILURE, outcome=outcome)
             self._pending.acks.append(delivery)
             return None
-        if envelope.eta is not None and envelope.eta > now + 0.5:
+        if envelope.eta is not None and envelope.eta > now + EARLY_TOLERANCE_S:
+            # Delivered early (a broker's delay buckets are coarse): delay it again for the rest.
             self._pending.delay.append((delivery, envelope.eta - now))
             return None
         job = Job(delivery, envelope, task, started_at=now)
