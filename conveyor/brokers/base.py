@@ -12,7 +12,7 @@ from __future__ import annotations
 import abc
 import asyncio
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -117,6 +117,13 @@ class Broker(abc.ABC):
         The worker settles a round of outcomes and fetches the next messages inside one batch.
         """
         return contextlib.nullcontext()
+
+    def on_arrival(self, callback: Callable[[], None]) -> None:  # noqa: B027
+        """Call `callback`, from any thread, when new messages may be ready to fetch.
+
+        Brokers that push messages (RabbitMQ) use it so an idle worker need not poll; brokers
+        that are polled (SQLite, memory) ignore it.
+        """
 
     def extend(self, deliveries: Sequence[Delivery], seconds: float) -> None:  # noqa: B027
         """Keep leases of running messages alive for another `seconds`. Default: nothing to do."""

@@ -28,7 +28,7 @@ import os
 import threading
 import time
 import weakref
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
@@ -89,6 +89,7 @@ class RabbitMQBroker(Broker):
         self._declared: set[str] = set()
         self._consuming: set[str] = set()
         self._inbox: collections.deque[Delivery] = collections.deque()
+        self._arrival: Callable[[], None] | None = None
 
     # the broker's own event loop
 
@@ -244,8 +245,14 @@ class RabbitMQBroker(Broker):
                 return
             receipt = (self._generation, tag)
             self._inbox.append(Delivery(queue, message.body, receipt, count))
+            if self._arrival is not None:
+                self._arrival()
 
         return receive
+
+    def on_arrival(self, callback: Callable[[], None]) -> None:
+        """Wake the worker when RabbitMQ pushes a message, instead of letting it poll."""
+        self._arrival = callback
 
     def ack(self, deliveries: Sequence[Delivery]) -> int:
         """Acknowledge deliveries of the current channel; stale ones come back by themselves."""

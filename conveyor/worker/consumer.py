@@ -47,6 +47,7 @@ MAX_POLL_S = 0.05
 LAZY_FLUSH_S = 0.05
 IO_RETRY_S = 1.0
 LOOP_TURN_S = 0.005
+DRAIN_CHECK_POLL_S = 0.008
 # A task may start this much before its ETA; earlier deliveries are delayed again.
 EARLY_TOLERANCE_S = 0.01
 
@@ -157,6 +158,7 @@ class Consumer:
     async def run(self) -> None:
         """Consume until `stop()` and every running job is settled, or until drained."""
         self._loop, self._loop_thread = asyncio.get_running_loop(), threading.get_ident()
+        self.broker.on_arrival(self._wake)
         renewer = asyncio.create_task(self._renew_leases())
         poll = MIN_POLL_S
         next_turn = 0.0
@@ -185,7 +187,10 @@ class Consumer:
                 elif dispatched < 0:
                     await asyncio.sleep(IO_RETRY_S)
                 elif free > 0:
-                    if self.until_empty and not self._running and await self._drained():
+                    # Only once fetches kept coming back empty: asking a broker for its queue
+                    # depths can cost milliseconds (RabbitMQ: a round trip per queue).
+                    settled = poll >= DRAIN_CHECK_POLL_S and not self._running
+                    if self.until_empty and settled and await self._drained():
                         return
                     await self._wait(poll)
                     poll = min(poll * 2, MAX_POLL_S)
