@@ -76,6 +76,9 @@ class Broker(abc.ABC):
     #: True when consumer-side calls are short local operations (an embedded database, memory)
     #: that the worker may make on its event loop instead of handing them to an I/O thread.
     local: bool = False
+    #: Seconds a delivery may stay unacknowledged before the broker takes it back by itself
+    #: (RabbitMQ's consumer timeout), or None when the worker keeps leases alive.
+    ack_timeout: float | None = None
 
     # producer side
 

@@ -66,6 +66,9 @@ os.register_at_fork(after_in_child=_forget_after_fork)
 class RabbitMQBroker(Broker):
     """A broker on a RabbitMQ server (`amqp://` or `amqps://`)."""
 
+    # RabbitMQ's default consumer_timeout: a delivery unacknowledged for longer closes the channel.
+    ack_timeout = 1800.0
+
     def __init__(self, url: str, *, max_priority: int = 9) -> None:
         parts = urlsplit(url)
         if parts.scheme not in ("amqp", "amqps") or not parts.hostname:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import random
 import socket
 import threading
 import time
@@ -45,7 +46,8 @@ MIN_POLL_S = 0.001
 MAX_POLL_S = 0.05
 # STARTED records alone wait this long for company before a round of their own writes them.
 LAZY_FLUSH_S = 0.05
-IO_RETRY_S = 1.0
+RETRY_BASE_S = 0.25
+RETRY_MAX_S = 30.0
 LOOP_TURN_S = 0.005
 DRAIN_CHECK_POLL_S = 0.008
 # A task may start this much before its ETA; earlier deliveries are delayed again.
@@ -70,6 +72,9 @@ class WorkerStats:
     expired: int = 0
     released: int = 0
     """Messages given back unfinished at shutdown."""
+    stale: int = 0
+    """Settlements too late to count: the message's lease had expired or its channel had closed
+    while the task ran, so the broker delivers it again."""
 
     @property
     def finished(self) -> int:
@@ -162,6 +167,7 @@ class Consumer:
         renewer = asyncio.create_task(self._renew_leases())
         poll = MIN_POLL_S
         next_turn = 0.0
+        failures = 0
         try:
             while True:
                 with self._lock:
@@ -177,6 +183,9 @@ class Consumer:
                     dispatched = self._cycle(free)
                 else:
                     dispatched = await self._dispatch(await self._round(free))
+                if failures and dispatched >= 0:
+                    log.warning("the broker answers again after %d failed rounds", failures)
+                    failures = 0
                 if dispatched > 0:
                     poll = MIN_POLL_S
                     if time.monotonic() >= next_turn:
@@ -185,7 +194,13 @@ class Consumer:
                         await asyncio.sleep(0)
                         next_turn = time.monotonic() + LOOP_TURN_S
                 elif dispatched < 0:
-                    await asyncio.sleep(IO_RETRY_S)
+                    failures += 1
+                    # Exponential backoff with full jitter: workers that lost the broker together
+                    # do not all come back at the same instant.
+                    delay = random.uniform(0, min(RETRY_MAX_S, RETRY_BASE_S * 2**failures))
+                    log.error("retrying the broker in %.1fs (failure %d in a row)", delay, failures)
+                    await asyncio.sleep(delay)
+                    continue
                 elif free > 0:
                     # Only once fetches kept coming back empty: asking a broker for its queue
                     # depths can cost milliseconds (RabbitMQ: a round trip per queue).
@@ -244,12 +259,16 @@ class Consumer:
             try:
                 deliveries = self._settle_and_fetch(batch, free)
             except Exception as exc:
-                log.error("broker or result store failed: %s; retrying", exc)
+                log.error("broker or result store failed: %s", exc)
                 self._pending = batch.merge(self._pending)
                 return -1
             jobs, early = self._admit_all(deliveries)
             if early:
-                self.broker.ack(early)
+                try:
+                    self.broker.ack(early)
+                except Exception as exc:
+                    self._start(self._without_early(jobs, exc))
+                    return -1
             self._start(jobs)
             return len(deliveries)
 
@@ -265,7 +284,7 @@ class Consumer:
         try:
             return await self._call(self._settle_and_fetch, batch, free)
         except Exception as exc:
-            log.error("broker or result store failed: %s; retrying in %.0fs", exc, IO_RETRY_S)
+            log.error("broker or result store failed: %s", exc)
             with self._lock:
                 self._pending = batch.merge(self._pending)
             return None
@@ -287,11 +306,20 @@ class Consumer:
                 broker.requeue([delivery], delay=seconds, count_delivery=False)
             deliveries = broker.fetch(self.queues, free) if free > 0 else []
         if lost:
-            log.warning("%d messages were settled after their leases expired", lost)
+            self.stats.stale += lost
+            log.warning(
+                "%d tasks finished after their delivery had ended (lease expired or channel "
+                "closed): they will run again",
+                lost,
+            )
         return deliveries
 
     async def _drained(self) -> bool:
-        stats = await self._call(self.broker.stats, self.queues)
+        try:
+            stats = await self._call(self.broker.stats, self.queues)
+        except Exception as exc:
+            log.error("could not read queue depths: %s", exc)
+            return False
         with self._lock:
             idle = not self._pending and not self._running
         return idle and all(s.ready + s.delayed + s.in_flight == 0 for s in stats)
@@ -344,7 +372,12 @@ class Consumer:
         with self._lock:
             jobs, early = self._admit_all(deliveries)
         if early:
-            await self._call(self.broker.ack, early)
+            try:
+                await self._call(self.broker.ack, early)
+            except Exception as exc:
+                with self._lock:
+                    self._start(self._without_early(jobs, exc))
+                return -1
         with self._lock:
             self._start(jobs)
         return len(deliveries)
@@ -355,6 +388,14 @@ class Consumer:
         now = time.time()
         jobs = [job for d in deliveries if (job := self._admit(d, now)) is not None]
         return jobs, [job.delivery for job in jobs if not job.task.options.acks_late]
+
+    def _without_early(self, jobs: list[Job], exc: Exception) -> list[Job]:
+        """The acks_late=False jobs whose ack failed are not started: they come back later."""
+        late = [job for job in jobs if job.task.options.acks_late]
+        log.error(
+            "could not acknowledge %d tasks before running them: %s", len(jobs) - len(late), exc
+        )
+        return late
 
     def _start(self, jobs: list[Job]) -> None:
         for job in jobs:

@@ -71,6 +71,7 @@ class Worker:
             self.pool_name,
             pool.concurrency,
         )
+        self._warn_about_ack_timeout()
         await pool.start()
         installed = self._install_signals()
         self.started.set()
@@ -90,6 +91,23 @@ class Worker:
                 s.dead_lettered,
                 s.released,
             )
+
+    def _warn_about_ack_timeout(self) -> None:
+        """A task allowed to run longer than the broker waits for its ack runs twice."""
+        limit = self.app.broker.ack_timeout
+        if limit is None:
+            return
+        for task in self.app.tasks.values():
+            time_limit = task.options.time_limit
+            if time_limit is not None and time_limit > limit:
+                log.warning(
+                    "task %s may run %.0fs but the broker takes back unacknowledged messages "
+                    "after %.0fs (RabbitMQ's consumer_timeout): raise the broker's timeout or "
+                    "lower the task's time_limit",
+                    task.name,
+                    time_limit,
+                    limit,
+                )
 
     def _install_signals(self) -> list[signal.Signals]:
         if threading.current_thread() is not threading.main_thread():
