@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import logging
 import os
 import threading
 import time
@@ -50,8 +51,10 @@ DIED_AT = "x-conveyor-died-at"
 # Delay buckets in milliseconds: 250 ms doubling to about 36 hours.
 BUCKETS_MS: tuple[int, ...] = tuple(250 << k for k in range(20))
 CONFIRM_TIMEOUT_S = 30.0
+CONTENT_TYPE = "application/json"
 CALL_TIMEOUT_S = 60.0
 
+log = logging.getLogger("conveyor.worker")
 _live: weakref.WeakSet[RabbitMQBroker] = weakref.WeakSet()
 
 
@@ -189,7 +192,7 @@ class RabbitMQBroker(Broker):
             properties = Basic.Properties(
                 delivery_mode=2,
                 priority=min(message.priority, self.max_priority) if self.max_priority else None,
-                content_type="application/json",
+                content_type=CONTENT_TYPE,
                 headers=headers[n] if headers else None,
             )
             sends.append(
@@ -239,6 +242,14 @@ class RabbitMQBroker(Broker):
             count = _int(headers.get(DELIVERIES)) + 1
             tag = message.delivery_tag
             if tag is None:
+                return
+            content_type = message.header.properties.content_type
+            if content_type not in (None, "", CONTENT_TYPE):
+                # Not an envelope at all: dead-letter it here, where the property is known.
+                delivery = Delivery(queue, message.body, (self._generation, tag), count)
+                reason = f"content type {content_type!r} is not {CONTENT_TYPE}"
+                log.warning("dead-lettered a message on %s: %s", queue, reason)
+                await self._dead_letter([(delivery, reason)])
                 return
             if message.redelivered:
                 # Count the lost delivery in the message itself, then hand out the new copy.

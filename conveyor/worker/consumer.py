@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import random
 import socket
@@ -49,6 +50,7 @@ LAZY_FLUSH_S = 0.05
 RETRY_BASE_S = 0.25
 RETRY_MAX_S = 30.0
 LOOP_TURN_S = 0.005
+DRAIN_CONFIRM_S = 0.1
 DRAIN_CHECK_POLL_S = 0.008
 # A task may start this much before its ETA; earlier deliveries are delayed again.
 EARLY_TOLERANCE_S = 0.01
@@ -168,6 +170,7 @@ class Consumer:
         poll = MIN_POLL_S
         next_turn = 0.0
         failures = 0
+        empty_since = math.inf
         try:
             while True:
                 with self._lock:
@@ -188,6 +191,7 @@ class Consumer:
                     failures = 0
                 if dispatched > 0:
                     poll = MIN_POLL_S
+                    empty_since = math.inf
                     if time.monotonic() >= next_turn:
                         # A local broker's calls never suspend: give signals and timers a turn,
                         # every few milliseconds rather than every round (a turn costs a poll).
@@ -206,7 +210,12 @@ class Consumer:
                     # depths can cost milliseconds (RabbitMQ: a round trip per queue).
                     settled = poll >= DRAIN_CHECK_POLL_S and not self._running
                     if self.until_empty and settled and await self._drained():
-                        return
+                        # A remote broker's counts can miss messages in transit (RabbitMQ moving
+                        # one out of a delay queue): "empty" must hold twice, a moment apart.
+                        now = time.monotonic()
+                        if self.broker.local or now - empty_since >= DRAIN_CONFIRM_S:
+                            return
+                        empty_since = min(empty_since, now)
                     await self._wait(poll)
                     poll = min(poll * 2, MAX_POLL_S)
         finally:

@@ -9,18 +9,23 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import aiormq
 import pytest
+from conftest import start_worker
 
 from conveyor import Conveyor, Worker
 from conveyor.brokers.base import Outgoing
 from conveyor.brokers.rabbitmq import BUCKETS_MS, RabbitMQBroker
 from conveyor.errors import BrokerError, ConfigurationError, PublishError
+from conveyor.message import encode
 
 pytestmark = pytest.mark.integration
 
@@ -187,3 +192,133 @@ def test_worker_runs_tasks_and_dead_letters_bad_input(queue: str) -> None:
         assert reasons[0].startswith("invalid envelope") and "malformed JSON" in reasons[1]
     finally:
         app.close()
+
+
+def _publish_raw(queue: str, bodies: list[tuple[bytes, str | None]]) -> None:
+    """Messages put straight into a queue, as another program might."""
+
+    async def publish() -> None:
+        connection = await aiormq.connect(URL)
+        channel = await connection.channel(publisher_confirms=True)
+        for body, content_type in bodies:
+            properties = aiormq.spec.Basic.Properties(content_type=content_type)
+            await channel.basic_publish(body, routing_key=queue, properties=properties)
+        await connection.close()
+
+    asyncio.run(publish())
+
+
+def test_raw_bad_input_is_dead_lettered_and_good_tasks_run(queue: str) -> None:
+    app = Conveyor(
+        "rmq", broker=URL, results="memory://", default_queue=queue, max_message_size=4096
+    )
+
+    @app.task(name="rmq.add")
+    def add(x: int, y: int) -> int:
+        return x + y
+
+    try:
+        good = add.delay(2, 3)  # declares the queue
+        envelope = add.envelope((1, 1))
+        unknown = encode(envelope).replace(b"rmq.add", b"rmq.nope")
+        _publish_raw(
+            queue,
+            [
+                (encode(envelope), "text/plain"),
+                (b"x" * 5000, "application/json"),
+                (unknown, "application/json"),
+                (b"{not json", None),
+            ],
+        )
+        stats = Worker(app, concurrency=2, until_empty=True).run()
+        assert good.get(timeout=5) == 5
+        assert (stats.succeeded, stats.rejected) == (1, 3)  # content type: at the broker
+        reasons = " | ".join(sorted(d.reason for d in app.broker.dead_letters(queue)))
+        for expected in ("content type 'text/plain'", "over the 4096-byte", "unknown task"):
+            assert expected in reasons
+        assert "malformed JSON" in reasons
+    finally:
+        app.close()
+
+
+def test_a_two_hour_eta_waits_in_rabbitmq_not_in_the_worker(queue: str, poll: Poll) -> None:
+    app = Conveyor("rmq", broker=URL, results="memory://", default_queue=queue)
+
+    @app.task(name="rmq.echo")
+    def echo(n: int) -> int:
+        return n
+
+    try:
+        later = echo.apply_async((0,), countdown=7200)
+        now = echo.map([(n,) for n in range(1, 51)])
+        worker = Worker(app, concurrency=2)
+        thread, errors = start_worker(worker)
+        poll(lambda: all(r.ready() for r in now), timeout=30, what="the 50 ready tasks")
+        worker.stop()
+        thread.join(10)
+        assert not errors
+        assert worker.stats.received == 50, "the delayed task was never handed to the worker"
+        (stats,) = app.broker.stats([queue])
+        assert (stats.ready, stats.delayed) == (0, 1)
+        assert later.state == "PENDING"
+    finally:
+        app.close()
+
+
+def test_a_forked_producer_opens_its_own_connection(queue: str, poll: Poll) -> None:
+    broker = RabbitMQBroker(URL)
+    try:
+        broker.publish([Outgoing(queue, b"parent")])
+        parent_connection = broker._connection
+        pid = os.fork()
+        if pid == 0:  # the child: publish through the same broker object, then leave
+            code = 1
+            try:
+                broker.publish([Outgoing(queue, b"child")])
+                code = 0 if broker._connection is not parent_connection else 2
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        broker.publish([Outgoing(queue, b"parent again")])
+        poll(lambda: broker.stats([queue])[0].ready == 3, what="all three messages")
+    finally:
+        broker.close()
+
+
+CRASH_APP = """
+import os
+from conveyor import Conveyor
+
+app = Conveyor("crash", broker="{url}", default_queue="{queue}", poison_limit=3)
+
+
+@app.task(name="crash.die")
+def die() -> None:
+    os._exit(3)  # as a segfault or the OOM killer would end the process
+"""
+
+
+def test_a_task_that_kills_its_worker_is_dead_lettered_after_the_limit(
+    queue: str, tmp_path: Path
+) -> None:
+    (tmp_path / "crashapp.py").write_text(CRASH_APP.format(url=URL, queue=queue))
+    producer = Conveyor("crash", broker=URL, default_queue=queue)
+    producer.task(name="crash.die")(lambda: None).delay()
+    codes = []
+    for _ in range(4):
+        command = ["worker", "crashapp:app", "-c", "1", "--until-empty"]
+        worker = subprocess.run(
+            [sys.executable, "-m", "conveyor", *command],
+            cwd=tmp_path,
+            capture_output=True,
+            timeout=60,
+            check=False,
+        )
+        codes.append(worker.returncode)
+    try:
+        assert codes == [3, 3, 3, 0]
+        (dead,) = producer.broker.dead_letters(queue)
+        assert "poison limit 3" in dead.reason and dead.delivery_count == 4
+    finally:
+        producer.close()
