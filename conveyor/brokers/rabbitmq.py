@@ -112,7 +112,12 @@ class RabbitMQBroker(Broker):
         future = asyncio.run_coroutine_threadsafe(_as_coroutine(coroutine), loop)
         try:
             return future.result(timeout)
-        except aiormq.exceptions.AMQPError as exc:
+        except TimeoutError:
+            future.cancel()
+            raise BrokerError(
+                f"RabbitMQ at {self.display_url} did not answer within {timeout:.0f}s"
+            ) from None
+        except (aiormq.exceptions.AMQPError, OSError) as exc:
             raise BrokerError(f"RabbitMQ at {self.display_url}: {redact_text(str(exc))}") from None
 
     async def _chan(self) -> aiormq.abc.AbstractChannel:
