@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
 import contextlib
 import logging
 import os
@@ -96,6 +97,7 @@ class RabbitMQBroker(Broker):
         self._consuming: set[str] = set()
         self._inbox: collections.deque[Delivery] = collections.deque()
         self._arrival: Callable[[], None] | None = None
+        self._prefetch = 0
 
     # the broker's own event loop
 
@@ -119,6 +121,11 @@ class RabbitMQBroker(Broker):
             ) from None
         except (aiormq.exceptions.AMQPError, OSError) as exc:
             raise BrokerError(f"RabbitMQ at {self.display_url}: {redact_text(str(exc))}") from None
+        except (asyncio.CancelledError, concurrent.futures.CancelledError):
+            # aiormq cancels what was under way when the connection or channel closed.
+            raise BrokerError(
+                f"the connection to RabbitMQ at {self.display_url} closed during the call"
+            ) from None
 
     async def _chan(self) -> aiormq.abc.AbstractChannel:
         if self._channel is None or self._channel.is_closed:
@@ -136,6 +143,8 @@ class RabbitMQBroker(Broker):
             self._generation += 1
             self._declared.clear()
             self._consuming.clear()
+            # Deliveries of the old channel not yet handed out: RabbitMQ delivers them again.
+            self._inbox.clear()
         return self._channel
 
     async def _declare(self, queue: str) -> aiormq.abc.AbstractChannel:
@@ -233,8 +242,10 @@ class RabbitMQBroker(Broker):
     async def _consume(self, queues: Sequence[str], prefetch: int) -> None:
         channel = await self._chan()
         if not self._consuming:
-            # At most `prefetch` unacknowledged messages: the worker's free slots when it starts.
-            await channel.basic_qos(prefetch_count=prefetch)
+            # At most this many unacknowledged messages: the worker's slots when it first asked,
+            # kept when consuming resumes on a new channel.
+            self._prefetch = self._prefetch or prefetch
+            await channel.basic_qos(prefetch_count=self._prefetch)
         for queue in queues:
             if queue not in self._consuming:
                 await self._declare(queue)

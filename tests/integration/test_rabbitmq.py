@@ -322,3 +322,36 @@ def test_a_task_that_kills_its_worker_is_dead_lettered_after_the_limit(
         assert "poison limit 3" in dead.reason and dead.delivery_count == 4
     finally:
         producer.close()
+
+
+def test_the_worker_reconnects_and_loses_nothing_when_the_connection_drops(
+    queue: str, poll: Poll
+) -> None:
+    app = Conveyor("rmq", broker=URL, results="memory://", default_queue=queue)
+    runs: list[int] = []
+
+    @app.task(name="rmq.record")
+    def record(n: int) -> int:
+        runs.append(n)
+        return n
+
+    try:
+        results = record.map([(n,) for n in range(300)])
+        worker = Worker(app, concurrency=2, until_empty=True)
+        thread, errors = start_worker(worker)
+        poll(lambda: len(runs) >= 50, timeout=30, what="the first 50 tasks")
+        broker = app.broker
+        assert isinstance(broker, RabbitMQBroker)
+        connection = broker._connection
+        assert connection is not None
+        broker._run(connection.close())  # the connection drops mid-run
+        thread.join(60)
+        assert not thread.is_alive() and not errors
+        assert [r.get(timeout=5) for r in results] == list(range(300))
+        duplicates = len(runs) - len(set(runs))
+        print(f"\nconnection dropped after 50+ tasks: 0 lost, {duplicates} ran twice")
+        assert sorted(set(runs)) == list(range(300))
+        assert duplicates <= 2, "only tasks in flight at the drop may run twice"
+        assert broker._connection is not connection, "the broker reconnected"
+    finally:
+        app.close()
