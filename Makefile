@@ -18,7 +18,7 @@ $(BIN)/.installed: pyproject.toml
 $(BENCH_BIN)/.installed: pyproject.toml bench/requirements.txt
 	$(PYTHON) -m venv $(BENCH_VENV)
 	$(BENCH_BIN)/python -m pip install --quiet --upgrade pip
-	$(BENCH_BIN)/python -m pip install --quiet -e . -r bench/requirements.txt
+	$(BENCH_BIN)/python -m pip install --quiet -e ".[rabbitmq]" -r bench/requirements.txt
 	touch $@
 
 demo: $(BIN)/.installed
@@ -38,6 +38,7 @@ format: $(BIN)/.installed
 
 bench: $(BENCH_BIN)/.installed
 	$(BENCH_BIN)/python -m bench
+	$(BENCH_BIN)/python -m bench.rabbitmq_enqueue
 
 clean:
 	rm -rf $(VENV) $(BENCH_VENV) .mypy_cache .pytest_cache .ruff_cache conveyor-demo.db*
