@@ -33,6 +33,10 @@ def _after_fork() -> None:
 os.register_at_fork(after_in_child=_after_fork)
 
 
+def _key(path: str, synchronous: str) -> tuple[str, str]:
+    return os.path.abspath(path), synchronous
+
+
 class _Connection(sqlite3.Connection):
     """A connection with its own descriptor on the database's write-gate file."""
 
@@ -73,7 +77,7 @@ class Database:
     @classmethod
     def shared(cls, path: str, schema: Sequence[str], *, synchronous: str) -> Database:
         """The process-wide database object for this file and durability; adds `schema`."""
-        key = (os.path.abspath(path), synchronous)
+        key = _key(path, synchronous)
         with cls._registry_lock:
             db = cls._registry.get(key)
             if db is None:
@@ -89,7 +93,7 @@ class Database:
         self._local = threading.local()
         self._lock = threading.Lock()
         self._open: list[sqlite3.Connection] = []
-        self._pid = os.getpid()
+        self._forks = _forks  # the fork generation the connections in _open belong to
         self._users = 0
 
     def connection(self) -> sqlite3.Connection:
@@ -158,11 +162,11 @@ class Database:
             self._users -= 1
             if self._users > 0:
                 return
-            key = (os.path.abspath(self.path), self._synchronous)
+            key = _key(self.path, self._synchronous)
             if self._registry.get(key) is self:
                 del self._registry[key]
         with self._lock:
-            if self._pid != os.getpid():
+            if self._forks != _forks:
                 self._open.clear()
             for conn in self._open:
                 conn.close()
@@ -199,8 +203,8 @@ class Database:
         except sqlite3.Error as exc:
             raise ConfigurationError(f"cannot open SQLite database {self.path!r}: {exc}") from None
         with self._lock:
-            if self._pid != os.getpid():
+            if self._forks != _forks:
                 # Connections listed before a fork belong to the parent: never close them here.
-                self._pid, self._open = os.getpid(), []
+                self._forks, self._open = _forks, []
             self._open.append(conn)
         return conn
