@@ -72,6 +72,8 @@ class Conveyor:
                         self.settings.broker,
                         visibility_timeout=self.settings.visibility_timeout,
                         max_priority=self.settings.queue_max_priority,
+                        queue_type=self.settings.queue_type,
+                        poison_limit=self.settings.poison_limit,
                     )
         return self._broker
 

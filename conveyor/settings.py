@@ -38,6 +38,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     max_message_size: Annotated[int, msgspec.Meta(gt=0)] = 16 * 1024 * 1024
     queue_max_priority: Annotated[int, msgspec.Meta(ge=0, le=255)] = 9
     """RabbitMQ queues' x-max-priority; 0 declares queues without priorities."""
+    queue_type: Literal["classic", "quorum"] = "classic"
+    """RabbitMQ queue type. Quorum queues are replicated and count deliveries; no priorities."""
     poison_limit: Annotated[int, msgspec.Meta(ge=1)] = 3
     """Deliveries that ended without being settled (worker or child died) before dead-lettering."""
     default_max_retries: Count = 3

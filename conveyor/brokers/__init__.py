@@ -11,7 +11,14 @@ from conveyor.redact import redact_url
 __all__ = ["Broker", "DeadLetter", "Delivery", "Outgoing", "QueueStats", "from_url"]
 
 
-def from_url(url: str, *, visibility_timeout: float, max_priority: int = 9) -> Broker:
+def from_url(
+    url: str,
+    *,
+    visibility_timeout: float,
+    max_priority: int = 9,
+    queue_type: str = "classic",
+    poison_limit: int = 3,
+) -> Broker:
     """The broker for a URL: `sqlite:///file.db` (embedded), `amqp://` (RabbitMQ), `memory://`."""
     scheme = urlsplit(url).scheme
     if scheme in ("amqp", "amqps"):
@@ -21,7 +28,9 @@ def from_url(url: str, *, visibility_timeout: float, max_priority: int = 9) -> B
             raise ConfigurationError(
                 "the RabbitMQ broker needs aiormq: pip install 'conveyor[rabbitmq]'"
             ) from None
-        return RabbitMQBroker(url, max_priority=max_priority)
+        return RabbitMQBroker(
+            url, max_priority=max_priority, queue_type=queue_type, delivery_limit=poison_limit
+        )
     if scheme == "sqlite":
         from conveyor.brokers.sqlite import SQLiteBroker
 

@@ -27,6 +27,8 @@ import concurrent.futures
 import contextlib
 import logging
 import os
+import random
+import re
 import threading
 import time
 import weakref
@@ -36,8 +38,13 @@ from urllib.parse import urlsplit
 
 import aiormq
 import aiormq.abc
+from aiormq.abc import ChannelFrame
+from pamqp.body import ContentBody
 from pamqp.commands import Basic
+from pamqp.frame import marshal as _frame
+from pamqp.header import ContentHeader
 
+from conveyor.brokers._pamqp_text import has_raw_text, install
 from conveyor.brokers.base import Broker, DeadLetter, Delivery, Outgoing, QueueStats
 from conveyor.errors import BrokerError, ConfigurationError, PublishError
 from conveyor.redact import redact_text, redact_url
@@ -54,8 +61,14 @@ BUCKETS_MS: tuple[int, ...] = tuple(250 << k for k in range(20))
 CONFIRM_TIMEOUT_S = 30.0
 CONTENT_TYPE = "application/json"
 CALL_TIMEOUT_S = 60.0
+# Publishing: messages whose frames are written in one go, and unconfirmed messages at most.
+CHUNK = 256
+WINDOW = 4096
+
+QUEUE_TYPES = ("classic", "quorum")
 
 log = logging.getLogger("conveyor.worker")
+install()
 _live: weakref.WeakSet[RabbitMQBroker] = weakref.WeakSet()
 
 
@@ -73,15 +86,29 @@ class RabbitMQBroker(Broker):
     # RabbitMQ's default consumer_timeout: a delivery unacknowledged for longer closes the channel.
     ack_timeout = 1800.0
 
-    def __init__(self, url: str, *, max_priority: int = 9) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        max_priority: int = 9,
+        queue_type: str = "classic",
+        delivery_limit: int = 3,
+    ) -> None:
         parts = urlsplit(url)
         if parts.scheme not in ("amqp", "amqps") or not parts.hostname:
             raise ConfigurationError(
                 f"cannot read RabbitMQ URL {redact_url(url)!r}: write amqp://user:pass@host:5672/"
             )
+        if queue_type not in QUEUE_TYPES:
+            raise ConfigurationError(
+                f"unknown RabbitMQ queue type {queue_type!r}: use one of {', '.join(QUEUE_TYPES)}"
+            )
         self._url = url
         self.display_url = redact_url(url)
-        self.max_priority = max_priority
+        self.queue_type = queue_type
+        # Quorum queues have no x-max-priority (RabbitMQ 3.10); they count deliveries themselves.
+        self.max_priority = 0 if queue_type == "quorum" else max_priority
+        self.delivery_limit = delivery_limit
         self._lock = threading.Lock()
         self._reset()
         _live.add(self)
@@ -96,6 +123,8 @@ class RabbitMQBroker(Broker):
         self._declared: set[str] = set()
         self._consuming: set[str] = set()
         self._inbox: collections.deque[Delivery] = collections.deque()
+        # Delivery tags of the current channel not yet acked, nacked or dead-lettered, in order.
+        self._unsettled: dict[int, None] = {}
         self._arrival: Callable[[], None] | None = None
         self._prefetch = 0
 
@@ -145,6 +174,7 @@ class RabbitMQBroker(Broker):
             self._consuming.clear()
             # Deliveries of the old channel not yet handed out: RabbitMQ delivers them again.
             self._inbox.clear()
+            self._unsettled.clear()
         return self._channel
 
     async def _declare(self, queue: str) -> aiormq.abc.AbstractChannel:
@@ -154,17 +184,20 @@ class RabbitMQBroker(Broker):
         await channel.exchange_declare(EXCHANGE, exchange_type="direct", durable=True)
         await channel.exchange_declare(DEAD_EXCHANGE, exchange_type="direct", durable=True)
         arguments: dict[str, Any] = {"x-dead-letter-exchange": DEAD_EXCHANGE}
-        if self.max_priority:
+        dead_arguments: dict[str, Any] = {}
+        if self.queue_type == "quorum":
+            # RabbitMQ's own limit is a backstop one past the worker's, which dead-letters
+            # with a reason first.
+            arguments["x-queue-type"] = dead_arguments["x-queue-type"] = "quorum"
+            arguments["x-delivery-limit"] = self.delivery_limit + 1
+        elif self.max_priority:
             arguments["x-max-priority"] = self.max_priority
         try:
             await channel.queue_declare(queue, durable=True, arguments=arguments)
+            await channel.queue_declare(f"{queue}.dead", durable=True, arguments=dead_arguments)
         except aiormq.exceptions.ChannelPreconditionFailed as exc:
-            raise ConfigurationError(
-                f"RabbitMQ queue {queue!r} exists with other arguments ({exc}); delete it "
-                "(its messages too) or configure conveyor to match it"
-            ) from None
+            raise ConfigurationError(_mismatch(queue, exc, arguments)) from None
         await channel.queue_bind(queue, EXCHANGE, routing_key=queue)
-        await channel.queue_declare(f"{queue}.dead", durable=True)
         await channel.queue_bind(f"{queue}.dead", DEAD_EXCHANGE, routing_key=queue)
         for ms in BUCKETS_MS:
             await channel.queue_declare(
@@ -197,7 +230,7 @@ class RabbitMQBroker(Broker):
             await self._declare(queue)
         channel = await self._chan()
         now = time.time()
-        sends = []
+        items = []
         for n, message in enumerate(messages):
             delay = 0.0 if message.deliver_at is None else message.deliver_at - now
             exchange, key = (EXCHANGE, message.queue)
@@ -209,22 +242,8 @@ class RabbitMQBroker(Broker):
                 content_type=CONTENT_TYPE,
                 headers=headers[n] if headers else None,
             )
-            sends.append(
-                channel.basic_publish(
-                    message.body,
-                    exchange=exchange,
-                    routing_key=key,
-                    properties=properties,
-                    mandatory=True,
-                    timeout=CONFIRM_TIMEOUT_S,
-                )
-            )
-        results = await asyncio.gather(*sends, return_exceptions=True)
-        for result in results:
-            if isinstance(result, BaseException) or not isinstance(result, Basic.Ack):
-                raise PublishError(
-                    f"RabbitMQ did not confirm a message: {redact_text(str(result))}"
-                )
+            items.append((exchange, key, message.body, properties))
+        await _send(channel, items)
 
     # consumer side
 
@@ -254,24 +273,32 @@ class RabbitMQBroker(Broker):
 
     def _on_message(self, queue: str) -> Any:
         async def receive(message: aiormq.abc.DeliveredMessage) -> None:
-            headers: dict[str, Any] = dict(message.header.properties.headers or {})
-            count = _int(headers.get(DELIVERIES)) + 1
             tag = message.delivery_tag
             if tag is None:
                 return
-            content_type = message.header.properties.content_type
-            if content_type not in (None, "", CONTENT_TYPE):
-                # Not an envelope at all: dead-letter it here, where the property is known.
-                delivery = Delivery(queue, message.body, (self._generation, tag), count)
-                reason = f"content type {content_type!r} is not {CONTENT_TYPE}"
+            self._unsettled[tag] = None
+            properties = message.header.properties
+            headers: dict[str, Any] = dict(properties.headers or {})
+            # Deliveries so far: those counted in the message by conveyor (classic queues, and
+            # retries through a delay queue), plus those RabbitMQ counted on a quorum queue.
+            count = _int(headers.get(DELIVERIES)) + _int(headers.get("x-delivery-count")) + 1
+            delivery = Delivery(queue, message.body, (self._generation, tag), count)
+            reason = None
+            if has_raw_text(headers) or has_raw_text(properties.content_type):
+                reason = "a header name or value is not valid UTF-8"
+            elif properties.content_type not in (None, "", CONTENT_TYPE):
+                reason = f"content type {properties.content_type!r} is not {CONTENT_TYPE}"
+            if reason is not None:
+                # Not an envelope conveyor wrote: dead-letter it here, where the properties are.
                 log.warning("dead-lettered a message on %s: %s", queue, reason)
                 await self._dead_letter([(delivery, reason)])
                 return
-            if message.redelivered:
-                # Count the lost delivery in the message itself, then hand out the new copy.
+            if message.redelivered and "x-delivery-count" not in headers:
+                # A classic queue does not count: count the lost delivery in the message
+                # itself, then hand out the new copy.
                 headers[DELIVERIES] = count
                 await self._publish([Outgoing(queue, message.body, _priority(message))], [headers])
-                await message.channel.basic_ack(tag)
+                self._settle(message.channel, acks=[tag])
                 return
             receipt = (self._generation, tag)
             self._inbox.append(Delivery(queue, message.body, receipt, count))
@@ -293,9 +320,46 @@ class RabbitMQBroker(Broker):
     async def _ack(self, deliveries: Sequence[Delivery]) -> int:
         channel = await self._chan()
         current = [d.receipt[1] for d in deliveries if d.receipt[0] == self._generation]
-        for tag in current:
-            await channel.basic_ack(tag)
+        self._settle(channel, acks=current)
         return len(current)
+
+    def _settle(
+        self,
+        channel: aiormq.abc.AbstractChannel,
+        *,
+        acks: Sequence[int] = (),
+        requeues: Sequence[int] = (),
+    ) -> None:
+        """Ack and nack delivery tags of the current channel, written to RabbitMQ in one go.
+
+        Acks that cover the oldest unsettled deliveries go as one multi-ack (`multiple=True`
+        acknowledges every delivery up to its tag); the rest go one by one. Nothing awaits
+        between choosing the tags and writing them, so no other settlement can interleave.
+        """
+        assert isinstance(channel, aiormq.Channel)
+        frames: list[bytes] = []
+        pending = set(acks)
+        highest = None
+        for tag in self._unsettled:  # oldest first
+            if tag not in pending:
+                break
+            highest = tag
+        if highest is not None:
+            frames.append(_frame(Basic.Ack(highest, multiple=True), channel.number))
+            while self._unsettled:
+                tag = next(iter(self._unsettled))
+                if tag > highest:
+                    break
+                del self._unsettled[tag]
+                pending.discard(tag)
+        for tag in sorted(pending):
+            frames.append(_frame(Basic.Ack(tag), channel.number))
+            self._unsettled.pop(tag, None)
+        for tag in requeues:
+            frames.append(_frame(Basic.Nack(tag, requeue=True), channel.number))
+            self._unsettled.pop(tag, None)
+        if frames:
+            channel.write_queue.put_nowait(ChannelFrame(b"".join(frames), False))
 
     def requeue(
         self, deliveries: Sequence[Delivery], *, delay: float = 0.0, count_delivery: bool = True
@@ -310,8 +374,7 @@ class RabbitMQBroker(Broker):
         channel = await self._chan()
         current = [d for d in deliveries if d.receipt[0] == self._generation]
         if delay <= 0:
-            for d in current:
-                await channel.basic_nack(d.receipt[1], requeue=True)
+            self._settle(channel, requeues=[d.receipt[1] for d in current])
             return
         deliver_at = time.time() + delay
         kept = 0 if count_delivery else 1  # deliveries so far, less this one if it does not count
@@ -319,8 +382,7 @@ class RabbitMQBroker(Broker):
             [Outgoing(d.queue, d.body, 0, deliver_at) for d in current],
             [{DELIVERIES: d.delivery_count - kept} for d in current],
         )
-        for d in current:
-            await channel.basic_ack(d.receipt[1])
+        self._settle(channel, acks=[d.receipt[1] for d in current])
 
     def dead_letter(self, items: Sequence[tuple[Delivery, str]]) -> None:
         """Publish each message to its dead-letter queue with the reason, then acknowledge it."""
@@ -337,17 +399,9 @@ class RabbitMQBroker(Broker):
                 DELIVERIES: delivery.delivery_count,
                 DIED_AT: str(time.time()),
             }
-            result = await channel.basic_publish(
-                delivery.body,
-                exchange=DEAD_EXCHANGE,
-                routing_key=delivery.queue,
-                properties=Basic.Properties(delivery_mode=2, headers=headers),
-                mandatory=True,
-                timeout=CONFIRM_TIMEOUT_S,
-            )
-            if not isinstance(result, Basic.Ack):
-                raise PublishError(f"RabbitMQ did not confirm a dead letter: {result}")
-            await channel.basic_ack(delivery.receipt[1])
+            properties = Basic.Properties(delivery_mode=2, headers=headers)
+            await _send(channel, [(DEAD_EXCHANGE, delivery.queue, delivery.body, properties)])
+            self._settle(channel, acks=[delivery.receipt[1]])
 
     # administration
 
@@ -427,7 +481,144 @@ class RabbitMQBroker(Broker):
         loop.call_soon_threadsafe(loop.stop)
         if self._thread is not None:
             self._thread.join(5)
+        if not loop.is_running():
+            loop.close()
         self._reset()
+
+
+async def _send(
+    channel: aiormq.abc.AbstractChannel, items: Sequence[tuple[str, str, bytes, Basic.Properties]]
+) -> None:
+    """Publish persistent, mandatory messages and wait until RabbitMQ confirmed every one.
+
+    `Channel.basic_publish` costs a task, a lock and a timeout per message; here the frames of
+    `CHUNK` messages are written in one go and up to `WINDOW` wait for their confirms at a time.
+    The channel's own confirm bookkeeping (delivery tags, `confirmations`, message ids for
+    returns) is kept as `basic_publish` keeps it, so acks, nacks and returns settle these
+    futures the same way; a channel that closes fails the chunks still waiting.
+    """
+    assert isinstance(channel, aiormq.Channel)
+    loop = asyncio.get_running_loop()
+    in_flight: collections.deque[_Chunk] = collections.deque()
+    waiting = 0
+    method_frames: dict[tuple[str, str], bytes] = {}
+    try:
+        for start in range(0, len(items), CHUNK):
+            while in_flight and waiting + CHUNK > WINDOW:
+                waiting -= await _confirmed(channel, in_flight.popleft())
+            chunk = _Chunk(time.monotonic() + CONFIRM_TIMEOUT_S)
+            parts: list[bytes] = []
+            number = channel.number
+            size = channel.max_content_size
+            async with channel.lock:
+                for exchange, key, body, properties in items[start : start + CHUNK]:
+                    channel.delivery_tag += 1
+                    tag = channel.delivery_tag
+                    message_id = properties.message_id = f"{random.getrandbits(128):032x}"
+                    future = loop.create_future()
+                    channel.confirmations[tag] = future
+                    channel.message_id_delivery_tag[message_id] = tag
+                    chunk.sent.append((message_id, tag))
+                    chunk.futures.append(future)
+                    method = method_frames.get((exchange, key))
+                    if method is None:
+                        publish = Basic.Publish(exchange=exchange, routing_key=key, mandatory=True)
+                        method = method_frames[exchange, key] = _frame(publish, number)
+                    parts.append(method)
+                    parts.append(_frame(ContentHeader(0, len(body), properties), number))
+                    for at in range(0, len(body), size):
+                        parts.append(_frame(ContentBody(body[at : at + size]), number))
+                await channel.write_queue.put(ChannelFrame(b"".join(parts), False))
+            in_flight.append(chunk)
+            waiting += len(chunk.futures)
+        while in_flight:
+            await _confirmed(channel, in_flight.popleft())
+    finally:
+        for chunk in in_flight:
+            chunk.abandon(channel)
+
+
+class _Chunk:
+    """Messages written together: their message ids, delivery tags and confirm futures."""
+
+    def __init__(self, deadline: float) -> None:
+        self.deadline = deadline
+        self.sent: list[tuple[str, int]] = []
+        self.futures: list[asyncio.Future[Any]] = []
+
+    def abandon(self, channel: aiormq.Channel) -> None:
+        """Stop waiting: a late confirm is then ignored, and the channel forgets the ids."""
+        for future in self.futures:
+            future.cancel()
+        for message_id, tag in self.sent:
+            if channel.message_id_delivery_tag.get(message_id) == tag:
+                del channel.message_id_delivery_tag[message_id]
+
+
+async def _confirmed(channel: aiormq.Channel, chunk: _Chunk) -> int:
+    """Wait for one chunk's confirms; raise `PublishError` for any message not confirmed."""
+    every = asyncio.gather(*chunk.futures, return_exceptions=True)
+    closing = channel.closing
+    try:
+        timeout = max(0.0, chunk.deadline - time.monotonic())
+        await asyncio.wait([every, closing], timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        if not every.done():
+            if closing.done():
+                raise PublishError("the channel to RabbitMQ closed before it confirmed a message")
+            raise PublishError(
+                f"RabbitMQ did not confirm a message within {CONFIRM_TIMEOUT_S:.0f}s"
+            )
+        for result in every.result():
+            if not isinstance(result, Basic.Ack):
+                raise PublishError(f"RabbitMQ did not confirm a message: {_why(result)}")
+    finally:
+        closing.cancel()
+        every.cancel()
+        chunk.abandon(channel)
+    return len(chunk.futures)
+
+
+def _why(result: object) -> str:
+    """Why a publish was not confirmed, for an error message."""
+    if isinstance(result, aiormq.exceptions.PublishError):
+        return f"no queue is bound for it ({getattr(result.frame, 'reply_text', '')})"
+    if isinstance(result, Basic.Nack):
+        return "RabbitMQ answered with a nack"
+    if result is None:
+        return "the channel closed before the confirm arrived"
+    return redact_text(str(result))
+
+
+def _mismatch(queue: str, exc: BaseException, wanted: dict[str, Any]) -> str:
+    """Say which queue argument differs from what exists, and how to fix it."""
+    text = redact_text(str(exc))
+    # RabbitMQ says e.g. "inequivalent arg 'x-max-priority' for queue 'q' in vhost '/':
+    # received '9' but current is '3'" (or "the value '9' of type 'byte'", or "none")
+    match = re.search(r"inequivalent arg '([^']+)'.*received (.+) but current is (.+)", text)
+    if match is None:
+        what = f"different arguments ({text})"
+    else:
+        name, received, current = match.groups()
+        what = f"{name} {_value(current)} where conveyor asks for {_value(received)}"
+    hint = {
+        "x-max-priority": "set queue_max_priority (CONVEYOR_QUEUE_MAX_PRIORITY) to match",
+        "x-queue-type": "set queue_type (CONVEYOR_QUEUE_TYPE) to match",
+        "x-delivery-limit": "set poison_limit (CONVEYOR_POISON_LIMIT) one below it",
+    }.get(match.group(1) if match else "", "configure conveyor to match it")
+    return (
+        f"RabbitMQ queue {queue!r} exists with {what}: {hint}, or delete the queue "
+        f"(and its messages) so conveyor declares it with {_arguments(wanted)}"
+    )
+
+
+def _value(text: str) -> str:
+    """`'9'` or `the value '9' of type 'byte'` as `9`, and `none` as `not set`."""
+    found = re.match(r"(?:the value )?'([^']*)'", text.strip())
+    return found.group(1) if found else "not set"
+
+
+def _arguments(arguments: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in sorted(arguments.items()))
 
 
 def _bucket(delay: float) -> int:

@@ -7,6 +7,7 @@ locally and fail in CI.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import socket
 import subprocess
@@ -19,7 +20,11 @@ from typing import Any
 
 import aiormq
 import pytest
+from aiormq.abc import ChannelFrame
 from conftest import start_worker
+from pamqp.body import ContentBody
+from pamqp.frame import marshal, unmarshal
+from pamqp.header import ContentHeader
 
 from conveyor import Conveyor, Worker
 from conveyor.brokers.base import Outgoing
@@ -157,7 +162,9 @@ def test_a_queue_with_other_arguments_gets_a_clear_error(queue: str) -> None:
     try:
         with pytest.raises(ConfigurationError, match="x-max-priority") as caught:
             broker.publish([Outgoing(queue, b"x")])
-        assert "delete it" in str(caught.value)
+        message = str(caught.value)
+        assert "x-max-priority 3 where conveyor asks for 9" in message
+        assert "queue_max_priority" in message and "delete the queue" in message
     finally:
         broker.close()
 
@@ -208,7 +215,37 @@ def _publish_raw(queue: str, bodies: list[tuple[bytes, str | None]]) -> None:
     asyncio.run(publish())
 
 
-def test_raw_bad_input_is_dead_lettered_and_good_tasks_run(queue: str) -> None:
+def _publish_with_raw_headers(queue: str, body: bytes, swaps: dict[bytes, bytes]) -> None:
+    """Publish one message whose header bytes are then swapped for bytes that are not UTF-8.
+
+    aiormq only writes valid text, so the frames are marshalled with pamqp and the swap made
+    in the wire bytes (each replacement has the same length as what it replaces).
+    """
+
+    async def publish() -> None:
+        connection = await aiormq.connect(URL)
+        channel = await connection.channel(publisher_confirms=False)
+        properties = aiormq.spec.Basic.Properties(
+            content_type="application/json", headers={"x-origin": "abcd", "x-tag": "ok"}
+        )
+        publish = aiormq.spec.Basic.Publish(exchange="", routing_key=queue)
+        raw = b"".join(
+            marshal(frame, channel.number)
+            for frame in (publish, ContentHeader(0, len(body), properties), ContentBody(body))
+        )
+        for old, new in swaps.items():
+            assert len(old) == len(new) and old in raw
+            raw = raw.replace(old, new)
+        await channel.write_queue.put(ChannelFrame(raw, False))
+        await channel.basic_qos(prefetch_count=1)  # a round trip: the publish went first
+        await connection.close()
+
+    asyncio.run(publish())
+
+
+def test_raw_bad_input_is_dead_lettered_and_good_tasks_run(
+    queue: str, caplog: pytest.LogCaptureFixture
+) -> None:
     app = Conveyor(
         "rmq", broker=URL, results="memory://", default_queue=queue, max_message_size=4096
     )
@@ -230,13 +267,25 @@ def test_raw_bad_input_is_dead_lettered_and_good_tasks_run(queue: str) -> None:
                 (b"{not json", None),
             ],
         )
-        stats = Worker(app, concurrency=2, until_empty=True).run()
-        assert good.get(timeout=5) == 5
-        assert (stats.succeeded, stats.rejected) == (1, 3)  # content type: at the broker
-        reasons = " | ".join(sorted(d.reason for d in app.broker.dead_letters(queue)))
+        # A header name, then a header value, that are not UTF-8: the first would make the
+        # AMQP library drop the connection on every delivery if it were not caught.
+        _publish_with_raw_headers(queue, encode(envelope), {b"x-origin": b"x-or\xffgin"})
+        _publish_with_raw_headers(queue, encode(envelope), {b"abcd": b"a\xfe\xffd"})
+        after = add.delay(3, 4)  # behind all the bad input
+        with caplog.at_level(logging.WARNING, logger="conveyor"):
+            stats = Worker(app, concurrency=2, until_empty=True).run()
+        assert good.get(timeout=5) == 5 and after.get(timeout=5) == 7
+        assert (stats.succeeded, stats.rejected) == (2, 3)  # content type, headers: at the broker
+        dead = app.broker.dead_letters(queue)
+        reasons = " | ".join(sorted(d.reason for d in dead))
         for expected in ("content type 'text/plain'", "over the 4096-byte", "unknown task"):
             assert expected in reasons
         assert "malformed JSON" in reasons
+        assert reasons.count("a header name or value is not valid UTF-8") == 2
+        assert len(dead) == 6 and all(d.delivery_count == 1 for d in dead)
+        logged = [r for r in caplog.records if r.levelno >= logging.WARNING]
+        assert len(logged) == 6, "each bad message is logged once"
+        assert app.broker.stats([queue])[0].ready == 0, "every bad message was acked"
     finally:
         app.close()
 
@@ -353,5 +402,99 @@ def test_the_worker_reconnects_and_loses_nothing_when_the_connection_drops(
         assert sorted(set(runs)) == list(range(300))
         assert duplicates <= 2, "only tasks in flight at the drop may run twice"
         assert broker._connection is not connection, "the broker reconnected"
+    finally:
+        app.close()
+
+
+def _written_frames(broker: RabbitMQBroker) -> list[Any]:
+    """Record the frames the broker writes on its channel from now on."""
+    channel = broker._channel
+    assert isinstance(channel, aiormq.Channel)
+    frames: list[Any] = []
+    put = channel.write_queue.put_nowait
+
+    def record(item: ChannelFrame) -> None:
+        data = item.payload
+        while data:
+            consumed, _, frame = unmarshal(data)
+            frames.append(frame)
+            data = data[consumed:]
+        put(item)
+
+    channel.write_queue.put_nowait = record  # type: ignore[method-assign]
+    return frames
+
+
+def test_acks_of_the_oldest_deliveries_go_as_one_multi_ack(
+    broker: RabbitMQBroker, queue: str, poll: Poll
+) -> None:
+    broker.publish([Outgoing(queue, f"m{n}".encode()) for n in range(5)])
+    got: list[Any] = []
+    poll(lambda: got.extend(broker.fetch([queue], 5 - len(got))) or len(got) == 5, what="5")
+    tags = [d.receipt[1] for d in got]
+    frames = _written_frames(broker)
+    assert broker.ack(got[:3]) == 3
+    assert [(f.name, f.delivery_tag, f.multiple) for f in frames] == [("Basic.Ack", tags[2], True)]
+    frames.clear()
+    broker.ack([got[4]])  # the fourth is still running: this one goes alone
+    assert [(f.delivery_tag, f.multiple) for f in frames] == [(tags[4], False)]
+    frames.clear()
+    broker.ack([got[3]])
+    assert [(f.delivery_tag, f.multiple) for f in frames] == [(tags[3], True)]
+    broker.close()
+    assert RabbitMQBroker(URL).stats([queue])[0].ready == 0, "all five were acked, none twice"
+
+
+def test_quorum_queues_count_deliveries_and_dead_letter_a_poison_task(
+    queue: str, poll: Poll
+) -> None:
+    app = Conveyor("rmq", broker=URL, results="memory://", queue_type="quorum", default_queue=queue)
+    ran: list[str] = []
+
+    @app.task(name="rmq.note")
+    def note(what: str) -> None:
+        ran.append(what)
+
+    def quorum() -> RabbitMQBroker:
+        return RabbitMQBroker(URL, queue_type="quorum", delivery_limit=3)
+
+    try:
+        crashy = encode(note.envelope(("crashy",)))
+        app.broker.publish([Outgoing(queue, crashy)])
+        later = note.apply_async(("later",), countdown=0.3)  # through a delay queue and back
+        counts = []
+        for _ in range(3):  # three workers die holding the message
+            consumer = quorum()
+            (delivery,) = poll(
+                lambda c=consumer: c.fetch([queue], 1) or None,
+                what="a delivery",
+            )
+            assert delivery.body == crashy
+            counts.append(delivery.delivery_count)
+            consumer.close()
+        assert counts == [1, 2, 3], "RabbitMQ's x-delivery-count, not a republished copy"
+
+        async def declare_again() -> None:
+            connection = await aiormq.connect(URL)
+            channel = await connection.channel()
+            try:  # succeeds only when the queue has exactly these arguments
+                await channel.queue_declare(
+                    queue,
+                    durable=True,
+                    arguments={
+                        "x-queue-type": "quorum",
+                        "x-delivery-limit": 4,
+                        "x-dead-letter-exchange": "conveyor.dead",
+                    },
+                )
+            finally:
+                await connection.close()
+
+        asyncio.run(declare_again())
+        stats = Worker(app, concurrency=1, until_empty=True).run()
+        later.get(timeout=5)
+        assert ran == ["later"] and (stats.succeeded, stats.dead_lettered) == (1, 1)
+        (poison,) = app.broker.dead_letters(queue)
+        assert "poison limit 3" in poison.reason and poison.delivery_count == 4
     finally:
         app.close()
