@@ -32,7 +32,7 @@ import re
 import threading
 import time
 import weakref
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
@@ -130,7 +130,8 @@ class RabbitMQBroker(Broker):
 
     # the broker's own event loop
 
-    def _run(self, coroutine: Awaitable[T], timeout: float = CALL_TIMEOUT_S) -> T:
+    def _submit(self, coroutine: Awaitable[T]) -> concurrent.futures.Future[T]:
+        """Start a coroutine on the broker's event-loop thread (started on first use)."""
         with self._lock:
             if self._loop is None:
                 loop = asyncio.new_event_loop()
@@ -140,17 +141,41 @@ class RabbitMQBroker(Broker):
                 thread.start()
                 self._loop, self._thread = loop, thread
             loop = self._loop
-        future = asyncio.run_coroutine_threadsafe(_as_coroutine(coroutine), loop)
+        return asyncio.run_coroutine_threadsafe(_as_coroutine(coroutine), loop)
+
+    def _run(self, coroutine: Awaitable[T], timeout: float = CALL_TIMEOUT_S) -> T:
+        """Run a coroutine on the broker's thread and wait for it, from any other thread."""
+        future = self._submit(coroutine)
+        with self._errors():
+            try:
+                return future.result(timeout)
+            except TimeoutError:
+                future.cancel()
+                raise
+
+    async def _run_async(self, coroutine: Awaitable[T], timeout: float = CALL_TIMEOUT_S) -> T:
+        """`_run` for a caller on another event loop: it awaits instead of blocking a thread."""
+        future = asyncio.wrap_future(self._submit(coroutine))
+        with self._errors():
+            try:
+                return await asyncio.wait_for(future, timeout)
+            except TimeoutError:
+                future.cancel()
+                raise
+
+    @contextlib.contextmanager
+    def _errors(self) -> Iterator[None]:
+        """Turn what aiormq and the socket raise into `BrokerError`, credentials masked."""
         try:
-            return future.result(timeout)
+            yield
         except TimeoutError:
-            future.cancel()
-            raise BrokerError(
-                f"RabbitMQ at {self.display_url} did not answer within {timeout:.0f}s"
-            ) from None
+            raise BrokerError(f"RabbitMQ at {self.display_url} did not answer in time") from None
         except (aiormq.exceptions.AMQPError, OSError) as exc:
             raise BrokerError(f"RabbitMQ at {self.display_url}: {redact_text(str(exc))}") from None
         except (asyncio.CancelledError, concurrent.futures.CancelledError):
+            task = _current_task()
+            if task is not None and task.cancelling():
+                raise  # the awaiting caller itself was cancelled
             # aiormq cancels what was under way when the connection or channel closed.
             raise BrokerError(
                 f"the connection to RabbitMQ at {self.display_url} closed during the call"
@@ -220,8 +245,9 @@ class RabbitMQBroker(Broker):
             self._run(self._publish(messages))
 
     async def publish_async(self, messages: Sequence[Outgoing]) -> None:
-        """`publish` for asyncio producers."""
-        await asyncio.to_thread(self.publish, messages)
+        """`publish` for asyncio producers: thousands of calls can wait for confirms at once."""
+        if messages:
+            await self._run_async(self._publish(messages))
 
     async def _publish(
         self, messages: Sequence[Outgoing], headers: Sequence[dict[str, Any]] | None = None
@@ -635,6 +661,13 @@ def _int(value: object) -> int:
 
 def _priority(message: aiormq.abc.DeliveredMessage) -> int:
     return int(message.header.properties.priority or 0)
+
+
+def _current_task() -> asyncio.Task[Any] | None:
+    try:
+        return asyncio.current_task()
+    except RuntimeError:  # no event loop in this thread
+        return None
 
 
 async def _as_coroutine(awaitable: Awaitable[T]) -> T:

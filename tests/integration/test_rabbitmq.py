@@ -12,6 +12,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -496,5 +497,36 @@ def test_quorum_queues_count_deliveries_and_dead_letter_a_poison_task(
         assert ran == ["later"] and (stats.succeeded, stats.dead_lettered) == (1, 1)
         (poison,) = app.broker.dead_letters(queue)
         assert "poison limit 3" in poison.reason and poison.delivery_count == 4
+    finally:
+        app.close()
+
+
+def test_many_threads_and_thousands_of_async_sends_share_one_connection(queue: str) -> None:
+    app = Conveyor("rmq", broker=URL, results="memory://", default_queue=queue)
+
+    @app.task(name="rmq.count")
+    def count(n: int) -> int:
+        return n
+
+    async def send_async() -> list[Any]:
+        return list(await asyncio.gather(*(count.delay_async(n) for n in range(2000))))
+
+    try:
+        count.delay(-1)  # connects and declares
+
+        def send_from_thread(k: int) -> None:
+            for n in range(100):
+                count.delay(10_000 + 100 * k + n)
+
+        threads = [threading.Thread(target=send_from_thread, args=(k,)) for k in range(8)]
+        for thread in threads:
+            thread.start()
+        async_results = asyncio.run(send_async())  # while the threads send too
+        for thread in threads:
+            thread.join(60)
+        assert len(async_results) == 2000
+        broker = app.broker
+        assert isinstance(broker, RabbitMQBroker)
+        assert broker.stats([queue])[0].ready == 1 + 800 + 2000
     finally:
         app.close()
