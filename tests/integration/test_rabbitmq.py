@@ -530,3 +530,50 @@ def test_many_threads_and_thousands_of_async_sends_share_one_connection(queue: s
         assert broker.stats([queue])[0].ready == 1 + 800 + 2000
     finally:
         app.close()
+
+
+STATUS_APP = """
+from conveyor import Conveyor
+
+app = Conveyor("shop", broker="{url}", default_queue="{queue}")
+
+
+@app.task(name="shop.ping")
+def ping() -> None:
+    pass
+"""
+
+
+def test_status_and_purge_through_the_cli(
+    broker: RabbitMQBroker, queue: str, tmp_path: Path, poll: Poll
+) -> None:
+    (tmp_path / "shopapp.py").write_text(STATUS_APP.format(url=URL, queue=queue))
+    broker.publish([Outgoing(queue, b"one")])
+    (delivery,) = poll(lambda: broker.fetch([queue], 1) or None, what="a delivery")
+    broker.dead_letter([(delivery, "for the status table")])
+    later = time.time() + 3600
+    broker.publish([Outgoing(queue, b"r") for _ in range(3)] + [Outgoing(queue, b"d", 0, later)])
+    broker.close()
+
+    def conveyor(*args: str) -> str:
+        done = subprocess.run(
+            [sys.executable, "-m", "conveyor", *args],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+            env={**os.environ, "COLUMNS": "200"},
+        )
+        return done.stdout
+
+    table = conveyor("status", "shopapp:app")
+    assert "amqp://guest:***@127.0.0.1:5672/" in table and "guest:guest" not in table
+    (row,) = [line for line in table.splitlines() if queue in line]
+    assert [cell.strip() for cell in row.split("│")[1:6]] == [queue, "3", "1", "0", "1"]
+    assert conveyor("purge", "shopapp:app", "-Q", queue, "--yes").strip() == (
+        f"purged 4 messages from {queue}"  # three ready, one delayed
+    )
+    assert conveyor("purge", "shopapp:app", "-Q", queue, "--dead", "-y").strip() == (
+        f"purged 1 message from {queue} (dead letters)"
+    )
