@@ -55,6 +55,7 @@ class Conveyor:
         self.name = name
         self.settings = Settings.load(broker=broker, **settings)
         self.tasks: dict[str, Task[Any, Any]] = {}
+        self.child_start_hooks: list[Callable[[], None]] = []
         self._lock = threading.Lock()
         self._broker: Broker | None = None
         self._results: ResultStore | _Unset | None = UNSET
@@ -111,6 +112,15 @@ class Conveyor:
             return task
 
         return register if fn is None else register(fn)
+
+    def on_child_start(self, fn: Callable[[], None], /) -> Callable[[], None]:
+        """Register a function each prefork child runs before it takes work (after the fork).
+
+        Open per-process resources here (database or MQTT connections), never at import
+        time in the worker, whose sockets children must not share.
+        """
+        self.child_start_hooks.append(fn)
+        return fn
 
     def get_task(self, name: str) -> Task[Any, Any]:
         """The task registered under `name`, or `UnknownTaskError`."""

@@ -45,7 +45,14 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     default_max_retries: Count = 3
     default_retry_backoff_max: Positive = 600.0
     concurrency: Annotated[int, msgspec.Meta(ge=1)] = max(os.cpu_count() or 1, 1)
-    pool: Literal["threads", "solo"] = "threads"
+    pool: Literal["prefork", "threads", "solo"] = "prefork"
+    """prefork: child processes (the default); threads: I/O-bound tasks; solo: debugging."""
+    max_tasks_per_child: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    """Replace a prefork child with a fresh one after this many tasks."""
+    max_memory_per_child: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    """Replace a prefork child after a task that left it using more resident bytes than this."""
+    child_start_timeout: Positive = 30.0
+    """Seconds a new prefork child has to report WORKER_UP before it is killed and replaced."""
     shutdown_grace: Annotated[float, msgspec.Meta(ge=0)] = 30.0
     """Seconds a warm shutdown waits for running tasks before releasing them."""
     log_level: str = "INFO"

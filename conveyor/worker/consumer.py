@@ -74,6 +74,9 @@ class WorkerStats:
     expired: int = 0
     released: int = 0
     """Messages given back unfinished at shutdown."""
+    lost: int = 0
+    """Tasks whose process died while running them (prefork): their messages went back, counted
+    toward the poison limit, unless acks_late=False had acknowledged them before they ran."""
     stale: int = 0
     """Settlements too late to count: the message's lease had expired or its channel had closed
     while the task ran, so the broker delivers it again."""
@@ -139,6 +142,7 @@ class Consumer:
     ) -> None:
         self.app = app
         self.pool = pool
+        pool.on_ready = self._wake
         self.queues = list(queues)
         self.stats = stats
         self.until_empty = until_empty
@@ -255,7 +259,7 @@ class Consumer:
         return await asyncio.get_running_loop().run_in_executor(self._io, fn, *args)
 
     def _free(self) -> int:
-        return 0 if self._stopping else self.pool.concurrency - len(self._running)
+        return 0 if self._stopping else self.pool.free(len(self._running))
 
     def _cycle(self, free: int) -> int:
         """A whole round on a local broker, in the calling thread: settle, fetch, start jobs.
@@ -501,7 +505,19 @@ class Consumer:
     def _settle(self, job: Job, outcome: Outcome) -> None:
         env, task, pending = job.envelope, job.task, self._pending
         ack = [job.delivery] if task.options.acks_late else []
-        if outcome.kind is Kind.SUCCESS:
+        if outcome.kind is Kind.LOST:
+            self.stats.lost += 1
+            if task.options.acks_late:
+                limit = self._settings.poison_limit
+                log.warning(
+                    "task %s[%s] lost: %s; its message goes back (delivery %d, poison limit %d)",
+                    env.task, env.id, outcome.error_message, job.delivery.delivery_count, limit,
+                )  # fmt: skip
+                pending.release.append(job.delivery)
+            else:  # acknowledged before it ran (at most once): nothing to give back
+                log.error("task %s[%s] lost: %s", env.task, env.id, outcome.error_message)
+                self._record(env, State.FAILURE, outcome=outcome, started_at=job.started_at)
+        elif outcome.kind is Kind.SUCCESS:
             self.stats.succeeded += 1
             self._record(env, State.SUCCESS, outcome=outcome, started_at=job.started_at)
             pending.acks += ack

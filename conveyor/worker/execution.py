@@ -37,6 +37,7 @@ class Kind(enum.Enum):
     SUCCESS = "success"
     FAILURE = "failure"
     RETRY = "retry"
+    LOST = "lost"  # the process running it died: the message goes back, counted
 
 
 @dataclass(slots=True, eq=False)
@@ -132,8 +133,11 @@ def _retry_outcome(exc: BaseException, countdown: float | None, max_retries: int
     return outcome
 
 
-def execute(job: Job) -> Outcome:
-    """Run a job in this thread, within its time limits; async tasks run on a thread-own loop."""
+def execute(job: Job, *, hard_limit: bool = True) -> Outcome:
+    """Run a job in this thread, within its time limits; async tasks run on a thread-own loop.
+
+    `hard_limit=False` leaves the hard limit to someone else (the prefork pool kills the child).
+    """
     task, env = job.task, job.envelope
     if task.is_async:
         with _capture(job) as run:
@@ -141,6 +145,8 @@ def execute(job: Job) -> Outcome:
             run.succeed(_thread_loop().run_until_complete(coroutine))
         return run.outcome
     soft, hard = task.options.soft_time_limit, task.options.time_limit
+    if not hard_limit:
+        hard = None
     if soft is None and hard is None:
         with _capture(job) as run:
             run.succeed(task.run(env.args, env.kwargs))

@@ -33,6 +33,8 @@ class Worker:
         concurrency: int | None = None,
         until_empty: bool = False,
         shutdown_grace: float | None = None,
+        max_tasks_per_child: int | None = None,
+        max_memory_per_child: int | None = None,
     ) -> None:
         settings = app.settings
         self.app = app
@@ -40,6 +42,8 @@ class Worker:
         self.pool_name = pool or settings.pool
         self.concurrency = concurrency or settings.concurrency
         self.until_empty = until_empty
+        self.max_tasks_per_child = max_tasks_per_child or settings.max_tasks_per_child
+        self.max_memory_per_child = max_memory_per_child or settings.max_memory_per_child
         self.shutdown_grace = settings.shutdown_grace if shutdown_grace is None else shutdown_grace
         self.stats = WorkerStats()
         self.started = threading.Event()
@@ -59,7 +63,13 @@ class Worker:
 
     async def _main(self) -> None:
         self._loop = asyncio.get_running_loop()
-        pool = pools.create(self.pool_name, self.concurrency)
+        pool = pools.create(
+            self.pool_name,
+            self.concurrency,
+            app=self.app,
+            max_tasks_per_child=self.max_tasks_per_child,
+            max_memory_per_child=self.max_memory_per_child,
+        )
         consumer = self._consumer = Consumer(
             self.app, pool, self.queues, self.stats, until_empty=self.until_empty
         )

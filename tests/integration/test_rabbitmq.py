@@ -349,25 +349,44 @@ def die() -> None:
 """
 
 
+def _run_crash_worker(tmp_path: Path, queue: str, *options: str) -> int:
+    command = ["worker", "crashapp:app", "-c", "1", "--until-empty", *options]
+    worker = subprocess.run(
+        [sys.executable, "-m", "conveyor", *command],
+        cwd=tmp_path,
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
+    return worker.returncode
+
+
 def test_a_task_that_kills_its_worker_is_dead_lettered_after_the_limit(
     queue: str, tmp_path: Path
 ) -> None:
     (tmp_path / "crashapp.py").write_text(CRASH_APP.format(url=URL, queue=queue))
     producer = Conveyor("crash", broker=URL, default_queue=queue)
     producer.task(name="crash.die")(lambda: None).delay()
-    codes = []
-    for _ in range(4):
-        command = ["worker", "crashapp:app", "-c", "1", "--until-empty"]
-        worker = subprocess.run(
-            [sys.executable, "-m", "conveyor", *command],
-            cwd=tmp_path,
-            capture_output=True,
-            timeout=60,
-            check=False,
-        )
-        codes.append(worker.returncode)
     try:
+        # With threads the task takes the whole worker down, each time.
+        codes = [_run_crash_worker(tmp_path, queue, "-P", "threads") for _ in range(4)]
         assert codes == [3, 3, 3, 0]
+        (dead,) = producer.broker.dead_letters(queue)
+        assert "poison limit 3" in dead.reason and dead.delivery_count == 4
+    finally:
+        producer.close()
+
+
+def test_a_task_that_kills_its_prefork_child_is_dead_lettered_by_one_worker(
+    queue: str, tmp_path: Path
+) -> None:
+    (tmp_path / "crashapp.py").write_text(CRASH_APP.format(url=URL, queue=queue))
+    producer = Conveyor("crash", broker=URL, default_queue=queue)
+    producer.task(name="crash.die")(lambda: None).delay()
+    try:
+        # The child dies three times; the worker stays up, gives the message back each time,
+        # and dead-letters it at the fourth delivery.
+        assert _run_crash_worker(tmp_path, queue) == 0
         (dead,) = producer.broker.dead_letters(queue)
         assert "poison limit 3" in dead.reason and dead.delivery_count == 4
     finally:
@@ -387,7 +406,7 @@ def test_the_worker_reconnects_and_loses_nothing_when_the_connection_drops(
 
     try:
         results = record.map([(n,) for n in range(300)])
-        worker = Worker(app, concurrency=2, until_empty=True)
+        worker = Worker(app, pool="threads", concurrency=2, until_empty=True)
         thread, errors = start_worker(worker)
         poll(lambda: len(runs) >= 50, timeout=30, what="the first 50 tasks")
         broker = app.broker
@@ -492,7 +511,7 @@ def test_quorum_queues_count_deliveries_and_dead_letter_a_poison_task(
                 await connection.close()
 
         asyncio.run(declare_again())
-        stats = Worker(app, concurrency=1, until_empty=True).run()
+        stats = Worker(app, pool="threads", concurrency=1, until_empty=True).run()
         later.get(timeout=5)
         assert ran == ["later"] and (stats.succeeded, stats.dead_lettered) == (1, 1)
         (poison,) = app.broker.dead_letters(queue)

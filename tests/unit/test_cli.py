@@ -302,7 +302,7 @@ def test_priority_out_of_range(project: Project, priority: str) -> None:
 
 def test_unknown_pool(project: Project) -> None:
     path, _ = project.app()
-    assert_clear_error(cli("worker", path, "--pool", "prefork", "--until-empty"), "'--pool'")
+    assert_clear_error(cli("worker", path, "--pool", "forkserver", "--until-empty"), "'--pool'")
 
 
 def test_invalid_loglevel(project: Project) -> None:

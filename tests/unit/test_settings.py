@@ -23,7 +23,7 @@ def test_defaults() -> None:
     assert s.default_max_retries == 3
     assert s.default_retry_backoff_max == 600.0
     assert s.concurrency >= 1
-    assert s.pool == "threads"
+    assert s.pool == "prefork"
     assert s.shutdown_grace == 30.0
     assert s.log_level == "INFO"
 

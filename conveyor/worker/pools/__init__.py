@@ -2,14 +2,38 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from conveyor.errors import ConfigurationError
 from conveyor.worker.pools.base import Pool
 
-POOLS = ("threads", "solo")
+if TYPE_CHECKING:
+    from conveyor.app import Conveyor
+
+POOLS = ("prefork", "threads", "solo")
 
 
-def create(name: str, concurrency: int) -> Pool:
-    """The pool called `name` with `concurrency` slots."""
+def create(
+    name: str,
+    concurrency: int,
+    *,
+    app: Conveyor | None = None,
+    max_tasks_per_child: int | None = None,
+    max_memory_per_child: int | None = None,
+) -> Pool:
+    """The pool called `name` with `concurrency` slots (prefork also needs the app)."""
+    if name == "prefork":
+        if app is None:
+            raise ConfigurationError("the prefork pool needs the app its children run tasks of")
+        from conveyor.worker.pools.prefork import PreforkPool
+
+        return PreforkPool(
+            concurrency,
+            app,
+            max_tasks=max_tasks_per_child,
+            max_memory=max_memory_per_child,
+            start_timeout=app.settings.child_start_timeout,
+        )
     if name == "threads":
         from conveyor.worker.pools.threads import ThreadPool
 
@@ -18,8 +42,4 @@ def create(name: str, concurrency: int) -> Pool:
         from conveyor.worker.pools.solo import SoloPool
 
         return SoloPool()
-    if name == "prefork":
-        raise ConfigurationError(
-            "the prefork pool is not available in this version; use --pool threads or solo"
-        )
     raise ConfigurationError(f"unknown pool {name!r}: choose one of {', '.join(POOLS)}")

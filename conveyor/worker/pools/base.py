@@ -24,6 +24,12 @@ class Pool(abc.ABC):
 
     def __init__(self, concurrency: int) -> None:
         self.concurrency = concurrency
+        #: Called when capacity frees up other than through a job's `done` (a child came up).
+        self.on_ready: Callable[[], None] | None = None
+
+    def free(self, running: int) -> int:
+        """How many more jobs can start now, with `running` submitted and not yet done."""
+        return self.concurrency - running
 
     @abc.abstractmethod
     async def start(self) -> None:

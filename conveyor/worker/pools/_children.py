@@ -1,0 +1,353 @@
+"""The prefork pool's other processes: the zygote that forks children, and the child's loop.
+
+The zygote is forked once, when the pool starts, before the worker connects to its broker. Every
+child is forked from it, never from the worker itself, so no child inherits the worker's broker
+socket or any connection opened later. The zygote is the children's parent: it reaps them,
+reports how each one ended, and kills one when the worker asks (so a kill can never hit a
+recycled process id). It talks to the worker over one Unix socket of packets:
+
+    worker -> zygote   b"S" gen + two descriptors (the child's ends of its pipes): fork a child
+                       b"K" gen: kill that child (SIGKILL)
+    zygote -> worker   b"X" gen pid status: the child ended (a `waitpid` status)
+
+A child talks to the worker over its own two pipes, in frames of a 4-byte length and a msgpack
+message (`Run` in; `Up` once, then a `Done` per task, out). It has no broker: it runs tasks and
+reports their outcomes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import selectors
+import signal
+import socket
+import stat
+import struct
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import msgspec
+
+from conveyor.brokers.base import Delivery
+from conveyor.message import decode
+from conveyor.worker.execution import Job, Kind, Outcome, execute
+
+if TYPE_CHECKING:
+    from conveyor.app import Conveyor
+
+_HEADER = struct.Struct(">I")
+_GEN = struct.Struct(">Q")
+_EXIT = struct.Struct(">Qqi")  # generation, pid, waitpid status
+
+
+class Run(msgspec.Struct, array_like=True, tag=1):
+    """Worker to child: run this message."""
+
+    job: int
+    queue: str
+    body: bytes
+    delivery_count: int
+
+
+class Up(msgspec.Struct, array_like=True, tag=2):
+    """Child to worker: ready for work (WORKER_UP)."""
+
+    pid: int
+
+
+class Done(msgspec.Struct, array_like=True, tag=3):
+    """Child to worker: how a task ended, and whether the child retires after it."""
+
+    job: int
+    kind: str
+    value: bytes | None
+    error_type: str | None
+    error_message: str | None
+    traceback: str | None
+    countdown: float | None
+    max_retries: int | None
+    finished_at: float
+    retire: str | None = None
+
+    def outcome(self) -> Outcome:
+        """The outcome this message carries."""
+        value = None if self.value is None else msgspec.Raw(self.value)
+        return Outcome(
+            Kind(self.kind),
+            value,
+            self.error_type,
+            self.error_message,
+            self.traceback,
+            self.countdown,
+            self.max_retries,
+            self.finished_at,
+        )
+
+
+Message = Run | Up | Done
+_encoder = msgspec.msgpack.Encoder()
+_decoder = msgspec.msgpack.Decoder(Message)
+
+
+def frame(message: Message) -> bytes:
+    """A message as it goes down a pipe."""
+    payload = _encoder.encode(message)
+    return _HEADER.pack(len(payload)) + payload
+
+
+class Frames:
+    """Cuts a byte stream into messages."""
+
+    def __init__(self) -> None:
+        self._buffer = bytearray()
+
+    def feed(self, data: bytes) -> list[Message]:
+        """Add bytes; return the messages now complete."""
+        buffer = self._buffer
+        buffer += data
+        out: list[Message] = []
+        at = 0
+        while len(buffer) - at >= 4:
+            (size,) = _HEADER.unpack_from(buffer, at)
+            if len(buffer) - at - 4 < size:
+                break
+            out.append(_decoder.decode(bytes(buffer[at + 4 : at + 4 + size])))
+            at += 4 + size
+        del buffer[:at]
+        return out
+
+
+# the zygote
+
+
+def start_zygote(app: Conveyor, options: ChildOptions) -> tuple[int, socket.socket]:
+    """Fork the zygote; the worker keeps the returned socket to it."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    pid = os.fork()
+    if pid == 0:  # the zygote
+        code = 0
+        try:
+            ours.close()
+            _zygote(theirs, app, options)
+        except BaseException:  # whatever happens, never return into the worker's code
+            traceback.print_exc()
+            code = 70
+        finally:
+            os._exit(code)
+    theirs.close()
+    return pid, ours
+
+
+def spawn(control: socket.socket, generation: int, fds: Sequence[int]) -> None:
+    """Ask the zygote for a child that gets `fds` (its task pipe's read end, result write end)."""
+    socket.send_fds(control, [b"S" + _GEN.pack(generation)], list(fds))
+
+
+def kill(control: socket.socket, generation: int) -> None:
+    """Ask the zygote to kill a child; harmless if it has already ended."""
+    control.send(b"K" + _GEN.pack(generation))
+
+
+def read_exit(packet: bytes) -> tuple[int, int, int] | None:
+    """(generation, pid, status) from a zygote packet, or None if it is not an exit report."""
+    if packet[:1] != b"X" or len(packet) != 1 + _EXIT.size:
+        return None
+    generation, pid, status = _EXIT.unpack(packet[1:])
+    return generation, pid, status
+
+
+def _quiet_signals() -> tuple[int, int]:
+    """Leave SIGINT and SIGTERM to the worker; wake the zygote's select on SIGCHLD."""
+    for number in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(number, signal.SIG_IGN)
+    wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    signal.set_wakeup_fd(wake_w)
+    signal.signal(signal.SIGCHLD, lambda *_: None)
+    return wake_r, wake_w
+
+
+def _drop_sockets(keep: Sequence[int]) -> None:
+    """Point every inherited socket descriptor at /dev/null.
+
+    Closing them would free their numbers while objects of the worker's (an SQLite or AMQP
+    connection) still hold them and might close them later, when a number could belong to
+    something new; /dev/null keeps each number taken and the socket itself is let go.
+    """
+    null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+    try:
+        for name in os.listdir("/proc/self/fd"):
+            fd = int(name)
+            if fd in keep or fd == null:
+                continue
+            with contextlib.suppress(OSError):
+                if stat.S_ISSOCK(os.fstat(fd).st_mode):
+                    os.dup2(null, fd, inheritable=False)
+    finally:
+        os.close(null)
+
+
+def _zygote(control: socket.socket, app: Conveyor, options: ChildOptions) -> None:
+    signal.set_wakeup_fd(-1)
+    wake_r, wake_w = _quiet_signals()
+    _drop_sockets([control.fileno(), wake_r, wake_w, 0, 1, 2])
+    selector = selectors.DefaultSelector()
+    selector.register(control, selectors.EVENT_READ)
+    selector.register(wake_r, selectors.EVENT_READ)
+    children: dict[int, int] = {}  # generation -> pid
+    generations: dict[int, int] = {}  # pid -> generation
+    while True:
+        for key, _ in selector.select():
+            if key.fd == wake_r:
+                with contextlib.suppress(BlockingIOError):
+                    os.read(wake_r, 512)
+                _reap(control, children, generations)
+                continue
+            try:
+                packet, fds, _, _ = socket.recv_fds(control, 64, 2)
+            except OSError:
+                packet, fds = b"", []
+            if not packet:  # the worker is gone or done: so are its children
+                for pid in children.values():
+                    with contextlib.suppress(OSError):
+                        os.kill(pid, signal.SIGKILL)
+                return
+            generation = _GEN.unpack(packet[1:9])[0]
+            if packet[:1] == b"K":
+                target = children.get(generation)
+                if target is not None:
+                    os.kill(target, signal.SIGKILL)
+                continue
+            pid = os.fork()
+            if pid == 0:  # the child
+                code = 0
+                try:
+                    selector.close()
+                    control.close()
+                    os.close(wake_r)
+                    os.close(wake_w)
+                    signal.set_wakeup_fd(-1)
+                    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+                    code = child_main(app, options, generation, fds[0], fds[1])
+                except BaseException:
+                    traceback.print_exc()  # a start-up hook failed, say: the worker logs the exit
+                    code = 70
+                finally:
+                    os._exit(code)
+            for fd in fds:
+                os.close(fd)
+            children[generation] = pid
+            generations[pid] = generation
+
+
+def _reap(control: socket.socket, children: dict[int, int], generations: dict[int, int]) -> None:
+    while True:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+        generation = generations.pop(pid, None)
+        if generation is not None:
+            children.pop(generation, None)
+            with contextlib.suppress(OSError):
+                control.send(b"X" + _EXIT.pack(generation, pid, status))
+
+
+# the child
+
+
+@dataclass(frozen=True)
+class ChildOptions:
+    """What a child needs to know besides the app."""
+
+    max_tasks: int | None = None
+    max_memory: int | None = None  # bytes of resident memory
+    max_message_size: int = 16 * 1024 * 1024
+    #: Called in the child before it reports WORKER_UP (tests use it to delay start-up).
+    before_up: Callable[[], None] | None = None
+
+
+def child_main(
+    app: Conveyor, options: ChildOptions, generation: int, tasks: int, results: int
+) -> int:
+    """Report WORKER_UP, then run each task the worker sends; return the exit code."""
+    for hook in app.child_start_hooks:
+        hook()
+    if options.before_up is not None:
+        options.before_up()
+    frames = Frames()
+    done = 0
+    try:
+        _write(results, frame(Up(os.getpid())))
+        while True:
+            data = os.read(tasks, 1 << 16)
+            if not data:  # the worker closed the pipe: nothing more to do
+                return 0
+            for message in frames.feed(data):
+                if not isinstance(message, Run):
+                    continue
+                outcome = _run(app, options, message)
+                done += 1
+                retire = _retirement(options, done)
+                _write(results, frame(_done(message.job, outcome, retire)))
+                if retire is not None:
+                    return 0
+    except BrokenPipeError:  # the worker is gone
+        return 0
+
+
+def _run(app: Conveyor, options: ChildOptions, message: Run) -> Outcome:
+    try:
+        envelope = decode(message.body, max_size=options.max_message_size)
+        task = app.tasks[envelope.task]
+    except Exception as exc:  # the worker checked it; a child that disagrees says why
+        return Outcome.failure(exc)
+    delivery = Delivery(message.queue, message.body, None, message.delivery_count)
+    # The hard limit is the worker's to enforce: it kills this process.
+    return execute(Job(delivery, envelope, task, started_at=time.time()), hard_limit=False)
+
+
+def _done(job: int, outcome: Outcome, retire: str | None) -> Done:
+    value = None if outcome.value is None else bytes(outcome.value)
+    return Done(
+        job,
+        outcome.kind.value,
+        value,
+        outcome.error_type,
+        outcome.error_message,
+        outcome.traceback,
+        outcome.countdown,
+        outcome.max_retries,
+        outcome.finished_at,
+        retire,
+    )
+
+
+def _retirement(options: ChildOptions, done: int) -> str | None:
+    """Why this child should hand over to a fresh one now, if it should."""
+    if options.max_tasks is not None and done >= options.max_tasks:
+        return f"ran {done} tasks (max-tasks-per-child {options.max_tasks})"
+    if options.max_memory is not None:
+        rss = resident_memory()
+        if rss > options.max_memory:
+            return (
+                f"uses {rss // 2**20} MiB (max-memory-per-child {options.max_memory // 2**20} MiB)"
+            )
+    return None
+
+
+def resident_memory() -> int:
+    """This process's resident memory in bytes."""
+    with open("/proc/self/statm", "rb") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _write(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
