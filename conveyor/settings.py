@@ -45,8 +45,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     default_max_retries: Count = 3
     default_retry_backoff_max: Positive = 600.0
     concurrency: Annotated[int, msgspec.Meta(ge=1)] = max(os.cpu_count() or 1, 1)
-    pool: Literal["prefork", "threads", "solo"] = "prefork"
-    """prefork: child processes (the default); threads: I/O-bound tasks; solo: debugging."""
+    pool: Literal["prefork", "threads", "asyncio", "solo"] = "prefork"
+    """prefork: child processes (the default); threads: blocking I/O; asyncio: many `async def`
+    tasks at once on one event loop; solo: one task at a time, for debugging."""
     max_tasks_per_child: Annotated[int, msgspec.Meta(ge=1)] | None = None
     """Replace a prefork child with a fresh one after this many tasks."""
     max_memory_per_child: Annotated[int, msgspec.Meta(ge=1)] | None = None

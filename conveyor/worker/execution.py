@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import os
 import threading
 import time
 import traceback
@@ -29,6 +30,14 @@ _encoder = msgspec.json.Encoder()
 _local = threading.local()
 _watchdog = Watchdog()
 _LIMITS = (SoftTimeLimitExceeded.__name__, TimeLimitExceeded.__name__)
+
+
+def _after_fork() -> None:
+    # A forked child (a prefork pool's) must not reuse an event loop of its parent's thread.
+    _local.__dict__.clear()
+
+
+os.register_at_fork(after_in_child=_after_fork)
 
 
 class Kind(enum.Enum):

@@ -1,4 +1,4 @@
-"""Time limits for tasks that run in a thread of the worker's own process (solo and threads pools).
+"""Time limits for tasks that run in a thread: solo and threads pools, and prefork children.
 
 A thread cannot be killed, so past its soft limit a task gets `SoftTimeLimitExceeded` raised inside
 it, and past its hard limit `TimeLimitExceeded`. The exception arrives at the task's next Python
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import heapq
+import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -44,6 +45,14 @@ class Watchdog:
         self._watched: dict[int, int] = {}  # thread ident -> generation of its current job
         self._generation = 0
         self._thread: threading.Thread | None = None
+        os.register_at_fork(after_in_child=self._after_fork)
+
+    def _after_fork(self) -> None:
+        """A forked child (a prefork pool's) has no watchdog thread yet, and nothing to watch."""
+        self._cond = threading.Condition()
+        self._deadlines = []
+        self._watched = {}
+        self._thread = None
 
     def watch(self, soft: float | None, hard: float | None) -> None:
         """Start limiting the calling thread's current job."""

@@ -11,7 +11,7 @@ from conveyor import Conveyor, SoftTimeLimitExceeded
 from conveyor.results import State
 from conveyor.testing import memory_app, run_until_empty
 
-POOLS = ["threads", "solo"]
+POOLS = ["prefork", "threads", "asyncio", "solo"]
 
 
 def spin(seconds: float) -> None:

@@ -10,7 +10,7 @@ from conveyor.worker.pools.base import Pool
 if TYPE_CHECKING:
     from conveyor.app import Conveyor
 
-POOLS = ("prefork", "threads", "solo")
+POOLS = ("prefork", "threads", "asyncio", "solo")
 
 
 def create(
@@ -34,6 +34,10 @@ def create(
             max_memory=max_memory_per_child,
             start_timeout=app.settings.child_start_timeout,
         )
+    if name == "asyncio":
+        from conveyor.worker.pools.asyncio import AsyncioPool
+
+        return AsyncioPool(concurrency)
     if name == "threads":
         from conveyor.worker.pools.threads import ThreadPool
 
