@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import math
+import re
 import sys
 from collections.abc import Callable
 from typing import Any, ParamSpec, TypeVar
@@ -39,6 +40,25 @@ def _clear_errors(fn: Callable[P, R]) -> Callable[P, R]:
     return wrapper
 
 
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9}
+_UNITS |= {"K": 2**10, "KIB": 2**10, "M": 2**20, "MIB": 2**20, "G": 2**30, "GIB": 2**30}
+
+
+class _Size(click.ParamType[int, Any]):
+    """A memory size: 200MB, 1.5GiB, 300M (binary), or plain bytes."""
+
+    name = "size"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        if isinstance(value, int):
+            return value
+        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", str(value))
+        unit = match.group(2).upper() if match else ""
+        if match is None or unit not in _UNITS or float(match.group(1)) * _UNITS[unit] < 1:
+            self.fail(f"{value!r} is not a size: write e.g. 200MB, 1GiB or 500000 (bytes)")
+        return int(float(match.group(1)) * _UNITS[unit])
+
+
 @click.group()
 @click.version_option(package_name="conveyor")
 def main() -> None:
@@ -53,6 +73,16 @@ def main() -> None:
 @click.option("--until-empty", is_flag=True, help="Exit once the queues are empty.")
 @click.option("--shutdown-grace", type=click.FloatRange(min=0), help="Seconds for warm shutdown.")
 @click.option(
+    "--max-tasks-per-child",
+    type=click.IntRange(min=1),
+    help="prefork: replace a child with a fresh one after this many tasks.",
+)
+@click.option(
+    "--max-memory-per-child",
+    type=_Size(),
+    help="prefork: replace a child after a task leaves it above this size (200MB, 1GiB).",
+)
+@click.option(
     "--loglevel",
     "-l",
     type=click.Choice(LOG_LEVELS, case_sensitive=False),
@@ -66,6 +96,8 @@ def worker(
     queues: str | None,
     until_empty: bool,
     shutdown_grace: float | None,
+    max_tasks_per_child: int | None,
+    max_memory_per_child: int | None,
     loglevel: str | None,
 ) -> None:
     """Run a worker for APP."""
@@ -81,6 +113,8 @@ def worker(
         concurrency=concurrency,
         until_empty=until_empty,
         shutdown_grace=shutdown_grace,
+        max_tasks_per_child=max_tasks_per_child,
+        max_memory_per_child=max_memory_per_child,
     ).run()
 
 

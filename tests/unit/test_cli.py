@@ -904,3 +904,12 @@ def test_version_and_help() -> None:
     assert result.exit_code == 0
     for command in ("worker", "send", "status", "purge", "demo"):
         assert re.search(rf"^\s+{command}\s", result.stdout, re.MULTILINE), result.stdout
+
+
+def test_max_memory_per_child_takes_sizes_and_refuses_others(project: Project) -> None:
+    path, _ = project.app()
+    result = cli("worker", path, "--max-memory-per-child", "lots", "--until-empty")
+    assert_clear_error(result, "is not a size: write e.g. 200MB")
+    for good in ("200MB", "1GiB", "500000"):
+        result = cli("worker", path, "-P", "solo", "--max-memory-per-child", good, "--until-empty")
+        assert result.exit_code == 0, result.output
