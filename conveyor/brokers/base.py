@@ -131,6 +131,42 @@ class Broker(abc.ABC):
     def extend(self, deliveries: Sequence[Delivery], seconds: float) -> None:  # noqa: B027
         """Keep leases of running messages alive for another `seconds`. Default: nothing to do."""
 
+    # on the worker's event loop
+
+    def attach(self, loop: asyncio.AbstractEventLoop) -> bool:
+        """Make the consumer-side calls coroutines on `loop`, the worker's, if the transport can.
+
+        A broker that talks asyncio anyway (RabbitMQ) then runs its connection on the worker's
+        loop: the `*_async` calls below are awaited there with no thread in between. Returns
+        False for brokers that cannot (their blocking calls then go through a thread).
+        """
+        return False
+
+    async def detach(self) -> None:  # noqa: B027
+        """Undo `attach`: the worker's loop is about to end."""
+
+    async def fetch_async(self, queues: Sequence[str], limit: int) -> list[Delivery]:
+        """`fetch` on the attached loop."""
+        return self.fetch(queues, limit)
+
+    async def ack_async(self, deliveries: Sequence[Delivery]) -> int:
+        """`ack` on the attached loop."""
+        return self.ack(deliveries)
+
+    async def requeue_async(
+        self, deliveries: Sequence[Delivery], *, delay: float = 0.0, count_delivery: bool = True
+    ) -> None:
+        """`requeue` on the attached loop."""
+        self.requeue(deliveries, delay=delay, count_delivery=count_delivery)
+
+    async def dead_letter_async(self, items: Sequence[tuple[Delivery, str]]) -> None:
+        """`dead_letter` on the attached loop."""
+        self.dead_letter(items)
+
+    async def stats_async(self, queues: Sequence[str] | None = None) -> list[QueueStats]:
+        """`stats` on the attached loop."""
+        return self.stats(queues)
+
     # administration
 
     @abc.abstractmethod

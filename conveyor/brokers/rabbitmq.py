@@ -32,7 +32,7 @@ import re
 import threading
 import time
 import weakref
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterator, Sequence
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
@@ -110,6 +110,7 @@ class RabbitMQBroker(Broker):
         self.max_priority = 0 if queue_type == "quorum" else max_priority
         self.delivery_limit = delivery_limit
         self._lock = threading.Lock()
+        self._side: RabbitMQBroker | None = None
         self._reset()
         _live.add(self)
 
@@ -117,6 +118,8 @@ class RabbitMQBroker(Broker):
         """Forget connection state (a new process, or after close)."""
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
+        # Set while attached to a worker's event loop: the ident of the thread running it.
+        self._attached = 0
         self._connection: aiormq.abc.AbstractConnection | None = None
         self._channel: aiormq.abc.AbstractChannel | None = None
         self._generation = 0
@@ -132,6 +135,11 @@ class RabbitMQBroker(Broker):
 
     def _submit(self, coroutine: Awaitable[T]) -> concurrent.futures.Future[T]:
         """Start a coroutine on the broker's event-loop thread (started on first use)."""
+        if self._attached and threading.get_ident() == self._attached:
+            _close(coroutine)
+            raise RuntimeError(
+                "a blocking RabbitMQ call on the worker's own event loop would wait forever"
+            )
         with self._lock:
             if self._loop is None:
                 loop = asyncio.new_event_loop()
@@ -237,16 +245,84 @@ class RabbitMQBroker(Broker):
         self._declared.add(queue)
         return channel
 
+    # on the worker's event loop
+
+    def attach(self, loop: asyncio.AbstractEventLoop) -> bool:
+        """Run on the worker's event loop from now on, with a connection of its own."""
+        if self._loop is not None:
+            self.close()  # used from this process before the worker started: let that go
+        with self._lock:
+            self._loop, self._attached = loop, threading.get_ident()
+        return True
+
+    async def detach(self) -> None:
+        """Close the connection the worker's loop holds; later calls get a thread again."""
+        connection = self._connection
+        if connection is not None and not connection.is_closed:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(connection.close(), 5)
+        self._reset()
+
+    def _blocked(self) -> bool:
+        """True on the attached worker loop's own thread, where blocking calls cannot wait."""
+        return bool(self._attached) and threading.get_ident() == self._attached
+
+    def _beside(self) -> RabbitMQBroker:
+        """A broker with its own thread and connection, for blocking calls made on the worker's
+        loop thread (a task of the solo or asyncio pool that sends another task)."""
+        if self._side is None:
+            self._side = RabbitMQBroker(
+                self._url,
+                max_priority=self.max_priority,
+                queue_type=self.queue_type,
+                delivery_limit=self.delivery_limit,
+            )
+        return self._side
+
+    async def fetch_async(self, queues: Sequence[str], limit: int) -> list[Delivery]:
+        """`fetch`, awaited on the attached loop."""
+        if limit <= 0:
+            return []
+        if limit > self._prefetch or any(q not in self._consuming for q in queues):
+            await self._consume(queues, limit)
+        return self._take(limit)
+
+    async def ack_async(self, deliveries: Sequence[Delivery]) -> int:
+        """`ack`, awaited on the attached loop."""
+        return await self._ack(deliveries) if deliveries else 0
+
+    async def requeue_async(
+        self, deliveries: Sequence[Delivery], *, delay: float = 0.0, count_delivery: bool = True
+    ) -> None:
+        """`requeue`, awaited on the attached loop."""
+        if deliveries:
+            await self._requeue(deliveries, delay, count_delivery)
+
+    async def dead_letter_async(self, items: Sequence[tuple[Delivery, str]]) -> None:
+        """`dead_letter`, awaited on the attached loop."""
+        if items:
+            await self._dead_letter(items)
+
+    async def stats_async(self, queues: Sequence[str] | None = None) -> list[QueueStats]:
+        """`stats`, awaited on the attached loop."""
+        return await self._stats(sorted(self._declared if queues is None else queues))
+
     # producer side
 
     def publish(self, messages: Sequence[Outgoing]) -> None:
         """Publish persistent, mandatory messages and wait for every confirm."""
-        if messages:
+        if self._blocked():
+            self._beside().publish(messages)
+        elif messages:
             self._run(self._publish(messages))
 
     async def publish_async(self, messages: Sequence[Outgoing]) -> None:
         """`publish` for asyncio producers: thousands of calls can wait for confirms at once."""
-        if messages:
+        if not messages:
+            return
+        if self._attached and self._loop is asyncio.get_running_loop():
+            await self._publish(messages)
+        else:
             await self._run_async(self._publish(messages))
 
     async def _publish(
@@ -277,8 +353,11 @@ class RabbitMQBroker(Broker):
         """Messages pushed by RabbitMQ, at most `limit`; prefetch keeps them bounded."""
         if limit <= 0:
             return []
-        if any(q not in self._consuming for q in queues):
+        if limit > self._prefetch or any(q not in self._consuming for q in queues):
             self._run(self._consume(queues, limit))
+        return self._take(limit)
+
+    def _take(self, limit: int) -> list[Delivery]:
         out: list[Delivery] = []
         while self._inbox and len(out) < limit:
             out.append(self._inbox.popleft())
@@ -286,10 +365,11 @@ class RabbitMQBroker(Broker):
 
     async def _consume(self, queues: Sequence[str], prefetch: int) -> None:
         channel = await self._chan()
-        if not self._consuming:
-            # At most this many unacknowledged messages: the worker's slots when it first asked,
-            # kept when consuming resumes on a new channel.
-            self._prefetch = self._prefetch or prefetch
+        if not self._consuming or prefetch > self._prefetch:
+            # At most this many unacknowledged messages: the most slots the worker has had free
+            # at once, so never more than it can start; kept when consuming resumes on a new
+            # channel.
+            self._prefetch = max(self._prefetch, prefetch)
             await channel.basic_qos(prefetch_count=self._prefetch)
         for queue in queues:
             if queue not in self._consuming:
@@ -433,6 +513,8 @@ class RabbitMQBroker(Broker):
 
     def stats(self, queues: Sequence[str] | None = None) -> list[QueueStats]:
         """Ready, delayed and dead counts (RabbitMQ does not report unacknowledged ones here)."""
+        if self._blocked():
+            return self._beside().stats(queues)
         names = sorted(self._declared if queues is None else queues)
         return self._run(self._stats(names))
 
@@ -453,6 +535,8 @@ class RabbitMQBroker(Broker):
 
     def purge(self, queue: str, *, dead: bool = False) -> int:
         """Delete a queue's waiting and delayed messages, or its dead letters."""
+        if self._blocked():
+            return self._beside().purge(queue, dead=dead)
         return self._run(self._purge(queue, dead))
 
     async def _purge(self, queue: str, dead: bool) -> int:
@@ -468,6 +552,8 @@ class RabbitMQBroker(Broker):
 
     def dead_letters(self, queue: str, limit: int = 100) -> list[DeadLetter]:
         """Look at up to `limit` dead letters without removing them."""
+        if self._blocked():
+            return self._beside().dead_letters(queue, limit)
         return self._run(self._dead_letters(queue, limit))
 
     async def _dead_letters(self, queue: str, limit: int) -> list[DeadLetter]:
@@ -498,8 +584,17 @@ class RabbitMQBroker(Broker):
 
     def close(self) -> None:
         """Close the connection and stop the broker's event-loop thread."""
+        if self._side is not None:
+            self._side.close()
+            self._side = None
         loop = self._loop
         if loop is None:
+            return
+        if self._attached:  # the loop is the worker's: only the connection is ours
+            if not self._blocked() and loop.is_running() and self._connection is not None:
+                with contextlib.suppress(Exception):
+                    self._run(self._connection.close(), timeout=5)
+            self._reset()
             return
         if self._connection is not None and not loop.is_closed():
             with contextlib.suppress(Exception):  # a dead connection has nothing to release
@@ -661,6 +756,12 @@ def _int(value: object) -> int:
 
 def _priority(message: aiormq.abc.DeliveredMessage) -> int:
     return int(message.header.properties.priority or 0)
+
+
+def _close(coroutine: Awaitable[Any]) -> None:
+    """Discard a coroutine that will never run (without a "never awaited" warning)."""
+    if isinstance(coroutine, Coroutine):
+        coroutine.close()
 
 
 def _current_task() -> asyncio.Task[Any] | None:

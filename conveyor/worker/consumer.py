@@ -162,6 +162,7 @@ class Consumer:
         self._lock = threading.RLock()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread = 0
+        self._native = False
         self._direct = pool.threaded and self.broker.local
 
     # lifecycle
@@ -169,62 +170,70 @@ class Consumer:
     async def run(self) -> None:
         """Consume until `stop()` and every running job is settled, or until drained."""
         self._loop, self._loop_thread = asyncio.get_running_loop(), threading.get_ident()
+        # A broker that can run on this loop (RabbitMQ) does: no thread hand-off per round.
+        self._native = not self.broker.local and self.broker.attach(self._loop)
         self.broker.on_arrival(self._wake)
         renewer = asyncio.create_task(self._renew_leases())
+        try:
+            await self._consume()
+        finally:
+            renewer.cancel()
+            if self._native:
+                await self.broker.detach()
+            self._io.shutdown(wait=True)
+
+    async def _consume(self) -> None:
+        """The rounds: settle, fetch, start; wait when there is nothing to do."""
         poll = MIN_POLL_S
         next_turn = 0.0
         failures = 0
         empty_since = math.inf
-        try:
-            while True:
-                with self._lock:
-                    free = self._free()
-                    idle = free <= 0 and not self._pending.urgent
-                    if idle and self._stopping and not self._running and not self._pending:
-                        return
-                if idle:
-                    woken = await self._wait(LAZY_FLUSH_S if self._pending else None)
-                    if woken or not self._pending:
-                        continue
-                if self.broker.local:
-                    dispatched = self._cycle(free)
-                else:
-                    dispatched = await self._dispatch(await self._round(free))
-                if failures and dispatched >= 0:
-                    log.warning("the broker answers again after %d failed rounds", failures)
-                    failures = 0
-                if dispatched > 0:
-                    poll = MIN_POLL_S
-                    empty_since = math.inf
-                    if time.monotonic() >= next_turn:
-                        # A local broker's calls never suspend: give signals and timers a turn,
-                        # every few milliseconds rather than every round (a turn costs a poll).
-                        await asyncio.sleep(0)
-                        next_turn = time.monotonic() + LOOP_TURN_S
-                elif dispatched < 0:
-                    failures += 1
-                    # Exponential backoff with full jitter: workers that lost the broker together
-                    # do not all come back at the same instant.
-                    delay = random.uniform(0, min(RETRY_MAX_S, RETRY_BASE_S * 2**failures))
-                    log.error("retrying the broker in %.1fs (failure %d in a row)", delay, failures)
-                    await asyncio.sleep(delay)
+        while True:
+            with self._lock:
+                free = self._free()
+                idle = free <= 0 and not self._pending.urgent
+                if idle and self._stopping and not self._running and not self._pending:
+                    return
+            if idle:
+                woken = await self._wait(LAZY_FLUSH_S if self._pending else None)
+                if woken or not self._pending:
                     continue
-                elif free > 0:
-                    # Only once fetches kept coming back empty: asking a broker for its queue
-                    # depths can cost milliseconds (RabbitMQ: a round trip per queue).
-                    settled = poll >= DRAIN_CHECK_POLL_S and not self._running
-                    if self.until_empty and settled and await self._drained():
-                        # A remote broker's counts can miss messages in transit (RabbitMQ moving
-                        # one out of a delay queue): "empty" must hold twice, a moment apart.
-                        now = time.monotonic()
-                        if self.broker.local or now - empty_since >= DRAIN_CONFIRM_S:
-                            return
-                        empty_since = min(empty_since, now)
-                    await self._wait(poll)
-                    poll = min(poll * 2, MAX_POLL_S)
-        finally:
-            renewer.cancel()
-            self._io.shutdown(wait=True)
+            if self.broker.local:
+                dispatched = self._cycle(free)
+            else:
+                dispatched = await self._dispatch(await self._round(free))
+            if failures and dispatched >= 0:
+                log.warning("the broker answers again after %d failed rounds", failures)
+                failures = 0
+            if dispatched > 0:
+                poll = MIN_POLL_S
+                empty_since = math.inf
+                if time.monotonic() >= next_turn:
+                    # A local broker's calls never suspend: give signals and timers a turn,
+                    # every few milliseconds rather than every round (a turn costs a poll).
+                    await asyncio.sleep(0)
+                    next_turn = time.monotonic() + LOOP_TURN_S
+            elif dispatched < 0:
+                failures += 1
+                # Exponential backoff with full jitter: workers that lost the broker together
+                # do not all come back at the same instant.
+                delay = random.uniform(0, min(RETRY_MAX_S, RETRY_BASE_S * 2**failures))
+                log.error("retrying the broker in %.1fs (failure %d in a row)", delay, failures)
+                await asyncio.sleep(delay)
+                continue
+            elif free > 0:
+                # Only once fetches kept coming back empty: asking a broker for its queue
+                # depths can cost milliseconds (RabbitMQ: a round trip per queue).
+                settled = poll >= DRAIN_CHECK_POLL_S and not self._running
+                if self.until_empty and settled and await self._drained():
+                    # A remote broker's counts can miss messages in transit (RabbitMQ moving
+                    # one out of a delay queue): "empty" must hold twice, a moment apart.
+                    now = time.monotonic()
+                    if self.broker.local or now - empty_since >= DRAIN_CONFIRM_S:
+                        return
+                    empty_since = min(empty_since, now)
+                await self._wait(poll)
+                poll = min(poll * 2, MAX_POLL_S)
 
     def stop(self) -> None:
         """Warm shutdown: fetch nothing more; `run` returns once running jobs are settled."""
@@ -295,6 +304,8 @@ class Consumer:
         with self._lock:
             batch, self._pending = self._pending, Settlements()
         try:
+            if self._native:
+                return await self._settle_and_fetch_native(batch, free)
             return await self._call(self._settle_and_fetch, batch, free)
         except Exception as exc:
             log.error("broker or result store failed: %s", exc)
@@ -318,6 +329,27 @@ class Consumer:
             for delivery, seconds in batch.delay:
                 broker.requeue([delivery], delay=seconds, count_delivery=False)
             deliveries = broker.fetch(self.queues, free) if free > 0 else []
+        self._count_stale(lost)
+        return deliveries
+
+    async def _settle_and_fetch_native(self, batch: Settlements, free: int) -> list[Delivery]:
+        """`_settle_and_fetch` for a broker attached to this loop (the result store, which
+        blocks, still goes through the I/O thread)."""
+        broker = self.broker
+        if batch.records and self.store is not None:
+            await self._call(self.store.put, list(batch.records.values()))
+        if batch.publish:
+            await broker.publish_async(batch.publish)
+        lost = len(batch.acks) - await broker.ack_async(batch.acks)
+        await broker.dead_letter_async(batch.dead)
+        await broker.requeue_async(batch.release)
+        for delivery, seconds in batch.delay:
+            await broker.requeue_async([delivery], delay=seconds, count_delivery=False)
+        deliveries = await broker.fetch_async(self.queues, free) if free > 0 else []
+        self._count_stale(lost)
+        return deliveries
+
+    def _count_stale(self, lost: int) -> None:
         if lost:
             self.stats.stale += lost
             log.warning(
@@ -325,11 +357,13 @@ class Consumer:
                 "closed): they will run again",
                 lost,
             )
-        return deliveries
 
     async def _drained(self) -> bool:
         try:
-            stats = await self._call(self.broker.stats, self.queues)
+            if self._native:
+                stats = await self.broker.stats_async(self.queues)
+            else:
+                stats = await self._call(self.broker.stats, self.queues)
         except Exception as exc:
             log.error("could not read queue depths: %s", exc)
             return False
@@ -386,7 +420,10 @@ class Consumer:
             jobs, early = self._admit_all(deliveries)
         if early:
             try:
-                await self._call(self.broker.ack, early)
+                if self._native:
+                    await self.broker.ack_async(early)
+                else:
+                    await self._call(self.broker.ack, early)
             except Exception as exc:
                 with self._lock:
                     self._start(self._without_early(jobs, exc))
