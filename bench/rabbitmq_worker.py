@@ -1,0 +1,703 @@
+"""Workers on RabbitMQ: conveyor against Dramatiq and Celery, throughput and idle memory.
+
+`python -m bench.rabbitmq_worker` (part of `make bench`) measures each peer's worker, started
+from its own command line, on the local RabbitMQ, and writes docs/benchmarks-rabbitmq-worker.md:
+medians over `--repeat` rounds, peers alternating (the order rotates each round). Every
+measurement runs in a process of its own (`--one MODE`), which writes the peer's app module into
+a temporary directory, uses queues with a fresh unique name, starts the worker in a new process
+group, and kills what is left of that group and deletes the queues whatever happens.
+
+The workers have 2 slots each and late acks, run a no-op task and store no results:
+
+- conveyor: `conveyor worker bench_app:app --pool POOL -c 2 --until-empty`, the task declared
+  with `@app.task(acks_late=True)` on `Conveyor(..., ignore_results=True)`. POOL is
+  `--conveyor-pool`, prefork by default; if the installed conveyor refuses prefork, threads
+  (one process, 2 threads) and the report says so. Its prefetch is its slot count (2); its
+  queues have conveyor's default `x-max-priority` 9.
+- Dramatiq: `dramatiq bench_app -p 2 -t 1`, and `-t 8` (2 processes), `RabbitmqBroker` with the
+  default middleware; late acks are Dramatiq's default. Its prefetch is 2 per thread.
+- Celery: `celery -A bench_app worker -P prefork -c 2 -l WARNING --without-gossip
+  --without-mingle --without-heartbeat` with a unique node name, `task_acks_late=True`, no
+  result backend, the default prefetch multiplier (4, so 8 messages). WARNING writes no log line
+  per task; the three flags only concern talking to other workers.
+
+**Throughput**, timed the same way for every peer. The peer's own client fills the queue with N
+tasks (conveyor `map()`, Dramatiq `send()`, Celery `apply_async()`), and the queue must hold
+exactly N before the worker starts: neither publishing nor start-up is timed. The bench then
+polls the queue every 5 ms with a passive `queue.declare`, which reports ready messages and
+consumers but not unacknowledged messages (AMQP has no such count; the management plugin is not
+used). The clock starts at the first poll that sees fewer than N ready, the worker's first
+deliveries, and stops at the first that sees none. The last prefetch window (2 to 32 tasks,
+under 1% of the default N) is still being run then and is not timed.
+
+Every throughput run is verified. conveyor must exit by itself (`--until-empty`) with status 0,
+logging N succeeded and nothing failed, retried or dead-lettered; Dramatiq and Celery, once the
+queue stayed empty for a second, get SIGTERM (a warm shutdown) and must exit with status 0.
+Then nothing may be left in the queue (with late acks an unfinished message comes back) nor in
+the peer's dead-letter and retry queues, and the worker's log may hold no error or traceback.
+
+**Idle memory**. The worker starts against its empty queue, without `--until-empty`. Once it
+consumes (Dramatiq: both processes), the bench waits 2 s, then reads the worker's process tree
+(the process it started and all its descendants, found in /proc) every 0.5 s until three
+readings in a row, of the same processes, agree within 1%. The figures are the sums of `Pss` and
+of `Rss` in `/proc/<pid>/smaps_rollup`. PSS divides each shared page among the processes mapping
+it, so the memory a forked pool shares counts once (and libraries shared with processes outside
+the tree count in part); RSS counts shared pages in every process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import datetime as dt
+import importlib
+import json
+import os
+import re
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+URL = "amqp://guest:guest@127.0.0.1:5672/"
+ROOT = Path(__file__).resolve().parent.parent
+REPORT = ROOT / "docs" / "benchmarks-rabbitmq-worker.md"
+MODES = ("conveyor", "dramatiq-t1", "dramatiq-t8", "celery")
+LABELS = {
+    "conveyor": "conveyor",
+    "dramatiq-t1": "Dramatiq, 1 thread each",
+    "dramatiq-t8": "Dramatiq, 8 threads each",
+    "celery": "Celery",
+}
+DRAMATIQ_TARGET = 2.0
+"""conveyor's throughput at least this multiple of Dramatiq's (the faster of its two)."""
+CELERY_TARGET = 4.0
+MEMORY_TARGET = 0.7
+"""conveyor's idle PSS at most this multiple of Dramatiq's (the smaller of its two trees)."""
+SLOTS = 2
+POLL_S = 0.005
+START_TIMEOUT_S = 120.0
+STOP_TIMEOUT_S = 60.0
+SETTLE_S = 1.0
+IDLE_S = 2.0
+STABLE_READINGS = 3
+STABLE_SPREAD = 0.01
+STABLE_TIMEOUT_S = 30.0
+TROUBLE = re.compile(r"\b(ERROR|CRITICAL)\b|Traceback")
+CONVEYOR_SUMMARY = re.compile(
+    r"worker stopped: (\d+) succeeded, (\d+) failed, (\d+) retried, (\d+) dead-lettered"
+)
+
+CONVEYOR_APP = """\
+from conveyor import Conveyor
+
+app = Conveyor("bench", broker={url!r}, default_queue={queue!r}, ignore_results=True)
+
+
+@app.task(name="bench.noop", acks_late=True)
+def noop() -> None:
+    pass
+"""
+DRAMATIQ_APP = """\
+import dramatiq
+from dramatiq.brokers.rabbitmq import RabbitmqBroker
+
+dramatiq.set_broker(RabbitmqBroker(url={url!r}))
+
+
+@dramatiq.actor(queue_name={queue!r}, actor_name="bench_noop")
+def noop() -> None:
+    pass
+"""
+CELERY_APP = """\
+from celery import Celery
+
+app = Celery("bench", broker={url!r})
+app.conf.update(
+    task_default_queue={queue!r},
+    task_acks_late=True,
+    task_ignore_result=True,
+    broker_connection_retry_on_startup=True,
+)
+
+
+@app.task(name="bench.noop", acks_late=True)
+def noop() -> None:
+    pass
+"""
+
+
+class BenchError(Exception):
+    """A run failed or could not be verified: no report is written."""
+
+
+@dataclass(frozen=True)
+class Peer:
+    """How one mode's worker is started, and the broker objects its run creates."""
+
+    mode: str
+    queue: str
+    source: str
+    command: list[str]
+    side_queues: list[str]
+    """Dead letters and retries: they must stay empty."""
+    exchanges: list[str]
+    """Exchanges named after this run's queue (shared ones are left alone)."""
+    consumers: int
+    """Consumers on `queue` once every worker process consumes."""
+
+
+def make_peer(mode: str, queue: str, pool: str, until_empty: bool) -> Peer:
+    """The worker command and broker objects for `mode` on `queue`."""
+    bin_dir = Path(sys.executable).parent  # the bench venv's own console scripts
+    if mode == "conveyor":
+        from conveyor.brokers.rabbitmq import BUCKETS_MS
+
+        command = [str(bin_dir / "conveyor"), "worker", "bench_app:app", "--pool", pool]
+        command += ["-c", str(SLOTS), *(["--until-empty"] if until_empty else [])]
+        side = [f"{queue}.dead", *(f"{queue}.delay.{ms}" for ms in BUCKETS_MS)]
+        return Peer(mode, queue, CONVEYOR_APP, command, side, [], 1)
+    if mode.startswith("dramatiq-t"):
+        threads = mode.removeprefix("dramatiq-t")
+        command = [str(bin_dir / "dramatiq"), "bench_app", "-p", str(SLOTS), "-t", threads]
+        return Peer(mode, queue, DRAMATIQ_APP, command, [f"{queue}.DQ", f"{queue}.XQ"], [], SLOTS)
+    if mode == "celery":
+        command = [str(bin_dir / "celery"), "-A", "bench_app", "worker", "-P", "prefork"]
+        command += ["-c", str(SLOTS), "-l", "WARNING", "-n", f"{queue}@%h", "-Q", queue]
+        command += ["--without-gossip", "--without-mingle", "--without-heartbeat"]
+        return Peer(mode, queue, CELERY_APP, command, [], [queue], 1)
+    raise ValueError(f"unknown mode {mode!r}")
+
+
+# The broker, as any AMQP client sees it.
+
+
+class Probe:
+    """Passive declares and deletes on one connection of the bench's own."""
+
+    def __init__(self) -> None:
+        self.connection: Any = None
+        self.channel: Any = None
+
+    async def __aenter__(self) -> Probe:
+        import aiormq
+
+        try:
+            self.connection = await aiormq.connect(URL)
+        except (OSError, aiormq.exceptions.AMQPError) as exc:
+            raise BenchError(f"RabbitMQ is not reachable at {URL}: {exc}") from None
+        self.channel = await self.connection.channel()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.connection.close()
+
+    @property
+    def server_version(self) -> str:
+        return str(self.connection.server_properties.get("version", "?"))
+
+    async def depth(self, name: str) -> tuple[int, int] | None:
+        """(ready messages, consumers) of a queue, or None if it does not exist."""
+        import aiormq
+
+        try:
+            ok = await self.channel.queue_declare(name, passive=True)
+        except aiormq.exceptions.ChannelNotFoundEntity:
+            self.channel = await self.connection.channel()
+            return None
+        return int(ok.message_count or 0), int(ok.consumer_count or 0)
+
+    async def ready(self, name: str) -> int:
+        found = await self.depth(name)
+        return 0 if found is None else found[0]
+
+    async def delete(self, queues: list[str], exchanges: list[str]) -> None:
+        for queue in queues:
+            await self.channel.queue_delete(queue)
+        for exchange in exchanges:
+            await self.channel.exchange_delete(exchange)
+
+
+# Worker processes.
+
+
+def start_worker(peer: Peer, workdir: Path) -> subprocess.Popen[bytes]:
+    """The worker in a new session: its process group is exactly the tree it starts."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("CONVEYOR_", "dramatiq_", "CELERY_"))
+    }
+    env["PYTHONPATH"] = str(workdir)
+    with open(workdir / "worker.log", "wb") as log:
+        return subprocess.Popen(
+            peer.command,
+            cwd=workdir,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+
+def processes() -> dict[int, tuple[int, int]]:
+    """Every process on the machine: pid -> (parent pid, process group)."""
+    out = {}
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            try:
+                stat = Path(entry.path, "stat").read_text()
+            except OSError:
+                continue
+            fields = stat.rsplit(")", 1)[1].split()
+            out[int(entry.name)] = (int(fields[1]), int(fields[2]))
+    return out
+
+
+def tree(root: int) -> list[int]:
+    """`root` and all its descendants."""
+    children: dict[int, list[int]] = {}
+    for pid, (ppid, _) in processes().items():
+        children.setdefault(ppid, []).append(pid)
+    found, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        found.append(pid)
+        todo += children.get(pid, [])
+    return sorted(found)
+
+
+def kill_group(worker: subprocess.Popen[bytes]) -> None:
+    """SIGKILL whatever is left of the worker's process group (its pid is the group's id)."""
+    for pid, (_, group) in processes().items():
+        if group == worker.pid:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        worker.wait(10)
+
+
+async def wait_exit(worker: subprocess.Popen[bytes], timeout: float) -> int:
+    deadline = time.monotonic() + timeout
+    while worker.poll() is None:
+        if time.monotonic() > deadline:
+            raise BenchError(f"the worker did not exit within {timeout:.0f}s")
+        await asyncio.sleep(0.05)
+    return worker.returncode
+
+
+def memory_kib(pids: list[int]) -> tuple[int, int]:
+    """Sum of Pss and of Rss over `pids`, in KiB."""
+    pss = rss = 0
+    for pid in pids:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key == "Pss":
+                pss += int(value.split()[0])
+            elif key == "Rss":
+                rss += int(value.split()[0])
+    return pss, rss
+
+
+def log_text(workdir: Path) -> str:
+    return (workdir / "worker.log").read_text(errors="replace")
+
+
+def log_tail(workdir: Path, lines: int = 25) -> str:
+    return "\n".join(log_text(workdir).splitlines()[-lines:])
+
+
+# One measurement, in its own process.
+
+
+def publish(mode: str, n: int) -> None:
+    """N tasks with the peer's own client, from the same app module the worker imports."""
+    app_module: Any = importlib.import_module("bench_app")
+    if mode == "conveyor":
+        app_module.noop.map([() for _ in range(n)])
+        app_module.app.close()
+    elif mode.startswith("dramatiq"):
+        for _ in range(n):
+            app_module.noop.send()
+        app_module.dramatiq.get_broker().close()
+    else:
+        for _ in range(n):
+            app_module.noop.apply_async()
+        app_module.app.close()
+
+
+async def throughput(
+    peer: Peer, worker: subprocess.Popen[bytes], n: int, workdir: Path, started: float
+) -> dict[str, Any]:
+    """Time the drain of a queue of n tasks (see the module docstring), then verify the run."""
+    async with Probe() as probe:
+        first = None
+        deadline = time.monotonic() + START_TIMEOUT_S + n / 20
+        while True:
+            ready = await probe.ready(peer.queue)
+            now = time.perf_counter()
+            if first is None and ready < n:
+                first = now
+            if ready == 0:
+                break
+            if worker.poll() is not None:
+                raise BenchError(f"the worker exited early:\n{log_tail(workdir)}")
+            if time.monotonic() > deadline:
+                raise BenchError(f"{ready} of {n} tasks still queued at the deadline")
+            await asyncio.sleep(POLL_S)
+        assert first is not None
+        if now <= first:
+            raise BenchError("the queue drained between two polls: use more --tasks")
+        result = {
+            "mode": peer.mode,
+            "tasks": n,
+            "per_s": round(n / (now - first), 1),
+            "startup_s": round(first - started, 3),
+        }
+        if peer.mode == "conveyor":
+            code = await wait_exit(worker, STOP_TIMEOUT_S)
+        else:
+            quiet_since = time.monotonic()
+            while time.monotonic() - quiet_since < SETTLE_S:
+                await asyncio.sleep(0.05)
+                if await probe.ready(peer.queue):
+                    raise BenchError("messages came back to the queue after it drained")
+            worker.send_signal(signal.SIGTERM)
+            code = await wait_exit(worker, STOP_TIMEOUT_S)
+        if code != 0:
+            raise BenchError(f"the worker exited with status {code}:\n{log_tail(workdir)}")
+        left = {q: await probe.ready(q) for q in [peer.queue, *peer.side_queues]}
+    if any(left.values()):
+        raise BenchError(f"messages left after the worker stopped: {left}")
+    log = log_text(workdir)
+    if TROUBLE.search(log):
+        raise BenchError(f"the worker logged an error:\n{log_tail(workdir)}")
+    if peer.mode == "conveyor":
+        summary = CONVEYOR_SUMMARY.search(log)
+        if summary is None:
+            raise BenchError(f"no summary line in conveyor's log:\n{log_tail(workdir)}")
+        counts = tuple(int(x) for x in summary.groups())
+        if counts != (n, 0, 0, 0):
+            raise BenchError(f"conveyor: expected {n} succeeded and nothing else: {summary[0]}")
+    return result
+
+
+async def idle_memory(peer: Peer, worker: subprocess.Popen[bytes]) -> dict[str, Any]:
+    """Read the idle worker tree's memory once it consumes and has settled."""
+    async with Probe() as probe:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while (found := await probe.depth(peer.queue)) is None or found[1] < peer.consumers:
+            if worker.poll() is not None or time.monotonic() > deadline:
+                raise BenchError(f"the worker never consumed ({peer.consumers} consumers)")
+            await asyncio.sleep(0.05)
+    await asyncio.sleep(IDLE_S)
+    readings: list[tuple[list[int], int, int]] = []
+    deadline = time.monotonic() + STABLE_TIMEOUT_S
+    stable = False
+    while time.monotonic() < deadline:
+        if worker.poll() is not None:
+            raise BenchError(f"the idle worker exited with status {worker.returncode}")
+        pids = tree(worker.pid)
+        try:
+            reading = (pids, *memory_kib(pids))
+        except OSError:  # a process of the tree ended meanwhile: read the new tree
+            continue
+        readings = [*readings[-(STABLE_READINGS - 1) :], reading]
+        last = [pss for _, pss, _ in readings]
+        stable = (
+            len(readings) == STABLE_READINGS
+            and all(r[0] == pids for r in readings)
+            and max(last) - min(last) <= STABLE_SPREAD * max(last)
+        )
+        if stable:
+            break
+        await asyncio.sleep(0.5)
+    if not readings:
+        raise BenchError("the worker's memory could not be read")
+    pids, pss, rss = readings[-1]
+    worker.send_signal(signal.SIGTERM)
+    code = await wait_exit(worker, STOP_TIMEOUT_S)
+    if code != 0:
+        raise BenchError(f"the idle worker exited with status {code} on SIGTERM")
+    return {
+        "mode": peer.mode,
+        "pss_kib": pss,
+        "rss_kib": rss,
+        "processes": len(pids),
+        "stable": stable,
+    }
+
+
+async def pool_probe(worker: subprocess.Popen[bytes], workdir: Path) -> dict[str, Any]:
+    """Does the installed conveyor run the pool? It exits 0 on an empty queue if it does."""
+    code = await wait_exit(worker, START_TIMEOUT_S)
+    log = log_text(workdir)
+    if code != 0 and "prefork" not in log:
+        raise BenchError(f"conveyor's pool probe failed with status {code}:\n{log_tail(workdir)}")
+    lines = [line.strip() for line in log.splitlines() if "prefork" in line]
+    return {"mode": "probe", "accepted": code == 0, "message": lines[-1] if lines else ""}
+
+
+async def delete(peer: Peer) -> None:
+    async with Probe() as probe:
+        await probe.delete([peer.queue, *peer.side_queues], peer.exchanges)
+
+
+def measure(mode: str, measurement: str, n: int, pool: str) -> dict[str, Any]:
+    """One measurement of one peer, in this process; raises BenchError unless it checks out."""
+    queue = f"bench-worker-{mode}-{uuid.uuid4().hex[:8]}"
+    peer = make_peer(mode, queue, pool, until_empty=measurement != "memory")
+    worker = None
+    with tempfile.TemporaryDirectory(prefix="bench-worker-") as tmp:
+        workdir = Path(tmp)
+        (workdir / "bench_app.py").write_text(peer.source.format(url=URL, queue=queue))
+        sys.path.insert(0, tmp)
+        try:
+            if measurement == "throughput":
+                publish(mode, n)
+                asyncio.run(wait_queued(queue, n))
+            started = time.perf_counter()
+            worker = start_worker(peer, workdir)
+            if measurement == "throughput":
+                return asyncio.run(throughput(peer, worker, n, workdir, started))
+            if measurement == "memory":
+                return asyncio.run(idle_memory(peer, worker))
+            return asyncio.run(pool_probe(worker, workdir))
+        finally:
+            if worker is not None:
+                kill_group(worker)
+            asyncio.run(delete(peer))
+
+
+async def wait_queued(queue: str, n: int) -> None:
+    """Wait until the queue holds exactly n (a publisher without confirms may still be sending)."""
+    async with Probe() as probe:
+        deadline = time.monotonic() + 30
+        while (queued := await probe.ready(queue)) != n:
+            if queued > n or time.monotonic() > deadline:
+                raise BenchError(f"expected {n} tasks in the queue before starting, found {queued}")
+            await asyncio.sleep(0.05)
+
+
+def run_one(args: argparse.Namespace) -> int:
+    # SIGTERM from the harness (its timeout) unwinds through `finally`: no worker or queue left.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    try:
+        result = measure(args.one, args.measure, args.tasks, args.conveyor_pool)
+    except BenchError as exc:
+        print(f"{args.one} ({args.measure}): {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(result), flush=True)
+    return 0
+
+
+# The harness.
+
+
+def spawn(mode: str, measurement: str, args: argparse.Namespace, pool: str) -> dict[str, Any]:
+    """Run one measurement in a fresh interpreter; its JSON result."""
+    command = [sys.executable, "-m", "bench.rabbitmq_worker", "--one", mode]
+    command += ["--measure", measurement, "--tasks", str(args.tasks), "--conveyor-pool", pool]
+    one = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    timeout = 2 * START_TIMEOUT_S + 3 * STOP_TIMEOUT_S + args.tasks / 10
+    try:
+        out, err = one.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        one.terminate()  # the measurement cleans up on SIGTERM
+        try:
+            one.communicate(timeout=STOP_TIMEOUT_S + 30)
+        except subprocess.TimeoutExpired:
+            one.kill()
+            one.communicate()
+        raise BenchError(f"{mode} ({measurement}) did not finish within {timeout:.0f}s") from None
+    if one.returncode != 0:
+        raise BenchError(err.decode(errors="replace").strip() or f"{mode} failed")
+    try:
+        return dict(json.loads(out.decode().strip().splitlines()[-1]))
+    except (IndexError, json.JSONDecodeError):
+        raise BenchError(f"{mode} ({measurement}) printed no result: {out!r}") from None
+
+
+def choose_pool(args: argparse.Namespace) -> tuple[str, str]:
+    """The conveyor pool to measure, and a note for the report when it is not the one asked for."""
+    if args.conveyor_pool != "prefork":
+        return args.conveyor_pool, ""
+    probe = spawn("conveyor", "probe", args, "prefork")
+    if probe["accepted"]:
+        return "prefork", ""
+    message = probe["message"] or "refused"
+    print(f"conveyor refuses the prefork pool ({message}); measuring threads instead")
+    return "threads", (
+        "**The installed conveyor refuses the prefork pool** "
+        f"(`{message}`), so conveyor ran with `--pool threads`: one process with 2 threads. "
+        "Rerun once prefork has landed."
+    )
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--tasks", type=int, default=5000, help="no-op tasks per throughput run")
+    parser.add_argument("--repeat", type=int, default=3, help="rounds; the report uses medians")
+    parser.add_argument(
+        "--conveyor-pool",
+        default="prefork",
+        help="conveyor's --pool (default prefork; threads if the installed conveyor refuses it)",
+    )
+    parser.add_argument("--one", choices=MODES, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--measure", choices=("throughput", "memory", "probe"), help=argparse.SUPPRESS
+    )
+    args = parser.parse_args()
+    if args.tasks < 100 or args.repeat < 1:
+        parser.error("--tasks must be at least 100 and --repeat at least 1")
+    if args.one:
+        return run_one(args)
+    load = os.getloadavg()[0]
+    try:
+        server = asyncio.run(_server_version())
+        pool, note = choose_pool(args)
+        runs = run_rounds(args, pool)
+    except BenchError as exc:
+        print(f"benchmark failed, no report written:\n{exc}", file=sys.stderr)
+        return 1
+    write_report(args, pool, note, server, runs, load)
+    return 0
+
+
+async def _server_version() -> str:
+    async with Probe() as probe:
+        return probe.server_version
+
+
+Runs = dict[str, dict[str, list[dict[str, Any]]]]
+
+
+def run_rounds(args: argparse.Namespace, pool: str) -> Runs:
+    """Every round: each peer's throughput, then each peer's idle memory; the order rotates."""
+    runs: Runs = {"throughput": {m: [] for m in MODES}, "memory": {m: [] for m in MODES}}
+    for round_no in range(args.repeat):
+        order = MODES[round_no % len(MODES) :] + MODES[: round_no % len(MODES)]
+        for measurement in ("throughput", "memory"):
+            for mode in order:
+                result = spawn(mode, measurement, args, pool)
+                runs[measurement][mode].append(result)
+                if measurement == "throughput":
+                    figure = f"{result['per_s']:>8,.0f} tasks/s"
+                else:
+                    figure = f"PSS {result['pss_kib'] / 1024:>6.1f} MiB"
+                print(f"round {round_no + 1}/{args.repeat}  {measurement:<10} {mode:<12} {figure}")
+    return runs
+
+
+def median(runs: list[dict[str, Any]], key: str) -> float:
+    return float(statistics.median(r[key] for r in runs))
+
+
+def write_report(
+    args: argparse.Namespace, pool: str, note: str, server: str, runs: Runs, load: float
+) -> None:
+    import platform
+    from importlib.metadata import version
+
+    from bench.__main__ import cpu_model
+
+    names = ("conveyor", "dramatiq", "celery", "kombu", "amqp", "billiard", "pika", "aiormq")
+    versions = ", ".join(f"{name} {version(name)}" for name in names)
+    rate = {m: median(runs["throughput"][m], "per_s") for m in MODES}
+    startup = {m: median(runs["throughput"][m], "startup_s") for m in MODES}
+    pss = {m: median(runs["memory"][m], "pss_kib") / 1024 for m in MODES}
+    rss = {m: median(runs["memory"][m], "rss_kib") / 1024 for m in MODES}
+    procs = {m: runs["memory"][m][-1]["processes"] for m in MODES}
+    best = max(("dramatiq-t1", "dramatiq-t8"), key=rate.__getitem__)
+    lean = min(("dramatiq-t1", "dramatiq-t8"), key=pss.__getitem__)
+    unstable = sorted({m for m in MODES for r in runs["memory"][m] if not r["stable"]})
+    conveyor_label = f"conveyor, `--pool {pool}`"
+    label = {**LABELS, "conveyor": conveyor_label}
+
+    lines = [
+        "# Benchmarks: workers on RabbitMQ",
+        "",
+        "Written by `python -m bench.rabbitmq_worker` (`make bench`); rerun it rather than",
+        "editing the figures. The method is at the end.",
+        "",
+        f"Run on {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC against the local RabbitMQ "
+        f"{server}, {args.tasks:,} no-op tasks per throughput run, medians of {args.repeat}",
+        f"round{'s' if args.repeat > 1 else ''}, peers alternating (the order rotates each "
+        "round), each run in its own process on fresh queues.",
+        f"Versions: {versions}; Python {platform.python_version()}.",
+        f"Machine: `nproc` {len(os.sched_getaffinity(0))}, {cpu_model()}; 1-minute load average "
+        f"{load:.2f} at the start, {os.getloadavg()[0]:.2f} at the end.",
+        "",
+    ]
+    if note:
+        lines += [note, ""]
+    lines += [
+        "## Processing throughput",
+        "",
+        "2 slots per worker, late acks, no results stored. Timed from the first delivery until",
+        "no message is left ready in the queue, polled every 5 ms (start-up is not timed).",
+        "",
+        "| Worker | tasks/s | start to first delivery (s) |",
+        "|---|---:|---:|",
+        *(f"| {label[m]} | {rate[m]:,.0f} | {startup[m]:.2f} |" for m in MODES),
+        "",
+        "## Idle memory of the worker process tree",
+        "",
+        "Started, consuming its empty queue, idle; the worker process and all its descendants.",
+        "",
+        "| Worker | processes | PSS (MiB) | RSS (MiB) |",
+        "|---|---:|---:|---:|",
+        *(f"| {label[m]} | {procs[m]} | {pss[m]:.1f} | {rss[m]:.1f} |" for m in MODES),
+        "",
+    ]
+    if unstable:
+        lines += [
+            f"Memory never settled within {STABLE_TIMEOUT_S:.0f}s for: {', '.join(unstable)} "
+            "(the last reading is used).",
+            "",
+        ]
+    lines += ["## Targets", ""]
+    for peer, target, which in (
+        (best, DRAMATIQ_TARGET, ", the faster"),
+        ("celery", CELERY_TARGET, ""),
+    ):
+        ratio = rate["conveyor"] / rate[peer]
+        verdict = "met" if ratio >= target else "not met"
+        lines.append(
+            f"- Throughput, conveyor ÷ {label[peer]}{which}: {ratio:.2f}x; "
+            f"target at least {target:g}x: {verdict}."
+        )
+    ratio = pss["conveyor"] / pss[lean]
+    verdict = "met" if ratio <= MEMORY_TARGET else "not met"
+    lines.append(
+        f"- Idle memory (PSS), conveyor ÷ {label[lean]}, the smaller: {ratio:.2f}x; "
+        f"target at most {MEMORY_TARGET:g}x: {verdict}. "
+        f"(RSS: {rss['conveyor'] / rss[lean]:.2f}x; PSS against Celery: "
+        f"{pss['conveyor'] / pss['celery']:.2f}x.)"
+    )
+    method = (__doc__ or "").splitlines()[2:]
+    lines += ["", "## Method", "", *method, "", "## All runs", ""]
+    lines += [
+        "| Worker | tasks/s | PSS (MiB) | RSS (MiB) |",
+        "|---|---|---|---|",
+    ]
+    for m in MODES:
+        rates = ", ".join(f"{r['per_s']:,.0f}" for r in runs["throughput"][m])
+        psss = ", ".join(f"{r['pss_kib'] / 1024:.1f}" for r in runs["memory"][m])
+        rsss = ", ".join(f"{r['rss_kib'] / 1024:.1f}" for r in runs["memory"][m])
+        lines.append(f"| {label[m]} | {rates} | {psss} | {rsss} |")
+    REPORT.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines[lines.index("## Processing throughput") :]))
+    print(f"wrote {REPORT}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
