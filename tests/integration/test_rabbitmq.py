@@ -596,3 +596,28 @@ def test_status_and_purge_through_the_cli(
     assert conveyor("purge", "shopapp:app", "-Q", queue, "--dead", "-y").strip() == (
         f"purged 1 message from {queue} (dead letters)"
     )
+
+
+@pytest.mark.parametrize("pool", ["solo", "asyncio", "prefork"])
+def test_a_task_sends_another_task_from_every_pool(queue: str, tmp_path: Path, pool: str) -> None:
+    """The worker's broker runs on its event loop; a task that blocks there to send (solo and
+    asyncio pools run tasks on that loop's thread) goes through a second connection."""
+    app = Conveyor(
+        "rmq", broker=URL, results=f"sqlite:///{tmp_path}/results.db", default_queue=queue
+    )
+
+    @app.task(name="rmq.child")
+    def child(n: int) -> int:
+        return n * 10
+
+    @app.task(name="rmq.parent")
+    def parent(n: int) -> str:
+        return child.delay(n).id
+
+    try:
+        sent = parent.delay(4)
+        stats = Worker(app, pool=pool, concurrency=1, until_empty=True).run()
+        assert stats.succeeded == 2 and stats.failed == 0
+        assert app.result(sent.get(timeout=5)).get(timeout=5) == 40
+    finally:
+        app.close()
