@@ -22,6 +22,7 @@ again can never be mistaken for an old child's.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import enum
 import itertools
@@ -105,6 +106,9 @@ class PreforkPool(Pool):
         self._control: socket.socket | None = None
         self._children: set[_Child] = set()
         self._idle: list[_Child] = []
+        # Jobs submitted when no child was idle after all (one died between the consumer's
+        # count and its submit): each goes to the next child that is ready, never queued in one.
+        self._backlog: collections.deque[tuple[Job, DoneCallback]] = collections.deque()
         self._generations = itertools.count(1)
         self._jobs = itertools.count(1)
         self._failed_starts = 0
@@ -114,7 +118,7 @@ class PreforkPool(Pool):
 
     def free(self, running: int) -> int:
         """Children ready and idle: never more work than the pool can start now."""
-        return len(self._idle)
+        return len(self._idle) - len(self._backlog)
 
     # lifecycle
 
@@ -155,7 +159,22 @@ class PreforkPool(Pool):
 
     def submit(self, job: Job, done: DoneCallback) -> None:
         """Write a job to an idle child (the consumer never submits more than `free`)."""
-        child = self._idle.pop()
+        if not self._idle:
+            self._backlog.append((job, done))
+            return
+        self._give(self._idle.pop(), job, done)
+
+    def _ready(self, child: _Child) -> None:
+        """A child is free: give it a job that waits for one, or mark it idle."""
+        if self._backlog:
+            self._give(child, *self._backlog.popleft())
+            return
+        child.state = State.IDLE
+        self._idle.append(child)
+        if self.on_ready is not None:
+            self.on_ready()
+
+    def _give(self, child: _Child, job: Job, done: DoneCallback) -> None:
         job_id = next(self._jobs)
         child.state = State.BUSY
         child.job = (job_id, job, done)
@@ -235,13 +254,10 @@ class PreforkPool(Pool):
             return
         self._cancel_timer(child)
         self._failed_starts = 0
-        if self._stopping:
+        if self._stopping and not self._backlog:
             self._close_tasks(child)
             return
-        child.state = State.IDLE
-        self._idle.append(child)
-        if self.on_ready is not None:
-            self.on_ready()
+        self._ready(child)
 
     def _finished(self, child: _Child, message: Done) -> None:
         if child.job is None or child.job[0] != message.job:
@@ -257,12 +273,11 @@ class PreforkPool(Pool):
             self._close_tasks(child)
             if not self._stopping:
                 self._spawn()
-        elif self._stopping:
+        elif self._stopping and not self._backlog:
             child.state = State.RETIRING
             self._close_tasks(child)
         else:
-            child.state = State.IDLE
-            self._idle.append(child)
+            self._ready(child)
         done(job, message.outcome())
 
     def _ended(self, child: _Child) -> None:
