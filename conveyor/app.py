@@ -55,7 +55,7 @@ class Conveyor:
         self.name = name
         self.settings = Settings.load(broker=broker, **settings)
         self.tasks: dict[str, Task[Any, Any]] = {}
-        self.child_start_hooks: list[Callable[[], None]] = []
+        self.process_start_hooks: list[Callable[[], None]] = []
         self._lock = threading.Lock()
         self._broker: Broker | None = None
         self._results: ResultStore | _Unset | None = UNSET
@@ -113,13 +113,15 @@ class Conveyor:
 
         return register if fn is None else register(fn)
 
-    def on_child_start(self, fn: Callable[[], None], /) -> Callable[[], None]:
-        """Register a function each prefork child runs before it takes work (after the fork).
+    def on_process_start(self, fn: Callable[[], None], /) -> Callable[[], None]:
+        """Register a function every process that runs tasks calls before its first task.
 
-        Open per-process resources here (database or MQTT connections), never at import
-        time in the worker, whose sockets children must not share.
+        With the prefork pool that is each child, after its fork and before WORKER_UP; with
+        the other pools, the worker process itself, once. Open per-process resources here
+        (database or MQTT connections), never at import time: children must not share the
+        worker's sockets.
         """
-        self.child_start_hooks.append(fn)
+        self.process_start_hooks.append(fn)
         return fn
 
     def get_task(self, name: str) -> Task[Any, Any]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import math
-import re
 import sys
 from collections.abc import Callable
 from typing import Any, ParamSpec, TypeVar
@@ -19,7 +18,7 @@ from conveyor import log
 from conveyor.app import load_app
 from conveyor.errors import ConveyorError
 from conveyor.redact import redact_text, redact_url
-from conveyor.settings import LOG_LEVELS
+from conveyor.settings import LOG_LEVELS, parse_size
 from conveyor.worker.pools import POOLS
 
 P = ParamSpec("P")
@@ -40,10 +39,6 @@ def _clear_errors(fn: Callable[P, R]) -> Callable[P, R]:
     return wrapper
 
 
-_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9}
-_UNITS |= {"K": 2**10, "KIB": 2**10, "M": 2**20, "MIB": 2**20, "G": 2**30, "GIB": 2**30}
-
-
 class _Size(click.ParamType[int, Any]):
     """A memory size: 200MB, 1.5GiB, 300M (binary), or plain bytes."""
 
@@ -52,11 +47,10 @@ class _Size(click.ParamType[int, Any]):
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
         if isinstance(value, int):
             return value
-        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", str(value))
-        unit = match.group(2).upper() if match else ""
-        if match is None or unit not in _UNITS or float(match.group(1)) * _UNITS[unit] < 1:
-            self.fail(f"{value!r} is not a size: write e.g. 200MB, 1GiB or 500000 (bytes)")
-        return int(float(match.group(1)) * _UNITS[unit])
+        try:
+            return parse_size(str(value))
+        except ValueError as exc:
+            self.fail(str(exc))
 
 
 @click.group()

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
+import sys
 from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 
@@ -45,13 +47,16 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     default_max_retries: Count = 3
     default_retry_backoff_max: Positive = 600.0
     concurrency: Annotated[int, msgspec.Meta(ge=1)] = max(os.cpu_count() or 1, 1)
-    pool: Literal["prefork", "threads", "asyncio", "solo"] = "prefork"
+    pool: Literal["prefork", "threads", "asyncio", "solo"] = (
+        "prefork" if sys.platform == "linux" else "threads"
+    )
     """prefork: child processes (the default); threads: blocking I/O; asyncio: many `async def`
     tasks at once on one event loop; solo: one task at a time, for debugging."""
     max_tasks_per_child: Annotated[int, msgspec.Meta(ge=1)] | None = None
     """Replace a prefork child with a fresh one after this many tasks."""
     max_memory_per_child: Annotated[int, msgspec.Meta(ge=1)] | None = None
-    """Replace a prefork child after a task that left it using more resident bytes than this."""
+    """Replace a prefork child after a task that left it using more resident memory than this:
+    bytes, or a size such as `200MB` or `1GiB`."""
     child_start_timeout: Positive = 30.0
     """Seconds a new prefork child has to report WORKER_UP before it is killed and replaced."""
     shutdown_grace: Annotated[float, msgspec.Meta(ge=0)] = 30.0
@@ -72,6 +77,15 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
             if value is not None:
                 raw[name] = None if value == "" and name == "results" else value
         raw.update({k: v for k, v in overrides.items() if v is not None})
+        size = raw.get("max_memory_per_child")
+        if isinstance(size, str):
+            try:
+                raw["max_memory_per_child"] = parse_size(size)
+            except ValueError as exc:
+                origin = "" if "max_memory_per_child" in overrides else " (from "
+                origin += f"{ENV_PREFIX}MAX_MEMORY_PER_CHILD)" if origin else ""
+                message = f"invalid setting: max_memory_per_child {exc}{origin}"
+                raise ConfigurationError(message) from None
         try:
             # strict=False lets "30" from the environment become 30.0.
             settings = msgspec.convert(raw, cls, strict=False)
@@ -89,6 +103,19 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
                 f"{', '.join(LOG_LEVELS)}"
             )
         return settings
+
+
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9}
+_UNITS |= {"K": 2**10, "KIB": 2**10, "M": 2**20, "MIB": 2**20, "G": 2**30, "GIB": 2**30}
+
+
+def parse_size(text: str) -> int:
+    """A memory size in bytes from `200MB`, `1.5GiB`, `300M` (binary) or plain bytes."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", text)
+    unit = match.group(2).upper() if match else ""
+    if match is None or unit not in _UNITS or float(match.group(1)) * _UNITS[unit] < 1:
+        raise ValueError(f"{text!r} is not a size: write e.g. 200MB, 1GiB or 500000 (bytes)")
+    return int(float(match.group(1)) * _UNITS[unit])
 
 
 def unknown_name_message(key: str, known: tuple[str, ...], what: str) -> str:

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import os
 import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from conveyor.brokers.base import Broker, DeadLetter, Delivery, Outgoing, QueueStats
+from conveyor.errors import BrokerError
 
 
 @dataclass(order=True)
@@ -35,6 +37,7 @@ class MemoryBroker(Broker):
 
     def __init__(self, *, visibility_timeout: float = 60.0) -> None:
         self.visibility_timeout = visibility_timeout
+        self._pid = os.getpid()
         self.clock: Callable[[], float] = time.time
         self._lock = threading.Lock()
         self._seq = itertools.count()
@@ -45,6 +48,12 @@ class MemoryBroker(Broker):
 
     def publish(self, messages: Sequence[Outgoing]) -> None:
         """Enqueue messages; delayed ones wait in a heap until due."""
+        if os.getpid() != self._pid:
+            raise BrokerError(
+                "memory:// lives in the process that created it: a task in a prefork child "
+                "cannot send to it. Test with the threads pool (run_until_empty uses it) or "
+                "with a sqlite:// broker"
+            )
         with self._lock:
             for out in messages:
                 msg = _Message((-out.priority, next(self._seq)), out.queue, out.body, out.priority)

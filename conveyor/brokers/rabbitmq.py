@@ -260,8 +260,17 @@ class RabbitMQBroker(Broker):
         connection = self._connection
         if connection is not None and not connection.is_closed:
             with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._release_inbox(), 10)
+            with contextlib.suppress(Exception):
                 await asyncio.wait_for(connection.close(), 5)
         self._reset()
+
+    async def _release_inbox(self) -> None:
+        """Give back what RabbitMQ pushed but the worker never started, without counting it
+        as a delivery (closing the channel would: RabbitMQ marks them redelivered)."""
+        waiting, self._inbox = list(self._inbox), collections.deque()
+        if waiting:
+            await self._requeue(waiting, 0.0, count_delivery=False)
 
     def _blocked(self) -> bool:
         """True on the attached worker loop's own thread, where blocking calls cannot wait."""
@@ -283,9 +292,23 @@ class RabbitMQBroker(Broker):
         """`fetch`, awaited on the attached loop."""
         if limit <= 0:
             return []
-        if limit > self._prefetch or any(q not in self._consuming for q in queues):
+        if self._must_consume(queues, limit):
             await self._consume(queues, limit)
         return self._take(limit)
+
+    def _must_consume(self, queues: Sequence[str], limit: int) -> bool:
+        """True when consuming must start, resume on a new channel, or take more at once.
+
+        A closed channel counts: an idle worker notices the broker dropped it on its next
+        poll, reconnects (or fails and backs off) and consumes again.
+        """
+        channel = self._channel
+        return (
+            channel is None
+            or channel.is_closed
+            or limit > self._prefetch
+            or any(q not in self._consuming for q in queues)
+        )
 
     async def ack_async(self, deliveries: Sequence[Delivery]) -> int:
         """`ack`, awaited on the attached loop."""
@@ -353,7 +376,7 @@ class RabbitMQBroker(Broker):
         """Messages pushed by RabbitMQ, at most `limit`; prefetch keeps them bounded."""
         if limit <= 0:
             return []
-        if limit > self._prefetch or any(q not in self._consuming for q in queues):
+        if self._must_consume(queues, limit):
             self._run(self._consume(queues, limit))
         return self._take(limit)
 
@@ -479,10 +502,11 @@ class RabbitMQBroker(Broker):
     ) -> None:
         channel = await self._chan()
         current = [d for d in deliveries if d.receipt[0] == self._generation]
-        if delay <= 0:
+        if delay <= 0 and count_delivery:
             self._settle(channel, requeues=[d.receipt[1] for d in current])
             return
-        deliver_at = time.time() + delay
+        # A nack would come back marked redelivered, and count: publish the copy instead.
+        deliver_at = time.time() + delay if delay > 0 else None
         kept = 0 if count_delivery else 1  # deliveries so far, less this one if it does not count
         await self._publish(
             [Outgoing(d.queue, d.body, 0, deliver_at) for d in current],
@@ -593,9 +617,14 @@ class RabbitMQBroker(Broker):
         if self._attached:  # the loop is the worker's: only the connection is ours
             if not self._blocked() and loop.is_running() and self._connection is not None:
                 with contextlib.suppress(Exception):
+                    self._run(self._release_inbox(), timeout=10)
+                with contextlib.suppress(Exception):
                     self._run(self._connection.close(), timeout=5)
             self._reset()
             return
+        if self._inbox and self._connection is not None and not loop.is_closed():
+            with contextlib.suppress(Exception):
+                self._run(self._release_inbox(), timeout=10)
         if self._connection is not None and not loop.is_closed():
             with contextlib.suppress(Exception):  # a dead connection has nothing to release
                 self._run(self._connection.close(), timeout=5)
@@ -695,6 +724,7 @@ async def _confirmed(channel: aiormq.Channel, chunk: _Chunk) -> int:
     finally:
         closing.cancel()
         every.cancel()
+        every.add_done_callback(_retrieve)
         chunk.abandon(channel)
     return len(chunk.futures)
 
@@ -756,6 +786,12 @@ def _int(value: object) -> int:
 
 def _priority(message: aiormq.abc.DeliveredMessage) -> int:
     return int(message.header.properties.priority or 0)
+
+
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    """Read a future's outcome so asyncio does not log it as never retrieved."""
+    if not future.cancelled():
+        future.exception()
 
 
 def _close(coroutine: Awaitable[Any]) -> None:

@@ -171,7 +171,8 @@ class Consumer:
         """Consume until `stop()` and every running job is settled, or until drained."""
         self._loop, self._loop_thread = asyncio.get_running_loop(), threading.get_ident()
         # A broker that can run on this loop (RabbitMQ) does: no thread hand-off per round.
-        self._native = not self.broker.local and self.broker.attach(self._loop)
+        native = not self.broker.local and self.pool.loop_free
+        self._native = native and self.broker.attach(self._loop)
         self.broker.on_arrival(self._wake)
         renewer = asyncio.create_task(self._renew_leases())
         try:

@@ -82,6 +82,15 @@ class Worker:
             pool.concurrency,
         )
         self._warn_about_ack_timeout()
+        if self.pool_name != "prefork":
+            if self.max_tasks_per_child or self.max_memory_per_child:
+                log.warning(
+                    "max_tasks_per_child and max_memory_per_child apply to the prefork pool "
+                    "only: ignored with the %s pool",
+                    self.pool_name,
+                )
+            for hook in self.app.process_start_hooks:  # this process runs the tasks
+                hook()
         await pool.start()
         installed = self._install_signals()
         self.started.set()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from typing import TYPE_CHECKING
 
 from conveyor.errors import ConfigurationError
@@ -23,6 +24,10 @@ def create(
 ) -> Pool:
     """The pool called `name` with `concurrency` slots (prefork also needs the app)."""
     if name == "prefork":
+        if sys.platform != "linux":
+            raise ConfigurationError(
+                "the prefork pool needs Linux (pipes and /proc); use --pool threads here"
+            )
         if app is None:
             raise ConfigurationError("the prefork pool needs the app its children run tasks of")
         from conveyor.worker.pools.prefork import PreforkPool

@@ -276,7 +276,7 @@ def child_main(
     app: Conveyor, options: ChildOptions, generation: int, tasks: int, results: int
 ) -> int:
     """Report WORKER_UP, then run each task the worker sends; return the exit code."""
-    for hook in app.child_start_hooks:
+    for hook in app.process_start_hooks:
         hook()
     if options.before_up is not None:
         options.before_up()

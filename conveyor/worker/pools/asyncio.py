@@ -18,6 +18,8 @@ from conveyor.worker.pools.base import Done, Pool
 class AsyncioPool(Pool):
     """Runs up to `concurrency` jobs as tasks on the running event loop."""
 
+    loop_free = False
+
     def __init__(self, concurrency: int) -> None:
         super().__init__(concurrency)
         self._tasks: set[asyncio.Task[None]] = set()

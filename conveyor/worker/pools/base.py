@@ -21,6 +21,10 @@ class Pool(abc.ABC):
     #: True when jobs run on the pool's own threads, which may then carry on with the consumer's
     #: next round themselves instead of handing it to the event loop.
     threaded: bool = False
+    #: False when tasks can run on the worker's event-loop thread and hold it for as long as
+    #: they run (solo; asyncio, for a coroutine that blocks): the broker's connection must then
+    #: keep a thread of its own, or its heartbeats would stop.
+    loop_free: bool = True
 
     def __init__(self, concurrency: int) -> None:
         self.concurrency = concurrency

@@ -15,6 +15,8 @@ from conveyor.worker.pools.base import Done, Pool
 class SoloPool(Pool):
     """Runs each job inline, one at a time."""
 
+    loop_free = False
+
     def __init__(self, concurrency: int = 1) -> None:
         super().__init__(1)
         self._tasks: set[asyncio.Task[None]] = set()
