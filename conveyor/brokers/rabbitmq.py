@@ -645,7 +645,9 @@ async def _send(
     `CHUNK` messages are written in one go and up to `WINDOW` wait for their confirms at a time.
     The channel's own confirm bookkeeping (delivery tags, `confirmations`, message ids for
     returns) is kept as `basic_publish` keeps it, so acks, nacks and returns settle these
-    futures the same way; a channel that closes fails the chunks still waiting.
+    futures the same way; a channel that closes fails the chunks still waiting. That
+    bookkeeping is aiormq's, not its documented API: pyproject pins aiormq to 7.x, and the
+    RabbitMQ integration tests cover confirms, returns and closures.
     """
     assert isinstance(channel, aiormq.Channel)
     loop = asyncio.get_running_loop()
