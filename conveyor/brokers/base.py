@@ -128,6 +128,10 @@ class Broker(abc.ABC):
         that are polled (SQLite, memory) ignore it.
         """
 
+    def reserve(self, slots: int) -> None:  # noqa: B027
+        """The consumer can start at most `slots` messages at once: a broker that pushes
+        messages (RabbitMQ) never holds more than that unacknowledged. Default: nothing to do."""
+
     def extend(self, deliveries: Sequence[Delivery], seconds: float) -> None:  # noqa: B027
         """Keep leases of running messages alive for another `seconds`. Default: nothing to do."""
 

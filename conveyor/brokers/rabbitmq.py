@@ -111,6 +111,7 @@ class RabbitMQBroker(Broker):
         self.delivery_limit = delivery_limit
         self._lock = threading.Lock()
         self._side: RabbitMQBroker | None = None
+        self._slots = 0
         self._reset()
         _live.add(self)
 
@@ -124,7 +125,8 @@ class RabbitMQBroker(Broker):
         self._channel: aiormq.abc.AbstractChannel | None = None
         self._generation = 0
         self._declared: set[str] = set()
-        self._consuming: set[str] = set()
+        self._consuming: dict[str, str] = {}  # queue -> consumer tag
+        self._receiving: set[asyncio.Task[Any]] = set()  # deliveries being taken in
         self._inbox: collections.deque[Delivery] = collections.deque()
         # Delivery tags of the current channel not yet acked, nacked or dead-lettered, in order.
         self._unsettled: dict[int, None] = {}
@@ -260,6 +262,8 @@ class RabbitMQBroker(Broker):
         connection = self._connection
         if connection is not None and not connection.is_closed:
             with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._stop_consuming(), 5)
+            with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._release_inbox(), 10)
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(connection.close(), 5)
@@ -297,18 +301,13 @@ class RabbitMQBroker(Broker):
         return self._take(limit)
 
     def _must_consume(self, queues: Sequence[str], limit: int) -> bool:
-        """True when consuming must start, resume on a new channel, or take more at once.
+        """True when consuming must start or resume on a new channel.
 
         A closed channel counts: an idle worker notices the broker dropped it on its next
         poll, reconnects (or fails and backs off) and consumes again.
         """
         channel = self._channel
-        return (
-            channel is None
-            or channel.is_closed
-            or limit > self._prefetch
-            or any(q not in self._consuming for q in queues)
-        )
+        return channel is None or channel.is_closed or any(q not in self._consuming for q in queues)
 
     async def ack_async(self, deliveries: Sequence[Delivery]) -> int:
         """`ack`, awaited on the attached loop."""
@@ -386,22 +385,47 @@ class RabbitMQBroker(Broker):
             out.append(self._inbox.popleft())
         return out
 
+    def reserve(self, slots: int) -> None:
+        """Hold at most `slots` unacknowledged messages, across every queue consumed."""
+        self._slots = slots
+
     async def _consume(self, queues: Sequence[str], prefetch: int) -> None:
         channel = await self._chan()
-        if not self._consuming or prefetch > self._prefetch:
-            # At most this many unacknowledged messages: the most slots the worker has had free
-            # at once, so never more than it can start; kept when consuming resumes on a new
-            # channel.
-            self._prefetch = max(self._prefetch, prefetch)
+        if not self._consuming:
+            # At most this many unacknowledged messages: the worker's slots (or, if it did not
+            # say, what it first asked for), set before any consumer exists, since RabbitMQ
+            # applies a per-consumer limit only to consumers created after it. The per-channel
+            # limit keeps the total within it when several queues are consumed (quorum queues
+            # have only the per-consumer one: with several, each gets the worker's slots).
+            self._prefetch = self._slots or max(self._prefetch, prefetch)
             await channel.basic_qos(prefetch_count=self._prefetch)
+            if self.queue_type != "quorum":  # RabbitMQ refuses global qos on quorum queues
+                await channel.basic_qos(prefetch_count=self._prefetch, global_=True)
         for queue in queues:
             if queue not in self._consuming:
                 await self._declare(queue)
-                await channel.basic_consume(queue, self._on_message(queue))
-                self._consuming.add(queue)
+                ok = await channel.basic_consume(queue, self._on_message(queue))
+                self._consuming[queue] = str(ok.consumer_tag)
+
+    async def _stop_consuming(self) -> None:
+        """Cancel the consumers, so RabbitMQ pushes nothing more to a worker that stops."""
+        channel = self._channel
+        if channel is not None and not channel.is_closed:
+            for tag in self._consuming.values():
+                await channel.basic_cancel(tag)
+        self._consuming.clear()
+        # A redelivery being republished must finish (copy confirmed, original acked) before
+        # the connection closes, or both would exist.
+        receiving = self._receiving - {asyncio.current_task()}
+        if receiving:
+            await asyncio.wait(receiving, timeout=CONFIRM_TIMEOUT_S)
 
     def _on_message(self, queue: str) -> Any:
         async def receive(message: aiormq.abc.DeliveredMessage) -> None:
+            task = asyncio.current_task()
+            if task is not None:
+                self._receiving.add(task)
+                task.add_done_callback(self._receiving.discard)
             tag = message.delivery_tag
             if tag is None:
                 return
@@ -617,12 +641,16 @@ class RabbitMQBroker(Broker):
         if self._attached:  # the loop is the worker's: only the connection is ours
             if not self._blocked() and loop.is_running() and self._connection is not None:
                 with contextlib.suppress(Exception):
+                    self._run(self._stop_consuming(), timeout=5)
+                with contextlib.suppress(Exception):
                     self._run(self._release_inbox(), timeout=10)
                 with contextlib.suppress(Exception):
                     self._run(self._connection.close(), timeout=5)
             self._reset()
             return
-        if self._inbox and self._connection is not None and not loop.is_closed():
+        if self._consuming and self._connection is not None and not loop.is_closed():
+            with contextlib.suppress(Exception):
+                self._run(self._stop_consuming(), timeout=5)
             with contextlib.suppress(Exception):
                 self._run(self._release_inbox(), timeout=10)
         if self._connection is not None and not loop.is_closed():

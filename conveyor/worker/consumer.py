@@ -174,6 +174,7 @@ class Consumer:
         native = not self.broker.local and self.pool.loop_free
         self._native = native and self.broker.attach(self._loop)
         self.broker.on_arrival(self._wake)
+        self.broker.reserve(self.pool.concurrency)
         renewer = asyncio.create_task(self._renew_leases())
         try:
             await self._consume()
