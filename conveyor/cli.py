@@ -10,9 +10,6 @@ from typing import Any, ParamSpec, TypeVar
 
 import click
 import msgspec
-from rich.console import Console
-from rich.table import Table
-from rich.text import Text
 
 from conveyor import log
 from conveyor.app import load_app
@@ -23,7 +20,6 @@ from conveyor.worker.pools import POOLS
 
 P = ParamSpec("P")
 R = TypeVar("R")
-console = Console()
 
 
 def _clear_errors(fn: Callable[P, R]) -> Callable[P, R]:
@@ -159,6 +155,11 @@ def send(
 def status(app_path: str) -> None:
     """Show APP's queues: ready, delayed, in flight and dead-lettered messages."""
     app = load_app(app_path)
+    from rich.console import Console  # here, not at the top: a worker never loads rich
+    from rich.table import Table
+    from rich.text import Text
+
+    console = Console()
     table = Table(title=f"{app.name} on {redact_url(app.broker.display_url)}")
     for column in ("queue", "ready", "delayed", "in flight", "dead-lettered"):
         table.add_column(column, justify="left" if column == "queue" else "right")
@@ -199,9 +200,11 @@ def purge(app_path: str, queue: str, dead: bool, yes: bool) -> None:
 @_clear_errors
 def demo(tasks: int, concurrency: int) -> None:
     """Send TASKS orders to the embedded broker and process them, with progress and a summary."""
+    from rich.console import Console
+
     from conveyor.demo import run
 
-    run(console, tasks=tasks, concurrency=concurrency)
+    run(Console(), tasks=tasks, concurrency=concurrency)
 
 
 def _json(text: str, what: str) -> Any:

@@ -142,10 +142,12 @@ def _retry_outcome(exc: BaseException, countdown: float | None, max_retries: int
     return outcome
 
 
-def execute(job: Job, *, hard_limit: bool = True) -> Outcome:
+def execute(job: Job, *, hard_limit: bool = True, soft_limit: bool = True) -> Outcome:
     """Run a job in this thread, within its time limits; async tasks run on a thread-own loop.
 
-    `hard_limit=False` leaves the hard limit to someone else (the prefork pool kills the child).
+    `hard_limit=False` and `soft_limit=False` leave a synchronous task's limits to someone
+    else: a prefork child raises the soft one with a signal, and the worker kills the child at
+    the hard one.
     """
     task, env = job.task, job.envelope
     if task.is_async:
@@ -156,6 +158,8 @@ def execute(job: Job, *, hard_limit: bool = True) -> Outcome:
     soft, hard = task.options.soft_time_limit, task.options.time_limit
     if not hard_limit:
         hard = None
+    if not soft_limit:
+        soft = None
     if soft is None and hard is None:
         with _capture(job) as run:
             run.succeed(task.run(env.args, env.kwargs))

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING
 import msgspec
 
 from conveyor.brokers.base import Delivery
+from conveyor.errors import SoftTimeLimitExceeded
 from conveyor.message import decode
 from conveyor.worker.execution import Job, Kind, Outcome, execute
 
@@ -308,8 +309,43 @@ def _run(app: Conveyor, options: ChildOptions, message: Run) -> Outcome:
     except Exception as exc:  # the worker checked it; a child that disagrees says why
         return Outcome.failure(exc)
     delivery = Delivery(message.queue, message.body, None, message.delivery_count)
-    # The hard limit is the worker's to enforce: it kills this process.
-    return execute(Job(delivery, envelope, task, started_at=time.time()), hard_limit=False)
+    job = Job(delivery, envelope, task, started_at=time.time())
+    soft = task.options.soft_time_limit
+    if soft is None or task.is_async:  # an async task's limits are asyncio timeouts
+        # The hard limit is the worker's to enforce: it kills this process.
+        return execute(job, hard_limit=False)
+    return _with_soft_limit(job, soft)
+
+
+def _with_soft_limit(job: Job, soft: float) -> Outcome:
+    """Run a synchronous task with its soft limit as SIGALRM.
+
+    The task runs on this process's main thread, so the signal interrupts even a blocking call
+    (`time.sleep`, a socket read): it returns EINTR, and the handler raises
+    `SoftTimeLimitExceeded` right there, in the task.
+    """
+    armed = True
+    message = f"task {job.task.name} ran past its {soft}s soft limit"
+
+    def alarm(signum: int, frame: object) -> None:
+        nonlocal armed
+        if armed:
+            armed = False
+            raise SoftTimeLimitExceeded(message)
+
+    previous = signal.signal(signal.SIGALRM, alarm)
+    signal.setitimer(signal.ITIMER_REAL, soft)
+    outcome: Outcome | None = None
+    try:
+        outcome = execute(job, hard_limit=False, soft_limit=False)
+    except SoftTimeLimitExceeded as exc:  # it landed just as the task returned
+        if outcome is None:
+            outcome = Outcome.failure(exc)
+    finally:
+        armed = False
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    return outcome
 
 
 def _done(job: int, outcome: Outcome, retire: str | None) -> Done:

@@ -324,7 +324,7 @@ class PreforkPool(Pool):
         child.timer = None
         if child.state is State.STARTING:
             log.warning(
-                "child %d did not report WORKER_UP within %.0fs: replacing it",
+                "child %d did not report WORKER_UP within %gs: replacing it",
                 child.generation,
                 self.start_timeout,
             )

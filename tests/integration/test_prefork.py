@@ -1,0 +1,831 @@
+"""The prefork pool on the SQLite broker and on RabbitMQ: children, pipes, limits, deaths, shutdown.
+
+Tasks run in child processes, so nothing they do is seen in this process's memory: they report
+through their results (their pids, above all), through files they write into `tmp_path`, and
+through the worker's own counts, logs and dead letters. The worker runs in this process, so its
+stats, logs and file descriptors are ours to read.
+
+RabbitMQ is expected on 127.0.0.1:5672 (guest/guest); each test uses a queue of its own and
+deletes it afterwards. Without a server the RabbitMQ cases skip locally and fail in CI.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import random
+import signal
+import socket
+import stat
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import aiormq
+import pytest
+from conftest import start_worker, wait_for
+
+from conveyor import Conveyor, SoftTimeLimitExceeded, Worker, WorkerStats
+from conveyor.brokers.rabbitmq import BUCKETS_MS
+from conveyor.errors import TimeLimitExceeded
+from conveyor.message import decode
+from conveyor.results import ResultRecord, State
+
+pytestmark = pytest.mark.integration
+
+AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
+Poll = Callable[..., Any]
+MakeApp = Callable[..., Conveyor]
+BROKERS = ["sqlite", "rabbitmq"]
+
+
+def _rabbitmq_or_skip() -> None:
+    try:
+        socket.create_connection(("127.0.0.1", 5672), timeout=2).close()
+    except OSError:
+        if os.environ.get("CI"):
+            pytest.fail("RabbitMQ is not reachable on 127.0.0.1:5672, and CI needs it")
+        pytest.skip(
+            "RabbitMQ is not running on 127.0.0.1:5672 (start it: rabbitmq-server -detached)"
+        )
+
+
+def _delete_queues(queue: str) -> None:
+    async def delete() -> None:
+        connection = await aiormq.connect(AMQP_URL)
+        channel = await connection.channel()
+        for name in (queue, f"{queue}.dead", *(f"{queue}.delay.{ms}" for ms in BUCKETS_MS)):
+            await channel.queue_delete(name)
+        await connection.close()
+
+    asyncio.run(delete())
+
+
+@pytest.fixture(params=BROKERS)
+def broker_kind(request: pytest.FixtureRequest) -> str:
+    """Which broker this case runs on; RabbitMQ cases skip (or fail in CI) without a server."""
+    kind = str(request.param)
+    if kind == "rabbitmq":
+        _rabbitmq_or_skip()
+    return kind
+
+
+@pytest.fixture
+def make_app(broker_kind: str, tmp_path: Path) -> Iterator[MakeApp]:
+    """`make_app(**settings)`: an app on this case's broker, with a queue of its own.
+
+    SQLite keeps results in the broker's own file; with RabbitMQ the worker (in this process)
+    keeps them in memory, where the test reads them.
+    """
+    queue = f"prefork-{uuid.uuid4().hex[:10]}"
+    if broker_kind == "rabbitmq":
+        broker, results = AMQP_URL, "memory://"
+    else:
+        broker = results = f"sqlite:///{tmp_path / 'broker.db'}"
+    apps: list[Conveyor] = []
+
+    def make(**settings: Any) -> Conveyor:
+        app = Conveyor("prefork", broker=broker, results=results, default_queue=queue, **settings)
+        apps.append(app)
+        return app
+
+    yield make
+    for app in apps:
+        app.close()
+    if broker_kind == "rabbitmq":
+        _delete_queues(queue)
+
+
+def run_until_empty(app: Conveyor, timeout: float = 60.0, **options: Any) -> WorkerStats:
+    """A prefork worker (2 children unless told) run until its queue is empty, on a thread;
+    a worker that does not drain in time is stopped cold and the test fails."""
+    options.setdefault("concurrency", 2)
+    worker = Worker(app, pool="prefork", until_empty=True, **options)
+    thread, errors = start_worker(worker)
+    thread.join(timeout)
+    if thread.is_alive():
+        worker.stop()
+        worker.stop()  # the second stop is a cold shutdown
+        thread.join(15)
+        raise AssertionError(f"the worker did not drain its queue within {timeout}s")
+    if errors:
+        raise AssertionError(f"the worker raised {errors[0]!r}") from errors[0]
+    return worker.stats
+
+
+@contextlib.contextmanager
+def running(
+    worker: Worker, release: Path
+) -> Iterator[tuple[threading.Thread, list[BaseException]]]:
+    """A worker on a thread, for tests that stop it themselves. If the test fails first, the
+    tasks are released and the worker is stopped cold, so it never outlives the test."""
+    thread, errors = start_worker(worker)
+    try:
+        yield thread, errors
+    finally:
+        release.touch()
+        if thread.is_alive():
+            worker.stop()
+            worker.stop()
+            thread.join(15)
+
+
+def record_of(app: Conveyor, task_id: str) -> ResultRecord:
+    store = app.results
+    assert store is not None
+    record = store.get(task_id)
+    assert record is not None, f"no result stored for {task_id}"
+    return record
+
+
+def queue_of(app: Conveyor) -> str:
+    return app.settings.default_queue
+
+
+def waiting(app: Conveyor) -> int:
+    """Messages ready or delayed in the app's queue (not those leased to a worker)."""
+    (stats,) = app.broker.stats([queue_of(app)])
+    return stats.ready + stats.delayed
+
+
+def exited(pid: int) -> bool:
+    """True once `pid` has ended (a zombie counts: its reaper may be an init that never reaps)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rpartition(")")[2].split()[0]
+    except FileNotFoundError:
+        return True
+    return state in ("Z", "X")
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def wait_for_file(path: Path, timeout: float = 30.0) -> None:
+    """Inside a task: block until the test creates `path` (bounded, so a failing test ends)."""
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{path} never appeared")
+        time.sleep(0.005)
+
+
+def note_pid(folder: Path, name: object = None) -> None:
+    """Inside a child: record its pid as `folder/name` (the pid, by default). Written beside
+    the folder and renamed into it, so a test polling the folder never reads half a file."""
+    pid = str(os.getpid())
+    name = pid if name is None else str(name)
+    scratch = folder.parent / f".{folder.name}-{name}"
+    scratch.write_text(pid)
+    os.replace(scratch, folder / name)
+
+
+def pids_in(folder: Path) -> set[int]:
+    return {int(p.read_text()) for p in folder.iterdir()} if folder.exists() else set()
+
+
+# 1. ownership: the parent holds the broker; children run tasks and nothing else
+
+
+def test_tasks_run_in_children_that_hold_no_socket(make_app: MakeApp) -> None:
+    app = make_app()
+
+    @app.task
+    def whoami() -> tuple[int, int]:
+        sockets = 0
+        for name in os.listdir("/proc/self/fd"):
+            with contextlib.suppress(OSError):  # the listing's own descriptor is gone
+                sockets += stat.S_ISSOCK(os.fstat(int(name)).st_mode)
+        return os.getpid(), sockets
+
+    results = whoami.map([() for _ in range(20)])
+    stats = run_until_empty(app)
+    answers = [r.get(timeout=5) for r in results]
+    pids = {pid for pid, _ in answers}
+    assert os.getpid() not in pids, "a task ran in the worker's own process"
+    assert 1 <= len(pids) <= 2, "2 children, kept while they work"
+    assert all(sockets == 0 for _, sockets in answers), "a child holds a socket (the broker's?)"
+    assert (stats.received, stats.succeeded, stats.lost) == (20, 20, 0)
+    assert waiting(app) == 0
+
+
+# 2. dispatch: only idle children get work, and prefetch never exceeds what can start
+
+
+def second_child_comes_up_late(app: Conveyor, tmp_path: Path) -> None:
+    """The first child reports WORKER_UP at once, every later one 0.3s after its fork:
+    children coming up at different times, as they do under load."""
+    first = tmp_path / "first-child"
+
+    @app.on_process_start
+    def stagger() -> None:
+        try:
+            os.close(os.open(first, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:
+            time.sleep(0.3)
+
+
+def test_no_task_waits_behind_a_busy_child(make_app: MakeApp, tmp_path: Path, poll: Poll) -> None:
+    app = make_app()
+    second_child_comes_up_late(app, tmp_path)
+    release = tmp_path / "release"
+
+    @app.task
+    def block() -> int:
+        wait_for_file(release)
+        return os.getpid()
+
+    @app.task
+    def quick(n: int) -> int:
+        return os.getpid()
+
+    blocked = block.delay()
+    quick_ones = quick.map([(n,) for n in range(10)])
+    worker = Worker(app, pool="prefork", concurrency=2)
+    with running(worker, release) as (thread, errors):
+        # One child is stuck; every quick task must still run, on the other one.
+        poll(lambda: all(r.ready() for r in quick_ones), timeout=10, what="the quick tasks")
+        assert blocked.state == State.STARTED
+        pids = {r.get(timeout=1) for r in quick_ones}
+        assert len(pids) == 1 and os.getpid() not in pids
+        release.touch()
+        assert blocked.get(timeout=30) not in pids
+        worker.stop()
+        thread.join(30)
+        assert not thread.is_alive() and not errors
+    assert worker.stats.succeeded == 11
+
+
+def test_prefetch_never_exceeds_the_children_and_keeps_them_busy(
+    make_app: MakeApp, tmp_path: Path, poll: Poll
+) -> None:
+    app = make_app()
+    second_child_comes_up_late(app, tmp_path)
+    started, release = tmp_path / "started", tmp_path / "release"
+    started.mkdir()
+
+    @app.task
+    def slow(n: int) -> int:
+        note_pid(started, n)
+        wait_for_file(release)
+        return n
+
+    results = slow.map([(n,) for n in range(10)])
+    worker = Worker(app, pool="prefork", concurrency=2)
+    with running(worker, release) as (thread, errors):
+        poll(lambda: len(list(started.iterdir())) == 2, timeout=10, what="two tasks to start")
+        # Both children are busy: the other 8 stay in the broker, not in the worker's hands
+        # (RabbitMQ would push them if the worker's prefetch allowed it).
+        for _ in range(20):
+            assert waiting(app) == 8
+            assert len(list(started.iterdir())) == 2
+            assert worker.stats.received == 2
+        release.touch()
+        poll(lambda: all(r.ready() for r in results), timeout=60, what="all ten tasks")
+        worker.stop()
+        thread.join(30)
+        assert not thread.is_alive() and not errors
+    assert [r.get(timeout=1) for r in results] == list(range(10))
+    assert worker.stats.received == 10
+    assert len(pids_in(started)) == 2
+
+
+# 3. start-up: WORKER_UP, and a child that never reports it is replaced
+
+
+def test_start_hooks_run_in_each_child_after_the_fork(make_app: MakeApp, tmp_path: Path) -> None:
+    app = make_app()
+    hooks = tmp_path / "hooks"
+    hooks.mkdir()
+    resource: dict[str, int] = {}
+
+    @app.on_process_start
+    def connect() -> None:
+        resource["pid"] = os.getpid()  # a per-process resource, made after the fork
+        note_pid(hooks)
+
+    @app.task
+    def use() -> tuple[int, int | None]:
+        return os.getpid(), resource.get("pid")
+
+    results = use.map([() for _ in range(6)])
+    run_until_empty(app, max_tasks_per_child=1)
+    answers = [r.get(timeout=5) for r in results]
+    assert all(pid == made_in for pid, made_in in answers), "a resource crossed a fork"
+    assert {pid for pid, _ in answers} <= pids_in(hooks)
+    assert os.getpid() not in pids_in(hooks) and resource == {}, "a hook ran in the worker"
+
+
+def test_a_child_that_never_reports_up_is_killed_and_replaced(
+    make_app: MakeApp, tmp_path: Path, poll: Poll, caplog: pytest.LogCaptureFixture
+) -> None:
+    app = make_app(child_start_timeout=0.5)
+    hung = tmp_path / "hung"
+
+    @app.on_process_start
+    def hang_in_the_first_child() -> None:
+        try:
+            fd = os.open(hung, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            return
+        os.write(fd, str(os.getpid()).encode())
+        os.close(fd)
+        time.sleep(60)  # never reports WORKER_UP
+
+    @app.task
+    def whoami() -> int:
+        return os.getpid()
+
+    results = whoami.map([() for _ in range(3)])
+    with caplog.at_level(logging.WARNING, logger="conveyor"):
+        stats = run_until_empty(app, concurrency=1)
+    hung_pid = int(hung.read_text())
+    pids = [r.get(timeout=5) for r in results]
+    assert hung_pid not in pids, "work was sent to a child that never came up"
+    assert (stats.received, stats.succeeded, stats.lost) == (3, 3, 0)
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("did not report WORKER_UP" in m for m in messages), messages
+    poll(lambda: exited(hung_pid), timeout=10, what="the hung child to be killed")
+
+
+# 4. recycling
+
+
+@pytest.mark.parametrize("max_tasks", [1, 3])
+def test_max_tasks_per_child_replaces_children(make_app: MakeApp, max_tasks: int) -> None:
+    app = make_app()
+
+    @app.task
+    def whoami() -> int:
+        return os.getpid()
+
+    results = whoami.map([() for _ in range(9)])
+    stats = run_until_empty(app, concurrency=1, max_tasks_per_child=max_tasks)
+    pids = [r.get(timeout=5) for r in results]
+    assert os.getpid() not in pids
+    assert sorted(pids.count(pid) for pid in set(pids)) == [max_tasks] * (9 // max_tasks)
+    assert (stats.succeeded, stats.lost) == (9, 0)
+
+
+def test_max_memory_per_child_replaces_children(
+    make_app: MakeApp, caplog: pytest.LogCaptureFixture
+) -> None:
+    app = make_app()
+
+    @app.task
+    def whoami() -> int:
+        return os.getpid()
+
+    results = whoami.map([() for _ in range(6)])
+    with caplog.at_level(logging.DEBUG, logger="conveyor.worker"):
+        stats = run_until_empty(app, max_memory_per_child=1)  # every child is over it
+    pids = [r.get(timeout=5) for r in results]
+    assert len(set(pids)) == 6 and os.getpid() not in pids
+    assert stats.succeeded == 6
+    retired = [r for r in caplog.records if "max-memory-per-child" in r.getMessage()]
+    assert len(retired) == 6
+
+
+def test_replacing_children_leaves_the_worker_no_open_descriptor(
+    make_app: MakeApp, broker_kind: str
+) -> None:
+    app = make_app()
+
+    @app.task
+    def noop(n: int) -> int:
+        return n
+
+    @app.task
+    def crash() -> None:
+        os._exit(1)
+
+    @app.task(time_limit=0.3)
+    def stuck() -> None:
+        time.sleep(60)
+
+    # Every way a child ends: retired after its task, died, killed past its limit.
+    results = noop.map([(n,) for n in range(300)])
+    crash.delay()
+    stuck.delay()
+    if broker_kind == "rabbitmq":
+        # The worker opens a connection of its own on its loop and closes it when it stops;
+        # the one the tasks were sent through would be closed by it, and counted as a change.
+        app.broker.close()
+    else:
+        # SQLite connections are per thread and kept open: open this thread's first.
+        app.broker.stats([queue_of(app)])
+        assert app.results is not None
+        app.results.count()
+    before = open_fds()
+    worker = Worker(app, pool="prefork", concurrency=2, max_tasks_per_child=1, until_empty=True)
+    stats = worker.run()  # on this thread, so no thread-local connection stays behind
+    after = open_fds()
+    assert [r.get(timeout=5) for r in results] == list(range(300))
+    assert (stats.succeeded, stats.lost, stats.dead_lettered, stats.failed) == (300, 3, 1, 1)
+    assert after == before, f"{after - before} descriptors leaked over 300 children"
+
+
+def test_an_idle_child_that_dies_is_replaced(
+    make_app: MakeApp, tmp_path: Path, poll: Poll, caplog: pytest.LogCaptureFixture
+) -> None:
+    app = make_app()
+    children, release = tmp_path / "children", tmp_path / "release"
+    children.mkdir()
+
+    @app.on_process_start
+    def note() -> None:
+        note_pid(children)
+
+    @app.task
+    def whoami() -> int:
+        return os.getpid()
+
+    worker = Worker(app, pool="prefork", concurrency=1)
+    caplog.set_level(logging.WARNING, logger="conveyor")
+    with running(worker, release) as (thread, errors):
+        (first,) = poll(lambda: pids_in(children), timeout=30, what="the child")
+        os.kill(first, signal.SIGKILL)  # as the OOM killer would, while it waits for work
+        poll(lambda: len(pids_in(children)) == 2, timeout=30, what="a replacement")
+        result = whoami.delay()
+        assert result.get(timeout=30) == (pids_in(children) - {first}).pop()
+        worker.stop()
+        thread.join(30)
+        assert not thread.is_alive() and not errors
+    assert (worker.stats.succeeded, worker.stats.lost) == (1, 0)
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert f"(pid {first}) was killed by SIGKILL" in warning
+
+
+# 5. time limits
+
+
+def test_soft_time_limit_is_raised_inside_the_task(make_app: MakeApp) -> None:
+    app = make_app()
+
+    @app.task(soft_time_limit=0.2)
+    def slow() -> str:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            time.sleep(0.01)
+        return "finished"
+
+    @app.task(soft_time_limit=0.2, time_limit=10)
+    def careful() -> str:
+        try:
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                time.sleep(0.01)
+        except SoftTimeLimitExceeded:
+            return f"cleaned up in {os.getpid()}"
+        return "finished"
+
+    @app.task
+    def after() -> int:
+        return os.getpid()
+
+    failed, cleaned, next_one = slow.delay(), careful.delay(), after.delay()
+    stats = run_until_empty(app, concurrency=1)
+    record = record_of(app, failed.id)
+    assert (record.state, record.error_type) == (State.FAILURE, "SoftTimeLimitExceeded")
+    assert cleaned.get(timeout=5).startswith("cleaned up in ")
+    assert next_one.get(timeout=5) != os.getpid()
+    assert (stats.failed, stats.succeeded, stats.lost) == (1, 2, 0)
+
+
+def test_soft_time_limit_interrupts_a_blocking_call(make_app: MakeApp) -> None:
+    app = make_app()
+
+    @app.task(soft_time_limit=0.2, time_limit=3)
+    def careful() -> str:
+        try:
+            time.sleep(30)  # a socket read or a subprocess wait would block the same way
+        except SoftTimeLimitExceeded:
+            return "cleaned up"
+        return "finished"
+
+    result = careful.delay()
+    run_until_empty(app, concurrency=1)
+    record = record_of(app, result.id)
+    assert (record.state, record.error_type) == (State.SUCCESS, None), record.error_message
+    assert result.get(timeout=1) == "cleaned up"
+
+
+def test_hard_time_limit_kills_the_child_and_fails_the_task_once(
+    make_app: MakeApp, tmp_path: Path, poll: Poll
+) -> None:
+    app = make_app()
+    runs = tmp_path / "runs"
+    runs.mkdir()
+
+    @app.task(time_limit=0.5)
+    def stuck() -> str:
+        note_pid(runs)
+        time.sleep(60)  # inside C: only killing the process stops it
+        return "finished"
+
+    @app.task
+    def after(n: int) -> int:
+        return os.getpid()
+
+    killed = stuck.delay()
+    later = after.map([(n,) for n in range(3)])
+    started = time.monotonic()
+    stats = run_until_empty(app, concurrency=1)
+    assert time.monotonic() - started < 30
+    record = record_of(app, killed.id)
+    assert (record.state, record.error_type) == (State.FAILURE, "TimeLimitExceeded")
+    assert "0.5s limit" in (record.error_message or "")
+    (stuck_pid,) = pids_in(runs)
+    assert all(r.get(timeout=5) != stuck_pid for r in later)
+    assert (stats.received, stats.failed, stats.succeeded) == (4, 1, 3)
+    assert (stats.lost, stats.retried, stats.dead_lettered) == (0, 0, 0)
+    assert waiting(app) == 0 and app.broker.dead_letters(queue_of(app)) == []
+    poll(lambda: exited(stuck_pid), timeout=10, what="the stuck child to be gone")
+
+
+def test_hard_time_limit_retries_when_asked_then_gives_up(
+    make_app: MakeApp, tmp_path: Path
+) -> None:
+    app = make_app()
+    runs = tmp_path / "runs"
+    runs.mkdir()
+
+    @app.task(time_limit=0.3, autoretry_for=(TimeLimitExceeded,), max_retries=1)
+    def stuck() -> None:
+        note_pid(runs)
+        time.sleep(60)
+
+    result = stuck.delay()
+    stats = run_until_empty(app, concurrency=1)
+    assert len(pids_in(runs)) == 2, "one run and one retry, each in its own child"
+    record = record_of(app, result.id)
+    assert (record.state, record.error_type, record.retries) == (
+        State.FAILURE,
+        "TimeLimitExceeded",
+        1,
+    )
+    assert (stats.retried, stats.failed, stats.lost) == (1, 1, 0)
+    (dead,) = app.broker.dead_letters(queue_of(app))
+    assert "gave up after 1 retries" in dead.reason and "TimeLimitExceeded" in dead.reason
+    assert waiting(app) == 0
+
+
+# 6. a child that dies takes its task back to the broker, until the poison limit
+
+
+def _exit(code: int) -> None:
+    os._exit(code)
+
+
+def _sigkill(code: int) -> None:
+    os.kill(os.getpid(), signal.SIGKILL)  # as the OOM killer would
+
+
+@pytest.mark.parametrize("death", [_exit, _sigkill], ids=["os._exit", "SIGKILL"])
+def test_a_task_that_kills_its_child_is_requeued_then_dead_lettered(
+    make_app: MakeApp,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    death: Callable[[int], None],
+) -> None:
+    app = make_app()
+    runs = tmp_path / "runs"
+    runs.mkdir()
+
+    @app.task
+    def crash() -> None:
+        note_pid(runs)
+        death(1)
+
+    @app.task
+    def fine(n: int) -> int:
+        return n
+
+    poison = crash.delay()
+    others = fine.map([(n,) for n in range(10)])
+    with caplog.at_level(logging.WARNING, logger="conveyor"):
+        stats = run_until_empty(app)
+    assert [r.get(timeout=5) for r in others] == list(range(10))
+    assert len(pids_in(runs)) == 3, "run three times, never a fourth"
+    assert (stats.lost, stats.rejected, stats.dead_lettered, stats.succeeded) == (3, 1, 1, 10)
+    (dead,) = app.broker.dead_letters(queue_of(app))
+    assert "poison limit 3" in dead.reason and dead.delivery_count == 4
+    record = record_of(app, poison.id)
+    assert (record.state, record.error_type) == (State.FAILURE, "WorkerLost")
+    assert waiting(app) == 0
+    lost = [r.getMessage() for r in caplog.records if "lost" in r.getMessage()]
+    assert [("delivery 1" in m, "delivery 2" in m, "delivery 3" in m) for m in lost] == [
+        (True, False, False),
+        (False, True, False),
+        (False, False, True),
+    ]
+
+
+# bad input: the worker stays up, the message is settled with the reason, the next tasks run
+
+
+def test_a_task_that_raises_or_returns_junk_fails_and_the_next_ones_run(
+    make_app: MakeApp,
+) -> None:
+    app = make_app()
+
+    @app.task
+    def boom() -> None:
+        raise ValueError("no such image")
+
+    @app.task
+    def odd() -> object:
+        return object()  # nothing a result store can encode
+
+    @app.task
+    def fine(n: int) -> int:
+        return n
+
+    raised, unencodable = boom.delay(), odd.delay()
+    good = fine.map([(n,) for n in range(5)])
+    stats = run_until_empty(app)
+    record = record_of(app, raised.id)
+    assert (record.state, record.error_type, record.error_message) == (
+        State.FAILURE,
+        "ValueError",
+        "no such image",
+    )
+    assert "raise ValueError" in (record.traceback or ""), "the child's traceback is kept"
+    record = record_of(app, unencodable.id)
+    assert (record.state, record.error_type) == (State.FAILURE, "EncodeError")
+    assert "object" in (record.error_message or "")
+    assert [r.get(timeout=5) for r in good] == list(range(5))
+    assert (stats.failed, stats.succeeded, stats.lost, stats.dead_lettered) == (2, 5, 0, 0)
+    assert waiting(app) == 0
+
+
+# 7. shutdown
+
+
+def test_warm_shutdown_stops_fetching_finishes_running_tasks_and_children_exit_cleanly(
+    make_app: MakeApp, tmp_path: Path, poll: Poll, caplog: pytest.LogCaptureFixture
+) -> None:
+    app = make_app()
+    children, started, release = tmp_path / "children", tmp_path / "started", tmp_path / "release"
+    children.mkdir()
+    started.mkdir()
+
+    @app.on_process_start
+    def note() -> None:
+        note_pid(children)
+
+    @app.task
+    def block(n: int) -> int:
+        note_pid(started, n)
+        wait_for_file(release)
+        return n
+
+    first = block.delay(0)
+    worker = Worker(app, pool="prefork", concurrency=2, shutdown_grace=30)
+    caplog.set_level(logging.INFO, logger="conveyor")
+    with running(worker, release) as (thread, errors):
+        poll((started / "0").exists, timeout=30, what="the task to start")
+        worker.stop()
+        poll(lambda: any("warm shutdown" in r.getMessage() for r in caplog.records))
+        later = block.map([(n,) for n in range(1, 4)])  # one child is idle: it must get none
+        assert thread.is_alive(), "the worker left before its running task finished"
+        release.touch()
+        thread.join(30)
+        assert not thread.is_alive() and not errors
+    assert first.get(timeout=5) == 0
+    assert all(r.state == State.PENDING for r in later)
+    stats = worker.stats
+    assert (stats.received, stats.succeeded, stats.released, stats.lost) == (1, 1, 0, 0)
+    assert len(pids_in(children)) == 2
+    for pid in pids_in(children):
+        poll(lambda pid=pid: exited(pid), timeout=10, what=f"child {pid} to exit")
+    complaints = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert complaints == [], "children must exit cleanly"
+    assert waiting(app) == 3, "the tasks sent after the stop stay in the queue, once each"
+    assert queue_contents(app, 3) == [(1, 1), (2, 1), (3, 1)], "never started: never counted"
+
+
+def test_cold_shutdown_kills_the_child_and_gives_its_message_back(
+    make_app: MakeApp, tmp_path: Path, poll: Poll
+) -> None:
+    app = make_app()
+    started, release = tmp_path / "started", tmp_path / "release"
+    started.mkdir()
+
+    @app.task
+    def block(n: int) -> int:
+        note_pid(started, n)
+        wait_for_file(release)
+        return n
+
+    results = block.map([(n,) for n in range(4)])
+    worker = Worker(app, pool="prefork", concurrency=1, shutdown_grace=30)
+    with running(worker, release) as (thread, errors):
+        poll((started / "0").exists, timeout=30, what="the first task to start")
+        worker.stop()
+        worker.stop()  # the second is cold
+        thread.join(30)
+        assert not thread.is_alive() and not errors
+    assert results[0].state == State.STARTED, "the running task never finished"
+    (pid,) = pids_in(started)
+    poll(lambda: exited(pid), timeout=10, what="the child to be killed")
+    stats = worker.stats
+    assert (stats.received, stats.released, stats.succeeded, stats.lost) == (1, 1, 0, 0)
+    assert waiting(app) == 4, "the running message went back, once"
+    assert queue_contents(app, 4) == [(0, 2), (1, 1), (2, 1), (3, 1)], "counted once"
+
+
+def test_what_outlives_the_shutdown_grace_is_given_back(
+    make_app: MakeApp, tmp_path: Path, poll: Poll
+) -> None:
+    app = make_app()
+    started, release = tmp_path / "started", tmp_path / "release"
+    started.mkdir()
+
+    @app.task
+    def block(n: int) -> int:
+        note_pid(started, n)
+        wait_for_file(release)
+        return n
+
+    results = block.map([(n,) for n in range(2)])
+    worker = Worker(app, pool="prefork", concurrency=1, shutdown_grace=0.5)
+    with running(worker, release) as (thread, errors):
+        poll((started / "0").exists, timeout=30, what="the first task to start")
+        worker.stop()  # warm, but the task never finishes
+        thread.join(30)
+        assert not thread.is_alive() and not errors
+    assert results[0].state == State.STARTED
+    (pid,) = pids_in(started)
+    poll(lambda: exited(pid), timeout=10, what="the child to be killed")
+    stats = worker.stats
+    assert (stats.received, stats.released, stats.succeeded, stats.lost) == (1, 1, 0, 0)
+    assert waiting(app) == 2, "the running message went back, once"
+    assert queue_contents(app, 2) == [(0, 2), (1, 1)]
+
+
+def queue_contents(app: Conveyor, n: int) -> list[tuple[int, int]]:
+    """(first argument, delivery count) of the `n` messages in the app's queue, sorted, fetched
+    through a connection of their own once the app's is closed."""
+    app.close()
+    fresh = Conveyor("prefork", broker=app.settings.broker, results=None)
+    got: list[Any] = []
+
+    def more() -> bool:
+        got.extend(fresh.broker.fetch([queue_of(app)], n - len(got)))
+        return len(got) >= n
+
+    try:
+        wait_for(more, timeout=10, what=f"{n} messages")
+        return sorted((decode(d.body).args[0], d.delivery_count) for d in got)
+    finally:
+        fresh.close()
+
+
+# the acceptance stress test
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("broker_kind", ["sqlite"], indirect=True)
+def test_stress_one_task_per_child_with_random_start_delays(
+    make_app: MakeApp, caplog: pytest.LogCaptureFixture, capfd: pytest.CaptureFixture[str]
+) -> None:
+    n = 20_000
+    app = make_app()
+
+    @app.on_process_start
+    def late() -> None:
+        time.sleep(random.uniform(0, 0.005))  # a random delay before WORKER_UP
+
+    @app.task
+    def noop() -> None:
+        pass
+
+    results = noop.map([() for _ in range(n)])
+    # This thread's SQLite connections are opened before descriptors are counted.
+    app.broker.stats([queue_of(app)])
+    store = app.results
+    assert store is not None
+    store.count()
+    before = open_fds()
+    worker = Worker(app, pool="prefork", concurrency=2, max_tasks_per_child=1, until_empty=True)
+    started = time.monotonic()
+    with caplog.at_level(logging.WARNING):
+        stats = worker.run()
+    elapsed = time.monotonic() - started
+    after = open_fds()
+    with capfd.disabled():
+        print(f"\n{n} tasks, one child each: {elapsed:.1f}s, {n / elapsed:.0f} tasks/s")
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+    assert capfd.readouterr().err == "", "the worker, its zygote and children write nothing"
+    assert (stats.succeeded, stats.lost, stats.failed, stats.rejected) == (n, 0, 0, 0)
+    assert store.count() == n
+    assert all(r.state == State.SUCCESS for r in results)
+    assert waiting(app) == 0
+    assert after == before, f"{after - before} descriptors leaked"
