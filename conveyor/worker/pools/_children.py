@@ -371,9 +371,7 @@ def _retirement(options: ChildOptions, done: int) -> str | None:
     if options.max_memory is not None:
         rss = resident_memory()
         if rss > options.max_memory:
-            return (
-                f"uses {rss // 2**20} MiB (max-memory-per-child {options.max_memory // 2**20} MiB)"
-            )
+            return f"uses {rss:,} bytes (max-memory-per-child {options.max_memory:,})"
     return None
 
 
