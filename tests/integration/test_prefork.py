@@ -627,6 +627,27 @@ def test_a_task_that_kills_its_child_is_requeued_then_dead_lettered(
     ]
 
 
+def test_a_child_dying_under_an_at_most_once_task_fails_it_without_a_redelivery(
+    make_app: MakeApp, tmp_path: Path
+) -> None:
+    app = make_app()
+    runs = tmp_path / "runs"
+    runs.mkdir()
+
+    @app.task(acks_late=False)
+    def once() -> None:
+        note_pid(runs)
+        os._exit(1)
+
+    result = once.delay()
+    stats = run_until_empty(app)
+    assert len(pids_in(runs)) == 1, "acknowledged before it ran: never run again"
+    assert (stats.lost, stats.dead_lettered) == (1, 0)
+    record = record_of(app, result.id)
+    assert (record.state, record.error_type) == (State.FAILURE, "WorkerLost")
+    assert waiting(app) == 0
+
+
 # bad input: the worker stays up, the message is settled with the reason, the next tasks run
 
 
