@@ -215,6 +215,9 @@ def _zygote(control: socket.socket, app: Conveyor, options: ChildOptions) -> Non
                 for pid in children.values():
                     with contextlib.suppress(OSError):
                         os.kill(pid, signal.SIGKILL)
+                for pid in children.values():  # reaped here, not left to whatever adopts them
+                    with contextlib.suppress(ChildProcessError):
+                        os.waitpid(pid, 0)
                 return
             generation = _GEN.unpack(packet[1:9])[0]
             if packet[:1] == b"K":

@@ -194,8 +194,8 @@ class PreforkPool(Pool):
             written = os.write(child.tasks, data)
         except BlockingIOError:
             written = 0
-        except BrokenPipeError:
-            return  # it died: its outcome pipe's end says so
+        except OSError:
+            return  # it died (or is being dropped): its outcome pipe's end says so
         if written < len(data):
             child.outbox += data[written:]
             assert self._loop is not None
@@ -207,7 +207,7 @@ class PreforkPool(Pool):
             written = os.write(child.tasks, child.outbox)
         except BlockingIOError:
             return
-        except BrokenPipeError:
+        except OSError:
             written = len(child.outbox)
         del child.outbox[:written]
         if not child.outbox:
