@@ -157,6 +157,15 @@ class Broker(abc.ABC):
         """`ack` on the attached loop."""
         return self.ack(deliveries)
 
+    def ack_nowait(self, deliveries: Sequence[Delivery]) -> int:
+        """`ack` on the attached loop's own thread, without waiting (frames queued at once)."""
+        return self.ack(deliveries)
+
+    def take_nowait(self, limit: int) -> list[Delivery]:
+        """On the attached loop's thread: up to `limit` deliveries already pushed by the broker,
+        while consuming is under way (an empty list otherwise)."""
+        return []
+
     async def requeue_async(
         self, deliveries: Sequence[Delivery], *, delay: float = 0.0, count_delivery: bool = True
     ) -> None:

@@ -297,7 +297,8 @@ class RabbitMQBroker(Broker):
         if limit <= 0:
             return []
         if self._must_consume(queues, limit):
-            await self._consume(queues, limit)
+            with self._errors():
+                await self._consume(queues, limit)
         return self._take(limit)
 
     def _must_consume(self, queues: Sequence[str], limit: int) -> bool:
@@ -311,23 +312,45 @@ class RabbitMQBroker(Broker):
 
     async def ack_async(self, deliveries: Sequence[Delivery]) -> int:
         """`ack`, awaited on the attached loop."""
-        return await self._ack(deliveries) if deliveries else 0
+        if not deliveries:
+            return 0
+        with self._errors():
+            return await self._ack(deliveries)
+
+    def ack_nowait(self, deliveries: Sequence[Delivery]) -> int:
+        """`ack` on the attached loop's thread: the frames are queued for writing at once."""
+        channel = self._channel
+        if channel is None or channel.is_closed:
+            return 0  # a dead channel: those deliveries come back by themselves
+        current = [d.receipt[1] for d in deliveries if d.receipt[0] == self._generation]
+        self._settle(channel, acks=current)
+        return len(current)
+
+    def take_nowait(self, limit: int) -> list[Delivery]:
+        """Deliveries already pushed, on the attached loop's thread."""
+        channel = self._channel
+        if channel is None or channel.is_closed:
+            return []
+        return self._take(limit)
 
     async def requeue_async(
         self, deliveries: Sequence[Delivery], *, delay: float = 0.0, count_delivery: bool = True
     ) -> None:
         """`requeue`, awaited on the attached loop."""
         if deliveries:
-            await self._requeue(deliveries, delay, count_delivery)
+            with self._errors():
+                await self._requeue(deliveries, delay, count_delivery)
 
     async def dead_letter_async(self, items: Sequence[tuple[Delivery, str]]) -> None:
         """`dead_letter`, awaited on the attached loop."""
         if items:
-            await self._dead_letter(items)
+            with self._errors():
+                await self._dead_letter(items)
 
     async def stats_async(self, queues: Sequence[str] | None = None) -> list[QueueStats]:
         """`stats`, awaited on the attached loop."""
-        return await self._stats(sorted(self._declared if queues is None else queues))
+        with self._errors():
+            return await self._stats(sorted(self._declared if queues is None else queues))
 
     # producer side
 
@@ -343,7 +366,8 @@ class RabbitMQBroker(Broker):
         if not messages:
             return
         if self._attached and self._loop is asyncio.get_running_loop():
-            await self._publish(messages)
+            with self._errors():
+                await self._publish(messages)
         else:
             await self._run_async(self._publish(messages))
 

@@ -173,7 +173,7 @@ class Consumer:
         # A broker that can run on this loop (RabbitMQ) does: no thread hand-off per round.
         native = not self.broker.local and self.pool.loop_free
         self._native = native and self.broker.attach(self._loop)
-        self.broker.on_arrival(self._wake)
+        self.broker.on_arrival(self._arrived)
         self.broker.reserve(self.pool.concurrency)
         renewer = asyncio.create_task(self._renew_leases())
         try:
@@ -539,6 +539,45 @@ class Consumer:
                     self._record(job.envelope, State.FAILURE, outcome=failure)
             if self._direct and not self._stopping and self._cycle(self._free()) > 0:
                 return
+            # The loop must still run a round once nothing runs (a drain check, a shutdown).
+            if self._native and self._running and self._ack_at_once():
+                return
+        self._wake()
+
+    # with a broker attached to the loop (RabbitMQ): a finished task's ack, and a pushed
+    # message's start, happen as they arrive, not a loop turn later in the next round
+
+    def _on_loop(self) -> bool:
+        return self._native and threading.get_ident() == self._loop_thread
+
+    def _ack_at_once(self) -> bool:
+        """Send acks now when they are all there is to settle; True if nothing else waits."""
+        pending = self._pending
+        if not self._on_loop() or not pending.acks or self._stopping:
+            return False
+        if pending.records or pending.publish or pending.dead or pending.release or pending.delay:
+            return False  # results are stored before acks: the round keeps that order
+        acks, pending.acks = pending.acks, []
+        try:
+            self._count_stale(len(acks) - self.broker.ack_nowait(acks))
+        except Exception:  # the next round sends them, or reports why it cannot
+            pending.acks = acks + pending.acks
+            return False
+        return True
+
+    def _arrived(self) -> None:
+        """The broker pushed a message: start it now if a slot is free, else wake the loop."""
+        if self._on_loop():
+            with self._lock:
+                free = self._free()
+                deliveries = self.broker.take_nowait(free) if free > 0 else []
+                if deliveries:
+                    jobs, early = self._admit_all(deliveries)
+                    if early:
+                        self._count_stale(len(early) - self.broker.ack_nowait(early))
+                    self._start(jobs)
+                if not self._pending:
+                    return
         self._wake()
 
     def _settle(self, job: Job, outcome: Outcome) -> None:
