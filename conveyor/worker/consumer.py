@@ -163,6 +163,7 @@ class Consumer:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread = 0
         self._native = False
+        self._started_on_arrival = 0
         self._direct = pool.threaded and self.broker.local
 
     # lifecycle
@@ -204,6 +205,11 @@ class Consumer:
                 dispatched = self._cycle(free)
             else:
                 dispatched = await self._dispatch(await self._round(free))
+                if dispatched == 0 and self._started_on_arrival:
+                    # Work is flowing through `_arrived`: not a quiet queue to poll less often
+                    # (or to ask the broker for its depths).
+                    dispatched = self._started_on_arrival
+                self._started_on_arrival = 0
             if failures and dispatched >= 0:
                 log.warning("the broker answers again after %d failed rounds", failures)
                 failures = 0
@@ -576,6 +582,7 @@ class Consumer:
                     if early:
                         self._count_stale(len(early) - self.broker.ack_nowait(early))
                     self._start(jobs)
+                    self._started_on_arrival += len(deliveries)
                 if not self._pending:
                     return
         self._wake()
