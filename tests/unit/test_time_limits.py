@@ -1,4 +1,4 @@
-"""Soft and hard time limits in the pools that run tasks in the worker's own process."""
+"""Soft and hard time limits in every pool: prefork (in its children), threads, asyncio and solo."""
 
 from __future__ import annotations
 
