@@ -1,7 +1,11 @@
-"""Shared fixtures: a fresh memory app, and polling with a deadline instead of sleeping."""
+"""Shared fixtures: a fresh memory app, polling with a deadline instead of sleeping, and the
+local RabbitMQ (skipped locally when absent, a failure in CI)."""
 
 from __future__ import annotations
 
+import asyncio
+import os
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -13,6 +17,36 @@ from conveyor import Conveyor, Worker, WorkerStats
 from conveyor.testing import memory_app
 
 T = TypeVar("T")
+
+RABBITMQ_URL = "amqp://guest:guest@127.0.0.1:5672/"
+
+
+def require_rabbitmq() -> None:
+    """Skip the test when the local RabbitMQ is not running; fail it when CI is set."""
+    try:
+        socket.create_connection(("127.0.0.1", 5672), timeout=2).close()
+    except OSError:
+        if os.environ.get("CI"):
+            pytest.fail("RabbitMQ is not reachable on 127.0.0.1:5672, and CI needs it")
+        pytest.skip(
+            "RabbitMQ is not running on 127.0.0.1:5672 (start it: rabbitmq-server -detached)"
+        )
+
+
+def delete_rabbitmq_queues(queue: str) -> None:
+    """Delete a conveyor queue with its dead-letter and delay queues from the local RabbitMQ."""
+    import aiormq
+
+    from conveyor.brokers.rabbitmq import BUCKETS_MS
+
+    async def delete() -> None:
+        connection = await aiormq.connect(RABBITMQ_URL)
+        channel = await connection.channel()
+        for name in (queue, f"{queue}.dead", *(f"{queue}.delay.{ms}" for ms in BUCKETS_MS)):
+            await channel.queue_delete(name)
+        await connection.close()
+
+    asyncio.run(delete())
 
 
 def wait_for(condition: Callable[[], T], timeout: float = 5.0, what: str = "condition") -> T:
@@ -63,17 +97,22 @@ def start_worker(worker: Worker) -> tuple[threading.Thread, list[BaseException]]
 
 
 def run_bounded(
-    app: Conveyor, pool: str = "threads", concurrency: int = 2, timeout: float = 5.0
+    app: Conveyor,
+    pool: str = "threads",
+    concurrency: int = 2,
+    timeout: float = 5.0,
+    **options: Any,
 ) -> WorkerStats:
     """Run a worker until the queue is empty, off the main thread; fail instead of hanging
-    (for behaviour that could wedge the worker)."""
-    worker = Worker(app, pool=pool, concurrency=concurrency, until_empty=True, shutdown_grace=0)
+    (for behaviour that could wedge the worker). `options` go to `Worker`."""
+    options.setdefault("shutdown_grace", 0)
+    worker = Worker(app, pool=pool, concurrency=concurrency, until_empty=True, **options)
     thread, errors = start_worker(worker)
     thread.join(timeout)
     if thread.is_alive():
         worker.stop()
         worker.stop()  # the second stop is a cold shutdown
-        thread.join(5)
+        thread.join(15)
         raise AssertionError(f"the worker did not drain its queue within {timeout}s")
     if errors:
         raise AssertionError(f"the worker raised {errors[0]!r}") from errors[0]

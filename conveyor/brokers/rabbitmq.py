@@ -259,15 +259,21 @@ class RabbitMQBroker(Broker):
 
     async def detach(self) -> None:
         """Close the connection the worker's loop holds; later calls get a thread again."""
-        connection = self._connection
-        if connection is not None and not connection.is_closed:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._stop_consuming(), 5)
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._release_inbox(), 10)
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(connection.close(), 5)
+        await self._shut()
         self._reset()
+
+    async def _shut(self) -> None:
+        """Stop consuming, give back what never started (uncounted), close the connection.
+
+        Each step is best effort: a dead connection has nothing left to release.
+        """
+        connection = self._connection
+        if connection is None or connection.is_closed:
+            return
+        steps = ((self._stop_consuming, 5.0), (self._release_inbox, 10.0), (connection.close, 5.0))
+        for step, seconds in steps:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(step(), seconds)
 
     async def _release_inbox(self) -> None:
         """Give back what RabbitMQ pushed but the worker never started, without counting it
@@ -663,23 +669,14 @@ class RabbitMQBroker(Broker):
         if loop is None:
             return
         if self._attached:  # the loop is the worker's: only the connection is ours
-            if not self._blocked() and loop.is_running() and self._connection is not None:
+            if not self._blocked() and loop.is_running():
                 with contextlib.suppress(Exception):
-                    self._run(self._stop_consuming(), timeout=5)
-                with contextlib.suppress(Exception):
-                    self._run(self._release_inbox(), timeout=10)
-                with contextlib.suppress(Exception):
-                    self._run(self._connection.close(), timeout=5)
+                    self._run(self._shut(), timeout=25)
             self._reset()
             return
-        if self._consuming and self._connection is not None and not loop.is_closed():
+        if not loop.is_closed():
             with contextlib.suppress(Exception):
-                self._run(self._stop_consuming(), timeout=5)
-            with contextlib.suppress(Exception):
-                self._run(self._release_inbox(), timeout=10)
-        if self._connection is not None and not loop.is_closed():
-            with contextlib.suppress(Exception):  # a dead connection has nothing to release
-                self._run(self._connection.close(), timeout=5)
+                self._run(self._shut(), timeout=25)
         loop.call_soon_threadsafe(loop.stop)
         if self._thread is not None:
             self._thread.join(5)

@@ -11,13 +11,11 @@ deletes it afterwards. Without a server the RabbitMQ cases skip locally and fail
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import os
 import random
 import signal
-import socket
 import stat
 import threading
 import time
@@ -26,12 +24,16 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import aiormq
 import pytest
-from conftest import start_worker, wait_for
+from conftest import (
+    delete_rabbitmq_queues,
+    require_rabbitmq,
+    run_bounded,
+    start_worker,
+    wait_for,
+)
 
 from conveyor import Conveyor, SoftTimeLimitExceeded, Worker, WorkerStats
-from conveyor.brokers.rabbitmq import BUCKETS_MS
 from conveyor.errors import TimeLimitExceeded
 from conveyor.message import decode
 from conveyor.results import ResultRecord, State
@@ -44,34 +46,12 @@ MakeApp = Callable[..., Conveyor]
 BROKERS = ["sqlite", "rabbitmq"]
 
 
-def _rabbitmq_or_skip() -> None:
-    try:
-        socket.create_connection(("127.0.0.1", 5672), timeout=2).close()
-    except OSError:
-        if os.environ.get("CI"):
-            pytest.fail("RabbitMQ is not reachable on 127.0.0.1:5672, and CI needs it")
-        pytest.skip(
-            "RabbitMQ is not running on 127.0.0.1:5672 (start it: rabbitmq-server -detached)"
-        )
-
-
-def _delete_queues(queue: str) -> None:
-    async def delete() -> None:
-        connection = await aiormq.connect(AMQP_URL)
-        channel = await connection.channel()
-        for name in (queue, f"{queue}.dead", *(f"{queue}.delay.{ms}" for ms in BUCKETS_MS)):
-            await channel.queue_delete(name)
-        await connection.close()
-
-    asyncio.run(delete())
-
-
 @pytest.fixture(params=BROKERS)
 def broker_kind(request: pytest.FixtureRequest) -> str:
     """Which broker this case runs on; RabbitMQ cases skip (or fail in CI) without a server."""
     kind = str(request.param)
     if kind == "rabbitmq":
-        _rabbitmq_or_skip()
+        require_rabbitmq()
     return kind
 
 
@@ -98,24 +78,13 @@ def make_app(broker_kind: str, tmp_path: Path) -> Iterator[MakeApp]:
     for app in apps:
         app.close()
     if broker_kind == "rabbitmq":
-        _delete_queues(queue)
+        delete_rabbitmq_queues(queue)
 
 
 def run_until_empty(app: Conveyor, timeout: float = 60.0, **options: Any) -> WorkerStats:
     """A prefork worker (2 children unless told) run until its queue is empty, on a thread;
     a worker that does not drain in time is stopped cold and the test fails."""
-    options.setdefault("concurrency", 2)
-    worker = Worker(app, pool="prefork", until_empty=True, **options)
-    thread, errors = start_worker(worker)
-    thread.join(timeout)
-    if thread.is_alive():
-        worker.stop()
-        worker.stop()  # the second stop is a cold shutdown
-        thread.join(15)
-        raise AssertionError(f"the worker did not drain its queue within {timeout}s")
-    if errors:
-        raise AssertionError(f"the worker raised {errors[0]!r}") from errors[0]
-    return worker.stats
+    return run_bounded(app, pool="prefork", timeout=timeout, **options)
 
 
 @contextlib.contextmanager

@@ -10,7 +10,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -23,14 +22,14 @@ from typing import Any
 import aiormq
 import pytest
 from aiormq.abc import ChannelFrame
-from conftest import start_worker
+from conftest import delete_rabbitmq_queues, require_rabbitmq, start_worker
 from pamqp.body import ContentBody
 from pamqp.frame import marshal, unmarshal
 from pamqp.header import ContentHeader
 
 from conveyor import Conveyor, Worker
 from conveyor.brokers.base import Outgoing
-from conveyor.brokers.rabbitmq import BUCKETS_MS, RabbitMQBroker
+from conveyor.brokers.rabbitmq import RabbitMQBroker
 from conveyor.errors import BrokerError, ConfigurationError, PublishError
 from conveyor.message import encode
 
@@ -42,25 +41,11 @@ Poll = Callable[..., Any]
 
 @pytest.fixture(scope="module", autouse=True)
 def rabbitmq() -> None:
-    try:
-        socket.create_connection(("127.0.0.1", 5672), timeout=2).close()
-    except OSError:
-        if os.environ.get("CI"):
-            pytest.fail("RabbitMQ is not reachable on 127.0.0.1:5672, and CI needs it")
-        pytest.skip(
-            "RabbitMQ is not running on 127.0.0.1:5672 (start it: rabbitmq-server -detached)"
-        )
+    require_rabbitmq()
 
 
 def _delete(queue: str) -> None:
-    async def delete() -> None:
-        connection = await aiormq.connect(URL)
-        channel = await connection.channel()
-        for name in (queue, f"{queue}.dead", *(f"{queue}.delay.{ms}" for ms in BUCKETS_MS)):
-            await channel.queue_delete(name)
-        await connection.close()
-
-    asyncio.run(delete())
+    delete_rabbitmq_queues(queue)
 
 
 @pytest.fixture

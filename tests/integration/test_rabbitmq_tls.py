@@ -13,10 +13,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import secrets
 import shutil
-import socket
 import ssl
 import subprocess
 import threading
@@ -28,11 +26,11 @@ from typing import Any, TypeVar
 
 import aiormq
 import pytest
-from conftest import run_bounded
+from conftest import delete_rabbitmq_queues, require_rabbitmq, run_bounded
 
 from conveyor import Conveyor
 from conveyor.brokers.base import Outgoing
-from conveyor.brokers.rabbitmq import BUCKETS_MS, RabbitMQBroker
+from conveyor.brokers.rabbitmq import RabbitMQBroker
 from conveyor.errors import BrokerError
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
@@ -48,14 +46,7 @@ FAIL_FAST_S = 15.0
 
 @pytest.fixture(scope="module", autouse=True)
 def rabbitmq() -> None:
-    try:
-        socket.create_connection(RABBITMQ, timeout=2).close()
-    except OSError:
-        if os.environ.get("CI"):
-            pytest.fail("RabbitMQ is not reachable on 127.0.0.1:5672, and CI needs it")
-        pytest.skip(
-            "RabbitMQ is not running on 127.0.0.1:5672 (start it: rabbitmq-server -detached)"
-        )
+    require_rabbitmq()
 
 
 @dataclass(frozen=True)
@@ -216,27 +207,11 @@ def proxy(certificates: Certificates) -> Iterator[Callable[[tuple[Path, Path]], 
         running.stop()
 
 
-def _delete(queue: str) -> None:
-    """Delete a conveyor queue and its dead-letter and delay queues, as test_rabbitmq does.
-
-    Defined here rather than imported, so this module does not depend on another test module.
-    """
-
-    async def delete() -> None:
-        connection = await aiormq.connect(PLAIN_URL)
-        channel = await connection.channel()
-        for name in (queue, f"{queue}.dead", *(f"{queue}.delay.{ms}" for ms in BUCKETS_MS)):
-            await channel.queue_delete(name)
-        await connection.close()
-
-    asyncio.run(delete())
-
-
 @pytest.fixture
 def queue() -> Iterator[str]:
     name = f"test-tls-{uuid.uuid4().hex[:10]}"
     yield name
-    _delete(name)
+    delete_rabbitmq_queues(name)
 
 
 def _exists(queue: str) -> bool:
