@@ -79,6 +79,9 @@ class Broker(abc.ABC):
     #: Seconds a delivery may stay unacknowledged before the broker takes it back by itself
     #: (RabbitMQ's consumer timeout), or None when the worker keeps leases alive.
     ack_timeout: float | None = None
+    #: (host, port) pairs this broker connects to: sockets to them are conveyor's own, not the
+    #: user's (the prefork pool warns about user connections its children would inherit).
+    endpoints: frozenset[tuple[str, int]] = frozenset()
 
     # producer side
 

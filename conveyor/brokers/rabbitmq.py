@@ -105,6 +105,14 @@ class RabbitMQBroker(Broker):
             )
         self._url = url
         self.display_url = redact_url(url)
+        try:
+            port = parts.port or (5671 if parts.scheme == "amqps" else 5672)
+        except ValueError:
+            raise ConfigurationError(
+                f"cannot read RabbitMQ URL {redact_url(url)!r}: the port must be a number "
+                "from 1 to 65535"
+            ) from None
+        self.endpoints = frozenset({(parts.hostname, port)})
         self.queue_type = queue_type
         # Quorum queues have no x-max-priority (RabbitMQ 3.10); they count deliveries themselves.
         self.max_priority = 0 if queue_type == "quorum" else max_priority

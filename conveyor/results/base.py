@@ -73,6 +73,8 @@ class ResultStore(abc.ABC):
 
     #: The URL with any password masked, safe to print.
     display_url: str = ""
+    #: (host, port) pairs this store connects to (see `Broker.endpoints`).
+    endpoints: frozenset[tuple[str, int]] = frozenset()
 
     @abc.abstractmethod
     def put(self, records: Sequence[ResultRecord]) -> None:

@@ -16,6 +16,7 @@ import logging
 import os
 import random
 import signal
+import socket
 import stat
 import threading
 import time
@@ -182,6 +183,48 @@ def test_tasks_run_in_children_that_hold_no_socket(make_app: MakeApp) -> None:
     assert all(sockets == 0 for _, sockets in answers), "a child holds a socket (the broker's?)"
     assert (stats.received, stats.succeeded, stats.lost) == (20, 20, 0)
     assert waiting(app) == 0
+
+
+def test_a_user_connection_open_before_the_fork_is_warned_about(
+    make_app: MakeApp, caplog: pytest.LogCaptureFixture
+) -> None:
+    app = make_app()
+
+    @app.task
+    def noop() -> None:
+        return None
+
+    noop.delay()  # on RabbitMQ, the app's own connection is open now: never warned about
+    server = socket.create_server(("127.0.0.1", 0))
+    host, port = server.getsockname()
+    user = socket.create_connection((host, port))  # a module-level client, say
+    try:
+        with caplog.at_level(logging.WARNING, logger="conveyor.worker"):
+            run_until_empty(app)
+    finally:
+        user.close()
+        server.close()
+    warnings = [r.getMessage() for r in caplog.records if "@app.resource" in r.getMessage()]
+    assert len(warnings) == 1, "one warning per worker start"
+    assert f"tcp to {host}:{port}" in warnings[0]
+    assert ":5672" not in warnings[0], "conveyor's own broker connection is not the user's"
+
+
+def test_no_fork_warning_without_user_connections(
+    make_app: MakeApp, caplog: pytest.LogCaptureFixture
+) -> None:
+    app = make_app()
+
+    @app.task
+    def noop() -> None:
+        return None
+
+    noop.delay()
+    with caplog.at_level(logging.WARNING, logger="conveyor.worker"):
+        run_until_empty(app)
+    warnings = [r.getMessage() for r in caplog.records if "@app.resource" in r.getMessage()]
+    # Connections other tests left open in this process could be listed; never the broker's.
+    assert not any(":5672" in w for w in warnings)
 
 
 # 2. dispatch: only idle children get work, and prefetch never exceeds what can start

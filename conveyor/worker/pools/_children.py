@@ -26,7 +26,7 @@ import stat
 import struct
 import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -189,6 +189,42 @@ def _drop_sockets(keep: Sequence[int]) -> None:
                     os.dup2(null, fd, inheritable=False)
     finally:
         os.close(null)
+
+
+def inherited_connections(ours: Iterable[tuple[str, int]] = ()) -> list[str]:
+    """This process's open connections that a fork would hand to its children, described.
+
+    Network connections and connections to named Unix sockets count; conveyor's own (to the
+    `ours` endpoints), listening sockets and unnamed socket pairs (event-loop wake-ups) do not.
+    """
+    own: set[tuple[str, int]] = set()
+    for host, port in ours:
+        with contextlib.suppress(OSError):
+            own |= {(info[4][0], port) for info in socket.getaddrinfo(host, port)}
+    found = []
+    for name in sorted(os.listdir("/proc/self/fd"), key=int):
+        fd = int(name)
+        try:
+            if not stat.S_ISSOCK(os.fstat(fd).st_mode):
+                continue
+            sock = socket.socket(fileno=fd)
+        except OSError:
+            continue
+        try:
+            peer = sock.getpeername()
+            if sock.family in (socket.AF_INET, socket.AF_INET6):
+                if (peer[0], peer[1]) in own:
+                    continue
+                kind = "tcp" if sock.type == socket.SOCK_STREAM else "udp"
+                found.append(f"fd {fd}: {kind} to {peer[0]}:{peer[1]}")
+            elif sock.family == socket.AF_UNIX and peer:
+                path = peer.decode(errors="replace") if isinstance(peer, bytes) else peer
+                found.append(f"fd {fd}: unix socket {path}")
+        except OSError:
+            pass  # not connected: listening, or never was
+        finally:
+            sock.detach()
+    return found
 
 
 def _zygote(control: socket.socket, app: Conveyor, options: ChildOptions) -> None:

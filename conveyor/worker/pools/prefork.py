@@ -125,11 +125,30 @@ class PreforkPool(Pool):
     async def start(self) -> None:
         """Fork the zygote, then ask it for the children."""
         self._loop = asyncio.get_running_loop()
+        self._warn_inherited()
         self._zygote_pid, self._control = _children.start_zygote(self.app, self._options)
         self._control.setblocking(False)
         self._loop.add_reader(self._control, self._on_control)
         for _ in range(self.concurrency):
             self._spawn()
+
+    def _warn_inherited(self) -> None:
+        """Say so when the user's code holds connections the children would inherit."""
+        ours = set(self.app.broker.endpoints)
+        if self.app.results is not None:
+            ours |= self.app.results.endpoints
+        found = _children.inherited_connections(ours)
+        if found:
+            log.warning(
+                "%d connection%s opened before the worker forked its children (%s): every "
+                "child gets a copy of the same socket, which it must not use (its messages "
+                "would go nowhere, or garble the parent's). Open connections in the process "
+                "that uses them: declare them with @app.resource, which creates one per process "
+                "after the fork",
+                len(found),
+                "" if len(found) == 1 else "s",
+                "; ".join(found),
+            )
 
     async def stop(self) -> None:
         """Let idle children exit, kill busy ones (their jobs were abandoned), stop the zygote."""
