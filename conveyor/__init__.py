@@ -21,6 +21,7 @@ from conveyor.errors import (
     EncodeError,
     MaxRetriesExceeded,
     PublishError,
+    ResourceError,
     ResultTimeout,
     Retry,
     SoftTimeLimitExceeded,
@@ -29,6 +30,7 @@ from conveyor.errors import (
     TimeLimitExceeded,
     UnknownTaskError,
 )
+from conveyor.resources import Resource
 from conveyor.results import State
 from conveyor.results.handle import Result
 from conveyor.settings import Settings
@@ -45,6 +47,8 @@ __all__ = [
     "MaxRetriesExceeded",
     "PublishError",
     "Request",
+    "Resource",
+    "ResourceError",
     "Result",
     "ResultTimeout",
     "Retry",

@@ -14,6 +14,7 @@ from conveyor.brokers import Broker, Outgoing
 from conveyor.errors import ConfigurationError, UnknownTaskError
 from conveyor.message import Envelope, encode
 from conveyor.redact import redact_url
+from conveyor.resources import Resource, ResourceDecorator, Resources, Scope
 from conveyor.results import ResultStore
 from conveyor.results.handle import Result
 from conveyor.settings import Settings
@@ -21,6 +22,7 @@ from conveyor.task import Task, parse_options
 
 P = ParamSpec("P")
 R = TypeVar("R")
+T = TypeVar("T")
 
 
 class _Unset:
@@ -56,6 +58,7 @@ class Conveyor:
         self.settings = Settings.load(broker=broker, **settings)
         self.tasks: dict[str, Task[Any, Any]] = {}
         self.process_start_hooks: list[Callable[[], None]] = []
+        self.resources = Resources()
         self._lock = threading.Lock()
         self._broker: Broker | None = None
         self._results: ResultStore | _Unset | None = UNSET
@@ -113,6 +116,59 @@ class Conveyor:
 
         return register if fn is None else register(fn)
 
+    @overload
+    def resource(self, factory: Callable[[], T], /) -> Resource[T]: ...
+
+    @overload
+    def resource(
+        self,
+        /,
+        *,
+        name: str | None = None,
+        check: Callable[[Any], bool] | None = None,
+        close: Callable[[Any], object] | None = None,
+        scope: Scope = "process",
+        pool_size: int | None = None,
+    ) -> ResourceDecorator: ...
+
+    def resource(
+        self,
+        factory: Callable[[], T] | None = None,
+        /,
+        *,
+        name: str | None = None,
+        check: Callable[[Any], bool] | None = None,
+        close: Callable[[Any], object] | None = None,
+        scope: Scope = "process",
+        pool_size: int | None = None,
+    ) -> Resource[T] | ResourceDecorator:
+        """Register a fork-safe resource: `@app.resource` or `@app.resource(check=..., ...)`.
+
+        The factory runs lazily, once per process (per thread with `scope="thread"`; up to
+        `pool_size` instances with a pool), again in a forked child, and again when `check`
+        finds the instance dead. See `Resource`. Names default to `module.function`; two
+        resources of one name raise `ConfigurationError`.
+        """
+
+        def register(factory: Callable[[], R]) -> Resource[R]:
+            if name is None and not hasattr(factory, "__qualname__"):
+                raise ConfigurationError(
+                    f"a {type(factory).__name__} object has no function name to name the "
+                    "resource after: pass name=... to @app.resource"
+                )
+            resource = Resource(
+                factory,
+                name or _default_name(factory),
+                check=check,
+                close=close,
+                scope=scope,
+                pool_size=pool_size,
+            )
+            self.resources.add(resource)
+            return resource
+
+        return register if factory is None else register(factory)
+
     def on_process_start(self, fn: Callable[[], None], /) -> Callable[[], None]:
         """Register a function every process that runs tasks calls before its first task.
 
@@ -150,7 +206,8 @@ class Conveyor:
         return Result(task_id, self.results)
 
     def close(self) -> None:
-        """Close this process's broker and store connections."""
+        """Close this process's resources, broker and store connections."""
+        self.resources.close_all()
         if self._broker is not None:
             self._broker.close()
         if not isinstance(self._results, _Unset) and self._results is not None:

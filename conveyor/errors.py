@@ -18,6 +18,7 @@ ConveyorError
 │   └── SoftTimeLimitExceeded   the soft time limit passed (raised inside the task)
 ├── ResultError
 │   └── ResultTimeout           Result.get(timeout=...) ran out (also a TimeoutError)
+├── ResourceError               no pooled resource instance came free within the lease timeout
 └── Retry                       raised by a task, through `raise self.retry(...)`
 ```
 
@@ -110,6 +111,10 @@ class ResultError(ConveyorError):
 
 class ResultTimeout(ResultError, TimeoutError):
     """`Result.get(timeout=...)` ran out before the task finished."""
+
+
+class ResourceError(ConveyorError):
+    """A resource could not be provided, such as a pooled one whose instances all stayed leased."""
 
 
 class Retry(ConveyorError):

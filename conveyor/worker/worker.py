@@ -100,6 +100,8 @@ class Worker:
             for sig in installed:
                 self._loop.remove_signal_handler(sig)
             await pool.stop()
+            # Connections the tasks opened in this process (a prefork child closes its own).
+            self.app.resources.close_all()
             s = self.stats
             log.info(
                 "worker stopped: %d succeeded, %d failed, %d retried, %d dead-lettered, "
