@@ -12,9 +12,23 @@ from __future__ import annotations
 import abc
 import asyncio
 import contextlib
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
+
+#: Everything of conveyor's that connects somewhere (brokers, result stores), in this process.
+_connecting: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+def connects(owner: Any) -> None:
+    """Note that `owner` (with an `endpoints` attribute) opens connections of conveyor's own."""
+    _connecting.add(owner)
+
+
+def own_endpoints() -> set[tuple[str, int]]:
+    """The (host, port) pairs conveyor's brokers and stores in this process connect to."""
+    return {endpoint for owner in list(_connecting) for endpoint in owner.endpoints}
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,9 +145,10 @@ class Broker(abc.ABC):
         that are polled (SQLite, memory) ignore it.
         """
 
-    def reserve(self, slots: int) -> None:  # noqa: B027
+    def reserve(self, slots: int, most: int | None = None) -> None:  # noqa: B027
         """The consumer can start at most `slots` messages at once: a broker that pushes
-        messages (RabbitMQ) never holds more than that unacknowledged. Default: nothing to do."""
+        messages (RabbitMQ) never holds more than that unacknowledged. Called again when that
+        changes (at most `most`). Default: nothing to do."""
 
     def extend(self, deliveries: Sequence[Delivery], seconds: float) -> None:  # noqa: B027
         """Keep leases of running messages alive for another `seconds`. Default: nothing to do."""

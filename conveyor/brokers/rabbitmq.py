@@ -45,7 +45,7 @@ from pamqp.frame import marshal as _frame
 from pamqp.header import ContentHeader
 
 from conveyor.brokers._pamqp_text import has_raw_text, install
-from conveyor.brokers.base import Broker, DeadLetter, Delivery, Outgoing, QueueStats
+from conveyor.brokers.base import Broker, DeadLetter, Delivery, Outgoing, QueueStats, connects
 from conveyor.errors import BrokerError, ConfigurationError, PublishError
 from conveyor.redact import redact_text, redact_url
 
@@ -113,13 +113,14 @@ class RabbitMQBroker(Broker):
                 "from 1 to 65535"
             ) from None
         self.endpoints = frozenset({(parts.hostname, port)})
+        connects(self)
         self.queue_type = queue_type
         # Quorum queues have no x-max-priority (RabbitMQ 3.10); they count deliveries themselves.
         self.max_priority = 0 if queue_type == "quorum" else max_priority
         self.delivery_limit = delivery_limit
         self._lock = threading.Lock()
         self._side: RabbitMQBroker | None = None
-        self._slots = 0
+        self._slots = self._most = 0
         self._reset()
         _live.add(self)
 
@@ -423,9 +424,27 @@ class RabbitMQBroker(Broker):
             out.append(self._inbox.popleft())
         return out
 
-    def reserve(self, slots: int) -> None:
-        """Hold at most `slots` unacknowledged messages, across every queue consumed."""
-        self._slots = slots
+    def reserve(self, slots: int, most: int | None = None) -> None:
+        """Hold at most `slots` unacknowledged messages, across every queue consumed.
+
+        On classic queues the limit can change while consuming (a per-channel limit, under a
+        per-consumer one of `most`); quorum queues only have the per-consumer limit, fixed
+        when consuming starts, so they keep the first `slots`.
+        """
+        changed = slots != self._slots
+        self._slots, self._most = slots, max(most or slots, slots)
+        if not changed or not self._consuming or self.queue_type == "quorum":
+            return
+        channel = self._channel
+        if channel is None or channel.is_closed:
+            return
+        update = channel.basic_qos(prefetch_count=slots, global_=True)
+        if self._attached and threading.get_ident() == self._attached:
+            task = asyncio.get_running_loop().create_task(update)
+            self._receiving.add(task)  # a strong reference until it is done
+            task.add_done_callback(self._receiving.discard)
+        else:
+            self._submit(update)
 
     async def _consume(self, queues: Sequence[str], prefetch: int) -> None:
         channel = await self._chan()
@@ -433,11 +452,14 @@ class RabbitMQBroker(Broker):
             # At most this many unacknowledged messages: the worker's slots (or, if it did not
             # say, what it first asked for), set before any consumer exists, since RabbitMQ
             # applies a per-consumer limit only to consumers created after it. The per-channel
-            # limit keeps the total within it when several queues are consumed (quorum queues
-            # have only the per-consumer one: with several, each gets the worker's slots).
+            # limit keeps the total within it when several queues are consumed, and can change
+            # later (quorum queues have only the per-consumer one: with several, each gets the
+            # worker's slots).
             self._prefetch = self._slots or max(self._prefetch, prefetch)
-            await channel.basic_qos(prefetch_count=self._prefetch)
-            if self.queue_type != "quorum":  # RabbitMQ refuses global qos on quorum queues
+            if self.queue_type == "quorum":  # RabbitMQ refuses global qos on quorum queues
+                await channel.basic_qos(prefetch_count=self._prefetch)
+            else:
+                await channel.basic_qos(prefetch_count=max(self._most, self._prefetch))
                 await channel.basic_qos(prefetch_count=self._prefetch, global_=True)
         for queue in queues:
             if queue not in self._consuming:
@@ -550,7 +572,15 @@ class RabbitMQBroker(Broker):
             frames.append(_frame(Basic.Nack(tag, requeue=True), channel.number))
             self._unsettled.pop(tag, None)
         if frames:
-            channel.write_queue.put_nowait(ChannelFrame(b"".join(frames), False))
+            frame = ChannelFrame(b"".join(frames), False)
+            try:
+                channel.write_queue.put_nowait(frame)
+            except asyncio.QueueFull:
+                # The connection's write buffer is full: the frame waits its turn. The tags are
+                # settled in this one frame only, so its order among others does not matter.
+                task = asyncio.get_running_loop().create_task(channel.write_queue.put(frame))
+                self._receiving.add(task)
+                task.add_done_callback(self._receiving.discard)
 
     def requeue(
         self, deliveries: Sequence[Delivery], *, delay: float = 0.0, count_delivery: bool = True

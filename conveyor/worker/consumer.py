@@ -50,6 +50,8 @@ LAZY_FLUSH_S = 0.05
 RETRY_BASE_S = 0.25
 RETRY_MAX_S = 30.0
 LOOP_TURN_S = 0.005
+# Acks of tasks finished while others run wait this long to go out together.
+ACK_DELAY_S = 0.001
 DRAIN_CONFIRM_S = 0.1
 DRAIN_CHECK_POLL_S = 0.008
 # A task may start this much before its ETA; earlier deliveries are delayed again.
@@ -164,6 +166,7 @@ class Consumer:
         self._loop_thread = 0
         self._native = False
         self._started_on_arrival = 0
+        self._acking = False
         self._direct = pool.threaded and self.broker.local
 
     # lifecycle
@@ -175,7 +178,8 @@ class Consumer:
         native = not self.broker.local and self.pool.loop_free
         self._native = native and self.broker.attach(self._loop)
         self.broker.on_arrival(self._arrived)
-        self.broker.reserve(self.pool.concurrency)
+        self.pool.on_capacity = self._reserve
+        self._reserve()
         renewer = asyncio.create_task(self._renew_leases())
         try:
             await self._consume()
@@ -184,6 +188,10 @@ class Consumer:
             if self._native:
                 await self.broker.detach()
             self._io.shutdown(wait=True)
+
+    def _reserve(self) -> None:
+        """Tell the broker how much the pool can take on now (its prefetch)."""
+        self.broker.reserve(self.pool.capacity, most=self.pool.most)
 
     async def _consume(self) -> None:
         """The rounds: settle, fetch, start; wait when there is nothing to do."""
@@ -557,19 +565,35 @@ class Consumer:
         return self._native and threading.get_ident() == self._loop_thread
 
     def _ack_at_once(self) -> bool:
-        """Send acks now when they are all there is to settle; True if nothing else waits."""
+        """Send acks soon (once this loop turn's outcomes are in: one frame for them all) when
+        they are all there is to settle; True if nothing else waits."""
         pending = self._pending
         if not self._on_loop() or not pending.acks or self._stopping:
             return False
         if pending.records or pending.publish or pending.dead or pending.release or pending.delay:
             return False  # results are stored before acks: the round keeps that order
-        acks, pending.acks = pending.acks, []
-        try:
-            self._count_stale(len(acks) - self.broker.ack_nowait(acks))
-        except Exception:  # the next round sends them, or reports why it cannot
-            pending.acks = acks + pending.acks
-            return False
+        if not self._acking:
+            self._acking = True
+            assert self._loop is not None
+            self._loop.call_later(ACK_DELAY_S, self._send_acks)
         return True
+
+    def _send_acks(self) -> None:
+        with self._lock:
+            self._acking = False
+            pending = self._pending
+            if pending.records or pending.publish or pending.dead or pending.release:
+                self._wake()  # something came since that the round must settle first
+                return
+            acks, pending.acks = pending.acks, []
+            try:
+                self._count_stale(len(acks) - self.broker.ack_nowait(acks))
+            except Exception:  # the next round sends them, or reports why it cannot
+                pending.acks = acks + pending.acks
+                self._wake()
+                return
+            if pending.delay or (self._stopping and not self._running):
+                self._wake()
 
     def _arrived(self) -> None:
         """The broker pushed a message: start it now if a slot is free, else wake the loop."""

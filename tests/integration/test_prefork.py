@@ -185,6 +185,45 @@ def test_tasks_run_in_children_that_hold_no_socket(make_app: MakeApp) -> None:
     assert waiting(app) == 0
 
 
+def test_resources_are_made_in_each_child_and_closed_when_it_is_replaced_or_stops(
+    make_app: MakeApp, tmp_path: Path
+) -> None:
+    app = make_app()
+    log_file = tmp_path / "resource.log"
+
+    def note(line: str) -> None:
+        with open(log_file, "a") as f:
+            f.write(line + "\n")
+
+    class Client:
+        def __init__(self) -> None:
+            note(f"open {os.getpid()}")
+
+        def close(self) -> None:
+            note(f"close {os.getpid()}")
+
+    @app.resource
+    def client() -> Client:
+        return Client()
+
+    @app.task
+    def use() -> int:
+        client()
+        return os.getpid()
+
+    results = use.map([() for _ in range(12)])
+    stats = run_until_empty(app, max_tasks_per_child=3)
+    pids = {r.get(timeout=5) for r in results}
+    assert stats.succeeded == 12 and len(pids) >= 4, "children were replaced"
+    lines = log_file.read_text().split()
+    opened = [int(pid) for verb, pid in zip(lines[::2], lines[1::2], strict=True) if verb == "open"]
+    closed = [
+        int(pid) for verb, pid in zip(lines[::2], lines[1::2], strict=True) if verb == "close"
+    ]
+    assert sorted(opened) == sorted(pids), "one per child that ran tasks, made there"
+    assert sorted(closed) == sorted(pids), "each closed by its child, when replaced or stopped"
+
+
 def test_a_user_connection_open_before_the_fork_is_warned_about(
     make_app: MakeApp, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -41,6 +41,8 @@ if TYPE_CHECKING:
     from conveyor.app import Conveyor
 
 _HEADER = struct.Struct(">I")
+# A child running a batch of jobs sends the outcomes it has once they fill this much.
+REPORT_BYTES = 512
 _GEN = struct.Struct(">Q")
 _EXIT = struct.Struct(">Qqi")  # generation, pid, waitpid status
 
@@ -73,6 +75,7 @@ class Done(msgspec.Struct, array_like=True, tag=3):
     max_retries: int | None
     finished_at: float
     retire: str | None = None
+    took: float = 0.0  # seconds the task ran, measured in the child
 
     def outcome(self) -> Outcome:
         """The outcome this message carries."""
@@ -200,7 +203,7 @@ def inherited_connections(ours: Iterable[tuple[str, int]] = ()) -> list[str]:
     own: set[tuple[str, int]] = set()
     for host, port in ours:
         with contextlib.suppress(OSError):
-            own |= {(info[4][0], port) for info in socket.getaddrinfo(host, port)}
+            own |= {(str(info[4][0]), port) for info in socket.getaddrinfo(host, port)}
     found = []
     for name in sorted(os.listdir("/proc/self/fd"), key=int):
         fd = int(name)
@@ -315,7 +318,18 @@ class ChildOptions:
 def child_main(
     app: Conveyor, options: ChildOptions, generation: int, tasks: int, results: int
 ) -> int:
-    """Report WORKER_UP, then run each task the worker sends; return the exit code."""
+    """Report WORKER_UP, then run each task the worker sends; return the exit code.
+
+    The resources the tasks opened here are closed on the way out, when the child is replaced
+    or the worker stops.
+    """
+    try:
+        return _serve(app, options, tasks, results)
+    finally:
+        app.resources.close_all()
+
+
+def _serve(app: Conveyor, options: ChildOptions, tasks: int, results: int) -> int:
     for hook in app.process_start_hooks:
         hook()
     if options.before_up is not None:
@@ -328,15 +342,26 @@ def child_main(
             data = os.read(tasks, 1 << 16)
             if not data:  # the worker closed the pipe: nothing more to do
                 return 0
+            # The worker writes several jobs at once only for tasks that take moments: their
+            # outcomes go back together too, in one write.
+            out = bytearray()
             for message in frames.feed(data):
                 if not isinstance(message, Run):
                     continue
+                began = time.perf_counter()
                 outcome = _run(app, options, message)
+                took = time.perf_counter() - began
                 done += 1
                 retire = _retirement(options, done)
-                _write(results, frame(_done(message.job, outcome, retire)))
+                out += frame(_done(message.job, outcome, retire, took))
                 if retire is not None:
+                    _write(results, out)
                     return 0
+                if len(out) >= REPORT_BYTES:
+                    _write(results, out)  # a long batch reports as it goes
+                    out.clear()
+            if out:
+                _write(results, out)
     except BrokenPipeError:  # the worker is gone
         return 0
 
@@ -387,7 +412,7 @@ def _with_soft_limit(job: Job, soft: float) -> Outcome:
     return outcome
 
 
-def _done(job: int, outcome: Outcome, retire: str | None) -> Done:
+def _done(job: int, outcome: Outcome, retire: str | None, took: float) -> Done:
     value = None if outcome.value is None else bytes(outcome.value)
     return Done(
         job,
@@ -400,6 +425,7 @@ def _done(job: int, outcome: Outcome, retire: str | None) -> Done:
         outcome.max_retries,
         outcome.finished_at,
         retire,
+        took,
     )
 
 
@@ -420,7 +446,7 @@ def resident_memory() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def _write(fd: int, data: bytes) -> None:
+def _write(fd: int, data: bytes | bytearray) -> None:
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view) :]

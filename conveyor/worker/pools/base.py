@@ -30,6 +30,18 @@ class Pool(abc.ABC):
         self.concurrency = concurrency
         #: Called when capacity frees up other than through a job's `done` (a child came up).
         self.on_ready: Callable[[], None] | None = None
+        #: Called when `capacity` changed.
+        self.on_capacity: Callable[[], None] | None = None
+
+    @property
+    def capacity(self) -> int:
+        """The most jobs the pool takes on now: what a broker may hold unacknowledged."""
+        return self.concurrency
+
+    @property
+    def most(self) -> int:
+        """The most `capacity` ever gets."""
+        return self.concurrency
 
     def free(self, running: int) -> int:
         """How many more jobs can start now, with `running` submitted and not yet done."""

@@ -4,7 +4,14 @@ The worker process keeps the broker connection and every acknowledgement; childr
 the broker. Each child has its own pair of non-blocking pipes, tasks in and outcomes out, watched
 by the worker's event loop, and runs one task at a time. Work is written only to a child that
 reported WORKER_UP and is idle, so no task waits behind a busy child, and the consumer fetches
-no more than there are idle children.
+no more than the pool can start.
+
+Short tasks are the exception that pays: a task whose recent runs in the children all took well
+under `BATCH_BUDGET_S` may be written to a child that is running other such tasks, up to a
+depth that keeps the queued work in a child within that budget (a few milliseconds). A task not
+known to be short (new, or slow lately) only ever goes to an idle child. Frames written in one
+loop turn go down each pipe in one write, so a stream of tiny tasks costs a system call per
+batch, not per task, and keeps a window of work in flight across the broker's round trip.
 
 Children are forked by a zygote (see `_children`), so none inherits a broker socket. A child
 that does not report WORKER_UP within `start_timeout` is killed and replaced (nothing was sent
@@ -34,6 +41,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from conveyor.brokers.base import own_endpoints
 from conveyor.errors import TimeLimitExceeded
 from conveyor.worker.execution import Job, Kind, Outcome
 from conveyor.worker.pools import _children
@@ -48,14 +56,19 @@ log = logging.getLogger("conveyor.worker")
 
 START_TIMEOUT_S = 30.0
 RESTART_BACKOFF_MAX_S = 10.0
+#: The most work, in the children's recent run times, queued in a child behind its running task.
+BATCH_BUDGET_S = 0.002
+#: The most jobs written to one child at once.
+MAX_DEPTH = 32
+#: Each run of a task counts fully; older runs fade by this factor per run of the same task.
+RUNTIME_DECAY = 0.95
 
 
 class State(enum.Enum):
     """Where a child is in its life."""
 
     STARTING = "starting"
-    IDLE = "idle"
-    BUSY = "busy"
+    READY = "ready"  # reported WORKER_UP: idle, or running the first of `jobs`
     RETIRING = "retiring"  # finished its last task; its pipe's end is on the way
     GONE = "gone"
 
@@ -71,12 +84,17 @@ class _Child:
         self.results = results  # read end of the outcome pipe (the worker's)
         self.frames = Frames()
         self.outbox = bytearray()
-        self.job: tuple[int, Job, DoneCallback] | None = None
+        # Jobs written to it by job number, in order: the first is running, the rest wait.
+        self.jobs: dict[int, tuple[Job, DoneCallback]] = {}
+        self.short = 0  # how many of `jobs` are of tasks known to be short
+        self.head_since = 0.0  # when the first of `jobs` started (monotonic)
+        self.sent = 0  # jobs written to it in its life
         self.timer: asyncio.TimerHandle | None = None  # start-up timeout or hard time limit
         self.overran = False  # killed for running past its hard limit
 
     def __repr__(self) -> str:
-        return f"<child {self.generation} pid={self.pid or '?'} {self.state.value}>"
+        busy = f" {len(self.jobs)} jobs" if self.jobs else ""
+        return f"<child {self.generation} pid={self.pid or '?'} {self.state.value}{busy}>"
 
 
 class PreforkPool(Pool):
@@ -95,6 +113,7 @@ class PreforkPool(Pool):
         super().__init__(concurrency)
         self.app = app
         self.start_timeout = start_timeout
+        self.max_tasks = max_tasks
         self._options = ChildOptions(
             max_tasks=max_tasks,
             max_memory=max_memory,
@@ -105,9 +124,10 @@ class PreforkPool(Pool):
         self._zygote_pid = 0
         self._control: socket.socket | None = None
         self._children: set[_Child] = set()
-        self._idle: list[_Child] = []
-        # Jobs submitted when no child was idle after all (one died between the consumer's
-        # count and its submit): each goes to the next child that is ready, never queued in one.
+        self._ready_children: list[_Child] = []
+        # Jobs submitted when no child could take them (one died between the consumer's count
+        # and its submit, or the task is not known to be short and every child is busy): each
+        # goes to the next child that can start it.
         self._backlog: collections.deque[tuple[Job, DoneCallback]] = collections.deque()
         self._generations = itertools.count(1)
         self._jobs = itertools.count(1)
@@ -115,10 +135,56 @@ class PreforkPool(Pool):
         self._killed: set[int] = set()  # generations killed on purpose
         self._stopping = False
         self._gone = asyncio.Event()
+        self._runtimes: dict[str, float] = {}  # task name -> recent run time, in the child
+        self._pace = BATCH_BUDGET_S  # recent run time of any task
+        self._depth = 1
+        self._unflushed: set[_Child] = set()
+        self._flushing = False
+
+    @property
+    def most(self) -> int:
+        """The capacity at the greatest depth."""
+        return self.concurrency * MAX_DEPTH
+
+    @property
+    def capacity(self) -> int:
+        """A depth's worth of jobs per child."""
+        return self.concurrency * self._depth
 
     def free(self, running: int) -> int:
-        """Children ready and idle: never more work than the pool can start now."""
-        return len(self._idle) - len(self._backlog)
+        """What the children can start now: never more work than that.
+
+        An idle child can take `depth` jobs of short tasks; a child running short tasks takes
+        more up to that depth while its current one is within the budget; any other takes none.
+        """
+        now = time.monotonic()
+        return sum(self._room(child, now) for child in self._ready_children) - len(self._backlog)
+
+    def _room(self, child: _Child, now: float) -> int:
+        queued = len(child.jobs)
+        if queued and (child.short < queued or now - child.head_since > BATCH_BUDGET_S):
+            return 0
+        if queued > self._depth // 2 and child not in self._unflushed:
+            return 0  # topped up once half its work is done: one write per half a batch
+        room = self._depth - queued
+        if self.max_tasks is not None:
+            room = min(room, self.max_tasks - child.sent)
+        return max(room, 0)
+
+    def _is_short(self, job: Job) -> bool:
+        return self._runtimes.get(job.task.name, BATCH_BUDGET_S) <= BATCH_BUDGET_S / 2
+
+    def _observe(self, job: Job, took: float) -> None:
+        """Learn from a finished job's run time; the depth follows the slowest recent task."""
+        name = job.task.name
+        self._runtimes[name] = max(took, self._runtimes.get(name, took) * RUNTIME_DECAY)
+        self._pace = max(took, self._pace * RUNTIME_DECAY)
+        depth = max(1, min(MAX_DEPTH, int(BATCH_BUDGET_S / max(self._pace, 1e-6))))
+        depth = 1 << (depth.bit_length() - 1)  # a power of two: the prefetch changes rarely
+        if depth != self._depth:
+            self._depth = depth
+            if self.on_capacity is not None:
+                self.on_capacity()
 
     # lifecycle
 
@@ -134,10 +200,7 @@ class PreforkPool(Pool):
 
     def _warn_inherited(self) -> None:
         """Say so when the user's code holds connections the children would inherit."""
-        ours = set(self.app.broker.endpoints)
-        if self.app.results is not None:
-            ours |= self.app.results.endpoints
-        found = _children.inherited_connections(ours)
+        found = _children.inherited_connections(own_endpoints())
         if found:
             log.warning(
                 "%d connection%s opened before the worker forked its children (%s): every "
@@ -153,8 +216,9 @@ class PreforkPool(Pool):
     async def stop(self) -> None:
         """Let idle children exit, kill busy ones (their jobs were abandoned), stop the zygote."""
         self._stopping = True
+        self._backlog.clear()
         for child in list(self._children):
-            if child.state is State.BUSY or child.state is State.STARTING:
+            if child.jobs or child.state is State.STARTING:
                 self._kill(child)
             else:
                 self._close_tasks(child)
@@ -177,60 +241,88 @@ class PreforkPool(Pool):
     # dispatch
 
     def submit(self, job: Job, done: DoneCallback) -> None:
-        """Write a job to an idle child (the consumer never submits more than `free`)."""
-        if not self._idle:
+        """Write a job to a child that can start it (the consumer never submits more than
+        `free`); one that none can take now waits here for the next that can."""
+        child = self._pick(self._is_short(job))
+        if child is None:
             self._backlog.append((job, done))
             return
-        self._give(self._idle.pop(), job, done)
+        self._give(child, job, done)
+
+    def _pick(self, short: bool) -> _Child | None:
+        """An idle child, or for a short task the least loaded child with room for it."""
+        best: _Child | None = None
+        now = time.monotonic()
+        for child in self._ready_children:
+            if not child.jobs and (self.max_tasks is None or child.sent < self.max_tasks):
+                return child
+            fewer = best is None or len(child.jobs) < len(best.jobs)
+            if short and fewer and self._room(child, now) > 0:
+                best = child
+        return best
 
     def _ready(self, child: _Child) -> None:
-        """A child is free: give it a job that waits for one, or mark it idle."""
-        if self._backlog:
-            self._give(child, *self._backlog.popleft())
-            return
-        child.state = State.IDLE
-        self._idle.append(child)
-        if self.on_ready is not None:
+        """A child has room: give it jobs that wait for one, else tell the consumer."""
+        now = time.monotonic()
+        while self._backlog and self._room(child, now) > 0:
+            job, done = self._backlog[0]
+            if child.jobs and not self._is_short(job):
+                break
+            self._backlog.popleft()
+            self._give(child, job, done)
+        if self.on_ready is not None and self._room(child, now) > 0:
             self.on_ready()
 
     def _give(self, child: _Child, job: Job, done: DoneCallback) -> None:
         job_id = next(self._jobs)
-        child.state = State.BUSY
-        child.job = (job_id, job, done)
+        if not child.jobs:
+            child.head_since = time.monotonic()
+            self._arm(child, job_id, job)
+        child.jobs[job_id] = (job, done)
+        child.short += self._is_short(job)
+        child.sent += 1
         delivery = job.delivery
         run = Run(job_id, delivery.queue, delivery.body, delivery.delivery_count)
+        child.outbox += _children.frame(run)
+        if child not in self._unflushed:
+            self._unflushed.add(child)
+            if not self._flushing:
+                self._flushing = True
+                assert self._loop is not None
+                self._loop.call_soon(self._flush_all)
+
+    def _arm(self, child: _Child, job_id: int, job: Job) -> None:
+        """Start the hard time limit of the job a child is starting now."""
         limit = job.task.options.time_limit
         if limit is not None:
             assert self._loop is not None
             child.timer = self._loop.call_later(limit, self._overrun, child, job_id)
-        self._send(child, _children.frame(run))
 
-    def _send(self, child: _Child, data: bytes) -> None:
-        if child.outbox:
-            child.outbox += data
-            return
-        try:
-            written = os.write(child.tasks, data)
-        except BlockingIOError:
-            written = 0
-        except OSError:
-            return  # it died (or is being dropped): its outcome pipe's end says so
-        if written < len(data):
-            child.outbox += data[written:]
-            assert self._loop is not None
-            self._loop.add_writer(child.tasks, self._flush, child)
+    def _flush_all(self) -> None:
+        """Write what this loop turn gave each child, in one write per pipe."""
+        self._flushing = False
+        children, self._unflushed = self._unflushed, set()
+        for child in children:
+            if child.tasks >= 0 and child.outbox:
+                self._flush(child)
 
     def _flush(self, child: _Child) -> None:
         assert self._loop is not None
         try:
             written = os.write(child.tasks, child.outbox)
         except BlockingIOError:
-            return
+            written = 0
         except OSError:
-            written = len(child.outbox)
+            written = len(child.outbox)  # it died: its outcome pipe's end says so
         del child.outbox[:written]
-        if not child.outbox:
-            self._loop.remove_writer(child.tasks)
+        if child.outbox:
+            self._loop.add_writer(child.tasks, self._drain, child)
+
+    def _drain(self, child: _Child) -> None:
+        """The pipe has room again: write what did not fit."""
+        assert self._loop is not None
+        self._loop.remove_writer(child.tasks)
+        self._flush(child)
 
     # children
 
@@ -276,39 +368,71 @@ class PreforkPool(Pool):
         if self._stopping and not self._backlog:
             self._close_tasks(child)
             return
+        child.state = State.READY
+        self._ready_children.append(child)
         self._ready(child)
 
     def _finished(self, child: _Child, message: Done) -> None:
-        if child.job is None or child.job[0] != message.job:
+        entry = child.jobs.pop(message.job, None)
+        if entry is None:
             return
-        _, job, done = child.job
-        child.job = None
+        job, done = entry
         self._cancel_timer(child)
+        self._observe(job, message.took)
+        child.short = sum(self._is_short(j) for j, _ in child.jobs.values())
+        if child.jobs:  # the next one starts now
+            child.head_since = time.monotonic()
+            head = next(iter(child.jobs))
+            self._arm(child, head, child.jobs[head][0])
         if message.retire is not None:
             log.debug(
                 "child %d (pid %d) %s: replacing it", child.generation, child.pid, message.retire
             )
-            child.state = State.RETIRING
-            self._close_tasks(child)
-            if not self._stopping:
+            self._retire(child)
+            if not self._stopping or self._backlog:
                 self._spawn()
-        elif self._stopping and not self._backlog:
-            child.state = State.RETIRING
-            self._close_tasks(child)
+        elif self._stopping and not self._backlog and not child.jobs:
+            self._retire(child)
         else:
             self._ready(child)
         done(job, message.outcome())
 
+    def _retire(self, child: _Child) -> None:
+        """No more work for this child: it exits once it has read its pipe to the end. Jobs it
+        was given and will not start go to the next child that can take them."""
+        child.state = State.RETIRING
+        self._unready(child)
+        self._cancel_timer(child)
+        self._close_tasks(child)
+        self._requeue_unstarted(child, skip=0)
+
+    def _requeue_unstarted(self, child: _Child, skip: int) -> None:
+        jobs = list(child.jobs.values())[skip:]
+        for key in list(child.jobs)[skip:]:
+            del child.jobs[key]
+        self._backlog.extendleft(reversed(jobs))
+        if jobs:
+            for other in list(self._ready_children):
+                self._ready(other)
+
+    def _unready(self, child: _Child) -> None:
+        if child in self._ready_children:
+            self._ready_children.remove(child)
+
     def _ended(self, child: _Child) -> None:
         """The child's outcome pipe reached its end: the child exited or died."""
-        state, job = child.state, child.job
+        state = child.state
+        lost = next(iter(child.jobs.values()), None)
+        self._unready(child)
+        if lost is not None:
+            self._requeue_unstarted(child, skip=1)  # never started: not lost, just not run yet
         self._forget(child)
         if state is State.STARTING and not self._stopping:
             self._failed_starts += 1
-        if job is not None:
-            _, lost, done = job
-            done(lost, self._lost(child, lost))
-        if not self._stopping and state is not State.RETIRING:
+        if lost is not None:
+            job, done = lost
+            done(job, self._lost(child, job))
+        if (not self._stopping or self._backlog) and state is not State.RETIRING:
             self._respawn()
 
     def _respawn(self) -> None:
@@ -318,7 +442,9 @@ class PreforkPool(Pool):
             self._spawn()
             return
         delay = min(RESTART_BACKOFF_MAX_S, 0.1 * 2 ** (self._failed_starts - 1))
-        self._loop.call_later(delay, lambda: None if self._stopping else self._spawn())
+        self._loop.call_later(
+            delay, lambda: None if self._stopping and not self._backlog else self._spawn()
+        )
 
     def _lost(self, child: _Child, job: Job) -> Outcome:
         if child.overran:
@@ -351,7 +477,7 @@ class PreforkPool(Pool):
 
     def _overrun(self, child: _Child, job_id: int) -> None:
         child.timer = None
-        if child.job is not None and child.job[0] == job_id:
+        if next(iter(child.jobs), None) == job_id:
             child.overran = True
             self._kill(child)
 
@@ -368,6 +494,7 @@ class PreforkPool(Pool):
             if child.outbox:
                 self._loop.remove_writer(child.tasks)
                 child.outbox.clear()
+            self._unflushed.discard(child)
             os.close(child.tasks)
             child.tasks = -1
 
@@ -375,13 +502,12 @@ class PreforkPool(Pool):
         """Drop a child: its pipes leave the event loop first, then they are closed."""
         assert self._loop is not None
         self._cancel_timer(child)
-        if child in self._idle:
-            self._idle.remove(child)
+        self._unready(child)
         self._loop.remove_reader(child.results)
         os.close(child.results)
         self._close_tasks(child)
         child.state = State.GONE
-        child.job = None
+        child.jobs = {}
         self._children.discard(child)
         if not self._children:
             self._gone.set()

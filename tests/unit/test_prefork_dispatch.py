@@ -1,0 +1,239 @@
+"""The prefork pool's dispatch rules, without processes: which child a job goes to, and when.
+
+Children here are bookkeeping objects only (their pipes lead nowhere anyone reads): the tests
+drive the pool the way its event loop would, with run times the children would report.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from conveyor import Conveyor
+from conveyor.brokers import Delivery
+from conveyor.message import decode
+from conveyor.worker.execution import Job, Kind, Outcome
+from conveyor.worker.pools import _children
+from conveyor.worker.pools.prefork import (
+    BATCH_BUDGET_S,
+    MAX_DEPTH,
+    PreforkPool,
+    State,
+    _Child,
+)
+
+Finished = list[tuple[Job, Outcome]]
+
+
+@pytest.fixture
+def pool(app: Conveyor) -> Iterator[PreforkPool]:
+    """A pool of 2 ready children, on a loop that never runs (writes are left in outboxes)."""
+    prefork = PreforkPool(2, app)
+    loop = asyncio.new_event_loop()
+    prefork._loop = loop
+    descriptors: list[int] = []
+    for generation in (1, 2):
+        read, write = os.pipe2(os.O_NONBLOCK)
+        descriptors += [read, write]
+        child = _Child(generation, write, read)
+        child.state = State.READY
+        prefork._children.add(child)
+        prefork._ready_children.append(child)
+    yield prefork
+    loop.close()
+    for fd in descriptors:
+        with contextlib.suppress(OSError):  # a test's child may have been dropped, pipes and all
+            os.close(fd)
+
+
+def children(pool: PreforkPool) -> list[_Child]:
+    return sorted(pool._children, key=lambda c: c.generation)
+
+
+def make_job(app: Conveyor, name: str) -> Job:
+    """A job of task `name` (registered on first use)."""
+    if name not in app.tasks:
+        app.task(name=name)(lambda: None)
+    task = app.tasks[name]
+    sent = task.delay()
+    (delivery,) = app.broker.fetch([app.settings.default_queue], 1)
+    assert decode(delivery.body).id == sent.id
+    return Job(Delivery(delivery.queue, delivery.body, None, 1), decode(delivery.body), task)
+
+
+def finish(pool: PreforkPool, child: _Child, took: float, finished: Finished) -> Job:
+    """The child reports its running job done after `took` seconds."""
+    job_id = next(iter(child.jobs))
+    job = child.jobs[job_id][0]
+    done = _children.Done(job_id, "success", None, None, None, None, None, None, 0.0, None, took)
+    pool._finished(child, done)
+    return job
+
+
+def learn(pool: PreforkPool, app: Conveyor, name: str, took: float, times: int = 200) -> None:
+    """Let the pool see `times` runs of `name` taking `took` seconds each."""
+    finished: Finished = []
+    child = children(pool)[0]
+    for _ in range(times):
+        pool.submit(make_job(app, name), lambda j, o: finished.append((j, o)))
+        finish(pool, child, took, finished)
+    assert len(finished) == times
+    forget_writes(pool)
+
+
+def forget_writes(pool: PreforkPool) -> None:
+    """Drop what the pool would write: the next loop turn starts clean."""
+    for child in pool._children:
+        child.outbox.clear()
+    pool._unflushed.clear()
+    pool._flushing = False
+
+
+def recorder(finished: Finished) -> Any:
+    return lambda job, outcome: finished.append((job, outcome))
+
+
+def test_a_task_not_known_to_be_short_goes_only_to_an_idle_child(
+    pool: PreforkPool, app: Conveyor
+) -> None:
+    assert pool.free(0) == 2, "one job per idle child while nothing is known"
+    finished: Finished = []
+    for _ in range(3):
+        pool.submit(make_job(app, "new"), recorder(finished))
+    first, second = children(pool)
+    assert (len(first.jobs), len(second.jobs)) == (1, 1)
+    assert len(pool._backlog) == 1, "the third waits in the worker for an idle child"
+    assert pool.free(2) < 0 or pool.free(2) == 0
+    finish(pool, first, 0.0001, finished)
+    assert len(first.jobs) == 1 and not pool._backlog, "the freed child takes the waiting job"
+
+
+def test_short_tasks_raise_the_depth_and_the_prefetch_with_it(
+    pool: PreforkPool, app: Conveyor
+) -> None:
+    changes: list[int] = []
+    pool.on_capacity = lambda: changes.append(pool.capacity)
+    assert (pool.capacity, pool.most) == (2, 2 * MAX_DEPTH)
+    learn(pool, app, "quick", took=0.00005)
+    assert pool._depth == MAX_DEPTH
+    assert pool.capacity == 2 * MAX_DEPTH and changes[-1] == pool.capacity
+    assert all(n & (n - 1) == 0 for n in changes), "depths are powers of two"
+    assert pool.free(0) == 2 * MAX_DEPTH
+
+
+def test_short_tasks_queue_in_busy_children_up_to_the_depth(
+    pool: PreforkPool, app: Conveyor
+) -> None:
+    learn(pool, app, "quick", took=0.00005)
+    finished: Finished = []
+    for _ in range(2 * MAX_DEPTH + 5):
+        pool.submit(make_job(app, "quick"), recorder(finished))
+    first, second = children(pool)
+    assert len(first.jobs) == len(second.jobs) == MAX_DEPTH, "spread evenly, up to the depth"
+    assert len(pool._backlog) == 5
+    assert all(c.outbox.count(b"quick") == MAX_DEPTH for c in (first, second))
+
+
+def test_a_busy_child_is_topped_up_once_half_its_jobs_are_done(
+    pool: PreforkPool, app: Conveyor
+) -> None:
+    learn(pool, app, "quick", took=0.00005)
+    finished: Finished = []
+    first = children(pool)[0]
+    for _ in range(2 * MAX_DEPTH):
+        pool.submit(make_job(app, "quick"), recorder(finished))
+    for _ in range(MAX_DEPTH // 2 - 1):
+        finish(pool, first, 0.00005, finished)
+    forget_writes(pool)  # the loop turn that gave them ends: they are written
+    assert pool._room(first, first.head_since) == 0, "not yet half done: no top-up"
+    finish(pool, first, 0.00005, finished)
+    assert pool._room(first, first.head_since) == MAX_DEPTH // 2
+
+
+def test_nothing_queues_behind_a_task_not_known_to_be_short(
+    pool: PreforkPool, app: Conveyor
+) -> None:
+    learn(pool, app, "quick", took=0.00005)
+    learn(pool, app, "slow", took=0.5, times=1)
+    finished: Finished = []
+    first, second = children(pool)
+    pool.submit(make_job(app, "slow"), recorder(finished))
+    pool.submit(make_job(app, "quick"), recorder(finished))
+    busy = first if first.jobs else second
+    assert len(busy.jobs) == 1, "no quick job behind the slow one"
+    assert pool._room(busy, busy.head_since) == 0
+
+
+def test_nothing_more_queues_behind_a_job_running_past_the_budget(
+    pool: PreforkPool, app: Conveyor
+) -> None:
+    learn(pool, app, "quick", took=0.00005)
+    finished: Finished = []
+    pool.submit(make_job(app, "quick"), recorder(finished))
+    busy = next(c for c in children(pool) if c.jobs)
+    assert pool._room(busy, busy.head_since) > 0
+    assert pool._room(busy, busy.head_since + BATCH_BUDGET_S * 1.5) == 0
+
+
+def test_a_slow_run_brings_the_depth_back_to_one(pool: PreforkPool, app: Conveyor) -> None:
+    learn(pool, app, "quick", took=0.00005)
+    learn(pool, app, "quick", took=0.2, times=1)
+    assert pool._depth == 1 and pool.capacity == 2
+    assert not pool._is_short(make_job(app, "quick"))
+
+
+def test_a_child_never_gets_more_than_its_max_tasks(app: Conveyor) -> None:
+    prefork = PreforkPool(1, app, max_tasks=5)
+    prefork._loop = loop = asyncio.new_event_loop()
+    read, write = os.pipe()
+    try:
+        child = _Child(1, write, read)
+        child.state = State.READY
+        prefork._children.add(child)
+        prefork._ready_children.append(child)
+        prefork._runtimes["quick"] = 0.00005
+        prefork._depth = MAX_DEPTH
+        finished: Finished = []
+        for _ in range(8):
+            prefork.submit(make_job(app, "quick"), recorder(finished))
+        assert len(child.jobs) == 5 and len(prefork._backlog) == 3
+    finally:
+        loop.close()
+        os.close(read)
+        os.close(write)
+
+
+def test_a_hard_limit_starts_when_a_queued_job_starts(pool: PreforkPool, app: Conveyor) -> None:
+    learn(pool, app, "limited", took=0.00005)
+    app.tasks["limited"].options = app.tasks["limited"].options.__class__(time_limit=5.0)
+    finished: Finished = []
+    for _ in range(4):
+        pool.submit(make_job(app, "limited"), recorder(finished))
+    busy = children(pool)[0]
+    assert len(busy.jobs) == 2
+    first_timer = busy.timer
+    assert first_timer is not None
+    finish(pool, busy, 0.00005, finished)
+    assert busy.timer is not None and busy.timer is not first_timer, "re-armed for the next job"
+    assert first_timer.cancelled()
+
+
+def test_a_dead_childs_unstarted_jobs_go_to_another_child_uncounted(
+    pool: PreforkPool, app: Conveyor
+) -> None:
+    learn(pool, app, "quick", took=0.00005)
+    finished: Finished = []
+    for _ in range(6):
+        pool.submit(make_job(app, "quick"), recorder(finished))
+    first, second = children(pool)
+    assert len(first.jobs) == len(second.jobs) == 3
+    pool._spawn = lambda: None  # type: ignore[method-assign]
+    pool._ended(first)
+    assert len(finished) == 1, "only the job it was running is reported"
+    assert finished[0][1].kind is Kind.LOST
+    assert len(second.jobs) + len(pool._backlog) == 5, "the other two were not run: kept"
