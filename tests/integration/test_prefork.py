@@ -678,6 +678,32 @@ def test_a_task_that_kills_its_child_is_requeued_then_dead_lettered(
     ]
 
 
+def test_a_short_task_that_kills_its_child_loses_only_itself_not_the_jobs_queued_behind(
+    make_app: MakeApp, tmp_path: Path
+) -> None:
+    """Short tasks queue in a child behind the one it runs: when that one kills the child,
+    the jobs behind it never started, so they go to another child, run once and count nothing."""
+    app = make_app()
+    runs = tmp_path / "runs"
+    runs.mkdir()
+
+    @app.task
+    def step(n: int) -> int:
+        if n == -1:  # fast like every other step, until it is not
+            note_pid(runs)
+            os._exit(1)
+        return n
+
+    warm = step.map([(n,) for n in range(300)])  # the pool learns that steps are short
+    later = step.map([(n,) for n in range(300, 350)] + [(-1,)] + [(n,) for n in range(350, 400)])
+    stats = run_until_empty(app)
+    assert [r.get(timeout=5) for r in warm + later[:50] + later[51:]] == list(range(400))
+    assert len(pids_in(runs)) == 3, "the killer ran three times: the poison limit"
+    assert (stats.lost, stats.dead_lettered, stats.succeeded) == (3, 1, 400)
+    assert stats.received == 401 + 3, "only the killer was delivered again"
+    assert waiting(app) == 0
+
+
 def test_a_child_dying_under_an_at_most_once_task_fails_it_without_a_redelivery(
     make_app: MakeApp, tmp_path: Path
 ) -> None:

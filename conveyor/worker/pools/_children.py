@@ -41,8 +41,6 @@ if TYPE_CHECKING:
     from conveyor.app import Conveyor
 
 _HEADER = struct.Struct(">I")
-# A child running a batch of jobs sends the outcomes it has once they fill this much.
-REPORT_BYTES = 512
 _GEN = struct.Struct(">Q")
 _EXIT = struct.Struct(">Qqi")  # generation, pid, waitpid status
 
@@ -342,9 +340,6 @@ def _serve(app: Conveyor, options: ChildOptions, tasks: int, results: int) -> in
             data = os.read(tasks, 1 << 16)
             if not data:  # the worker closed the pipe: nothing more to do
                 return 0
-            # The worker writes several jobs at once only for tasks that take moments: their
-            # outcomes go back together too, in one write.
-            out = bytearray()
             for message in frames.feed(data):
                 if not isinstance(message, Run):
                     continue
@@ -353,15 +348,11 @@ def _serve(app: Conveyor, options: ChildOptions, tasks: int, results: int) -> in
                 took = time.perf_counter() - began
                 done += 1
                 retire = _retirement(options, done)
-                out += frame(_done(message.job, outcome, retire, took))
+                # Reported before the next job starts: if that one kills this process, the
+                # worker knows exactly which job it was (and that this one finished).
+                _write(results, frame(_done(message.job, outcome, retire, took)))
                 if retire is not None:
-                    _write(results, out)
                     return 0
-                if len(out) >= REPORT_BYTES:
-                    _write(results, out)  # a long batch reports as it goes
-                    out.clear()
-            if out:
-                _write(results, out)
     except BrokenPipeError:  # the worker is gone
         return 0
 
