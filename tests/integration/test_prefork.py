@@ -237,16 +237,22 @@ def test_a_user_connection_open_before_the_fork_is_warned_about(
     server = socket.create_server(("127.0.0.1", 0))
     host, port = server.getsockname()
     user = socket.create_connection((host, port))  # a module-level client, say
+    # A library's wake-up pair over loopback TCP, both ends in this process: not a connection.
+    waker_server = socket.create_server(("127.0.0.1", 0))
+    waker_address = waker_server.getsockname()
+    waker = socket.create_connection(waker_address)
+    woken, _ = waker_server.accept()
     try:
         with caplog.at_level(logging.WARNING, logger="conveyor.worker"):
             run_until_empty(app)
     finally:
-        user.close()
-        server.close()
+        for sock in (user, server, waker, woken, waker_server):
+            sock.close()
     warnings = [r.getMessage() for r in caplog.records if "@app.resource" in r.getMessage()]
     assert len(warnings) == 1, "one warning per worker start"
     assert f"tcp to {host}:{port}" in warnings[0]
     assert ":5672" not in warnings[0], "conveyor's own broker connection is not the user's"
+    assert f"tcp to {waker_address[0]}:{waker_address[1]}" not in warnings[0], "a pair is not"
 
 
 def test_no_fork_warning_without_user_connections(

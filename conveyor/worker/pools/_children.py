@@ -28,7 +28,7 @@ import time
 import traceback
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
@@ -202,7 +202,7 @@ def inherited_connections(ours: Iterable[tuple[str, int]] = ()) -> list[str]:
     for host, port in ours:
         with contextlib.suppress(OSError):
             own |= {(str(info[4][0]), port) for info in socket.getaddrinfo(host, port)}
-    found = []
+    connected: list[tuple[int, int, int, Any, Any]] = []  # fd, family, type, local, peer
     for name in sorted(os.listdir("/proc/self/fd"), key=int):
         fd = int(name)
         try:
@@ -212,19 +212,23 @@ def inherited_connections(ours: Iterable[tuple[str, int]] = ()) -> list[str]:
         except OSError:
             continue
         try:
-            peer = sock.getpeername()
-            if sock.family in (socket.AF_INET, socket.AF_INET6):
-                if (peer[0], peer[1]) in own:
-                    continue
-                kind = "tcp" if sock.type == socket.SOCK_STREAM else "udp"
-                found.append(f"fd {fd}: {kind} to {peer[0]}:{peer[1]}")
-            elif sock.family == socket.AF_UNIX and peer:
-                path = peer.decode(errors="replace") if isinstance(peer, bytes) else peer
-                found.append(f"fd {fd}: unix socket {path}")
+            connected.append((fd, sock.family, sock.type, sock.getsockname(), sock.getpeername()))
         except OSError:
             pass  # not connected: listening, or never was
         finally:
             sock.detach()
+    # Both ends here: a pair a library made to wake its own thread, not a connection.
+    locals_ = {local for _, family, _, local, _ in connected if family != socket.AF_UNIX}
+    found = []
+    for fd, family, kind, _, peer in connected:
+        if family in (socket.AF_INET, socket.AF_INET6):
+            if (peer[0], peer[1]) in own or peer in locals_:
+                continue
+            protocol = "tcp" if kind == socket.SOCK_STREAM else "udp"
+            found.append(f"fd {fd}: {protocol} to {peer[0]}:{peer[1]}")
+        elif family == socket.AF_UNIX and peer:
+            path = peer.decode(errors="replace") if isinstance(peer, bytes) else peer
+            found.append(f"fd {fd}: unix socket {path}")
     return found
 
 
