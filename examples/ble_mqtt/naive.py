@@ -6,8 +6,9 @@ worker imports the module, so the client connects in the worker's process, and t
 forked after that. A child gets a copy of the client object but not its network thread (threads
 do not survive a fork) and no socket it may use: one socket shared by several processes would
 interleave their packets on one MQTT session. In a pool that does not guard against this,
-`publish` returns as if all were well and nothing reaches the broker (0 of 200 messages in the story). conveyor points the
-sockets a child inherits at /dev/null, so here the first `publish` in a child fails instead,
+`publish` returns as if all were well and nothing reaches the broker (0 of 200 messages in the
+story). conveyor points the sockets a child inherits at /dev/null, so here the first `publish`
+in a child fails instead,
 with `OSError: [Errno 88] Socket operation on non-socket` (paho waking its network thread):
 louder, and still nothing delivered.
 
