@@ -171,10 +171,14 @@ def status(app_path: str) -> None:
         table.add_row(Text(s.queue), *counts)  # Text: a queue name is never read as markup
     console.print(table)
     store = app.results
+    results = Table(title="results")
+    results.add_column("store")
+    results.add_column("kept", justify="right")
     if store is None:
-        console.print("results: not stored")
+        results.add_row("none (results are not stored)", "-")
     else:
-        console.print(f"results: {redact_url(store.display_url)}, {store.count():,} kept")
+        results.add_row(Text(redact_url(store.display_url)), f"{store.count():,}")
+    console.print(results)
 
 
 @main.command()

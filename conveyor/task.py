@@ -47,6 +47,8 @@ class TaskOptions(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
     time_limit: PositiveSeconds | None = None
     soft_time_limit: PositiveSeconds | None = None
     ignore_result: bool = False
+    result_expires: PositiveSeconds | None = None
+    """Seconds its results are kept; default: the app's `result_expires` (one day)."""
     bind: bool = False
 
 

@@ -677,6 +677,7 @@ class Consumer:
         if self.store is None or (task is not None and task.options.ignore_result):
             return
         now = time.time()
+        keep = task.options.result_expires if task is not None else None
         record = ResultRecord(
             id=env.id,
             state=state,
@@ -685,7 +686,7 @@ class Consumer:
             worker=self.worker_id,
             started_at=started_at,
             updated_at=now,
-            expires_at=now + self._settings.result_expires,
+            expires_at=now + (keep or self._settings.result_expires),
         )
         if outcome is not None:
             record = _with_outcome(record, outcome)

@@ -330,3 +330,34 @@ def test_from_url(tmp_path: Path) -> None:
     with pytest.raises(ConfigurationError, match="unsupported result store URL") as info:
         from_url("redis://:hunter2@localhost/0")
     assert "hunter2" not in str(info.value)
+
+
+def test_a_task_keeps_its_results_for_its_own_result_expires() -> None:
+    from conveyor.testing import memory_app, run_until_empty
+
+    app = memory_app(result_expires=3600)
+
+    @app.task(result_expires=5)
+    def brief() -> int:
+        return 1
+
+    @app.task
+    def usual() -> int:
+        return 2
+
+    short, long = brief.delay(), usual.delay()
+    run_until_empty(app)
+    store = app.results
+    assert store is not None
+    short_record, long_record = store.get(short.id), store.get(long.id)
+    assert short_record is not None and long_record is not None
+    assert short_record.expires_at - short_record.updated_at == pytest.approx(5, abs=0.01)
+    assert long_record.expires_at - long_record.updated_at == pytest.approx(3600, abs=0.01)
+
+
+def test_result_expires_must_be_positive() -> None:
+    app = Conveyor("t", broker="memory://")
+    with pytest.raises(ConfigurationError, match="result_expires"):
+
+        @app.task(result_expires=0)
+        def never() -> None: ...
