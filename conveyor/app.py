@@ -88,7 +88,12 @@ class Conveyor:
             with self._lock:
                 if isinstance(self._results, _Unset):
                     url = self._results_url()
-                    self._results = None if url is None else results.from_url(url)
+                    if url is not None and url.startswith("rpc:"):
+                        from conveyor.results.rpc import RpcResultStore
+
+                        self._results = RpcResultStore(url, lambda: self.broker)
+                    else:
+                        self._results = None if url is None else results.from_url(url)
         return self._results
 
     @overload
@@ -215,7 +220,19 @@ class Conveyor:
 
     def _outgoing(self, envelopes: Sequence[Envelope]) -> list[Outgoing]:
         limit = self.settings.max_message_size
-        return [Outgoing(e.queue, encode(e, max_size=limit), e.priority, e.eta) for e in envelopes]
+        store = self.results
+        to = None if store is None else store.reply_address()
+        return [
+            Outgoing(e.queue, encode(e, max_size=limit), e.priority, e.eta, self._reply_to(e, to))
+            for e in envelopes
+        ]
+
+    def _reply_to(self, envelope: Envelope, to: str | None) -> str | None:
+        """The sender's address for a task's result records, if it takes them itself (RPC)."""
+        if to is None:
+            return None
+        task = self.tasks.get(envelope.task)
+        return None if task is not None and task.options.ignore_result else to
 
     def _results_url(self) -> str | None:
         settings = self.settings

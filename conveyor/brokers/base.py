@@ -17,6 +17,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from conveyor.errors import ConfigurationError
+
 #: Everything of conveyor's that connects somewhere (brokers, result stores), in this process.
 _connecting: weakref.WeakSet[Any] = weakref.WeakSet()
 
@@ -39,6 +41,8 @@ class Outgoing:
     body: bytes
     priority: int = 0
     deliver_at: float | None = None
+    reply_to: str | None = None
+    """Where the task's result records go (RPC results over RabbitMQ's direct reply-to)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,6 +57,7 @@ class Delivery:
     body: bytes
     receipt: Any
     delivery_count: int = 1
+    reply_to: str | None = None
 
     @property
     def redelivered(self) -> bool:
@@ -211,6 +216,19 @@ class Broker(abc.ABC):
     @abc.abstractmethod
     def dead_letters(self, queue: str, limit: int = 100) -> list[DeadLetter]:
         """The most recent dead letters of a queue, newest first."""
+
+    def on_reply(self, callback: Callable[[bytes], None]) -> str:
+        """Receive replies to messages sent with the returned `reply_to` address, calling
+        `callback(body)` for each (RPC results). Only RabbitMQ can."""
+        raise ConfigurationError(
+            "rpc:// results travel over RabbitMQ's direct reply-to: use an amqp:// broker"
+        )
+
+    def reply(self, replies: Sequence[tuple[str, bytes]]) -> None:
+        """Send each body to a `reply_to` address; one whose receiver is gone is dropped."""
+        raise ConfigurationError(
+            "rpc:// results travel over RabbitMQ's direct reply-to: use an amqp:// broker"
+        )
 
     def close(self) -> None:  # noqa: B027
         """Release connections held by this process."""

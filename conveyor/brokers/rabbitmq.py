@@ -50,6 +50,7 @@ from conveyor.errors import BrokerError, ConfigurationError, PublishError
 from conveyor.redact import redact_text, redact_url
 
 T = TypeVar("T")
+REPLY_TO = "amq.rabbitmq.reply-to"  # RabbitMQ's direct reply-to pseudo-queue
 
 EXCHANGE = "conveyor"
 DEAD_EXCHANGE = "conveyor.dead"
@@ -121,6 +122,7 @@ class RabbitMQBroker(Broker):
         self._lock = threading.Lock()
         self._side: RabbitMQBroker | None = None
         self._slots = self._most = 0
+        self._replies: Callable[[bytes], None] | None = None
         self._reset()
         _live.add(self)
 
@@ -219,7 +221,48 @@ class RabbitMQBroker(Broker):
             # Deliveries of the old channel not yet handed out: RabbitMQ delivers them again.
             self._inbox.clear()
             self._unsettled.clear()
+            if self._replies is not None:
+                await self._consume_replies(self._channel)
         return self._channel
+
+    async def _consume_replies(self, channel: aiormq.abc.AbstractChannel) -> None:
+        callback = self._replies
+        assert callback is not None
+
+        async def receive(message: aiormq.abc.DeliveredMessage) -> None:
+            callback(message.body)
+
+        await channel.basic_consume(REPLY_TO, receive, no_ack=True)
+
+    # RPC results: direct reply-to
+
+    def on_reply(self, callback: Callable[[bytes], None]) -> str:
+        """Receive the replies to messages this process sends: a message published with
+        `reply_to` set to the returned address (on this broker's channel, which consumes the
+        replies) gets its replies delivered to `callback`, on the broker's thread."""
+        first = self._replies is None
+        self._replies = callback
+        if first and self._channel is not None and not self._channel.is_closed:
+            channel = self._channel
+            if self._blocked():
+                raise ConfigurationError("rpc:// results cannot start on the worker's own loop")
+            self._run(self._consume_replies(channel))
+        return REPLY_TO
+
+    def reply(self, replies: Sequence[tuple[str, bytes]]) -> None:
+        """Send result records to the clients that asked for them (not mandatory: a client
+        that is gone took its interest with it)."""
+        if not replies:
+            return
+        if self._blocked():
+            self._beside().reply(replies)
+        else:
+            self._run(self._reply(replies))
+
+    async def _reply(self, replies: Sequence[tuple[str, bytes]]) -> None:
+        channel = await self._chan()
+        properties = Basic.Properties(content_type=CONTENT_TYPE)
+        await _send(channel, [("", to, body, properties) for to, body in replies], mandatory=False)
 
     async def _declare(self, queue: str) -> aiormq.abc.AbstractChannel:
         channel = await self._chan()
@@ -404,6 +447,7 @@ class RabbitMQBroker(Broker):
                 priority=min(message.priority, self.max_priority) if self.max_priority else None,
                 content_type=CONTENT_TYPE,
                 headers=headers[n] if headers else None,
+                reply_to=message.reply_to,
             )
             items.append((exchange, key, message.body, properties))
         await _send(channel, items)
@@ -495,7 +539,8 @@ class RabbitMQBroker(Broker):
             # Deliveries so far: those counted in the message by conveyor (classic queues, and
             # retries through a delay queue), plus those RabbitMQ counted on a quorum queue.
             count = _int(headers.get(DELIVERIES)) + _int(headers.get("x-delivery-count")) + 1
-            delivery = Delivery(queue, message.body, (self._generation, tag), count)
+            reply_to = properties.reply_to
+            delivery = Delivery(queue, message.body, (self._generation, tag), count, reply_to)
             reason = None
             if has_raw_text(headers) or has_raw_text(properties.content_type):
                 reason = "a header name or value is not valid UTF-8"
@@ -510,11 +555,12 @@ class RabbitMQBroker(Broker):
                 # A classic queue does not count: count the lost delivery in the message
                 # itself, then hand out the new copy.
                 headers[DELIVERIES] = count
-                await self._publish([Outgoing(queue, message.body, _priority(message))], [headers])
+                copy = Outgoing(queue, message.body, _priority(message), reply_to=reply_to)
+                await self._publish([copy], [headers])
                 self._settle(message.channel, acks=[tag])
                 return
             receipt = (self._generation, tag)
-            self._inbox.append(Delivery(queue, message.body, receipt, count))
+            self._inbox.append(Delivery(queue, message.body, receipt, count, reply_to))
             if self._arrival is not None:
                 self._arrival()
 
@@ -601,7 +647,7 @@ class RabbitMQBroker(Broker):
         deliver_at = time.time() + delay if delay > 0 else None
         kept = 0 if count_delivery else 1  # deliveries so far, less this one if it does not count
         await self._publish(
-            [Outgoing(d.queue, d.body, 0, deliver_at) for d in current],
+            [Outgoing(d.queue, d.body, 0, deliver_at, d.reply_to) for d in current],
             [{DELIVERIES: d.delivery_count - kept} for d in current],
         )
         self._settle(channel, acks=[d.receipt[1] for d in current])
@@ -724,9 +770,12 @@ class RabbitMQBroker(Broker):
 
 
 async def _send(
-    channel: aiormq.abc.AbstractChannel, items: Sequence[tuple[str, str, bytes, Basic.Properties]]
+    channel: aiormq.abc.AbstractChannel,
+    items: Sequence[tuple[str, str, bytes, Basic.Properties]],
+    *,
+    mandatory: bool = True,
 ) -> None:
-    """Publish persistent, mandatory messages and wait until RabbitMQ confirmed every one.
+    """Publish messages (mandatory unless told) and wait until RabbitMQ confirmed every one.
 
     `Channel.basic_publish` costs a task, a lock and a timeout per message; here the frames of
     `CHUNK` messages are written in one go and up to `WINDOW` wait for their confirms at a time.
@@ -761,7 +810,9 @@ async def _send(
                     chunk.futures.append(future)
                     method = method_frames.get((exchange, key))
                     if method is None:
-                        publish = Basic.Publish(exchange=exchange, routing_key=key, mandatory=True)
+                        publish = Basic.Publish(
+                            exchange=exchange, routing_key=key, mandatory=mandatory
+                        )
                         method = method_frames[exchange, key] = _frame(publish, number)
                     parts.append(method)
                     parts.append(_frame(ContentHeader(0, len(body), properties), number))

@@ -116,6 +116,14 @@ class ResultStore(abc.ABC):
             time.sleep(interval)
             interval = min(interval * 2, 0.05)
 
+    def reply_address(self) -> str | None:
+        """Where workers send the records of tasks this process sends, for a store that lives
+        in the sender (RPC); None for the others."""
+        return None
+
+    def route(self, task_id: str, reply_to: str) -> None:  # noqa: B027
+        """A worker is about to run a task whose sender asked for its records at `reply_to`."""
+
     def close(self) -> None:  # noqa: B027
         """Release connections held by this process."""
 

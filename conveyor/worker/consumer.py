@@ -476,6 +476,8 @@ class Consumer:
         except DecodeError as exc:
             self._reject(delivery, exc.reason, None, "DecodeError")
             return None
+        if delivery.reply_to is not None and self.store is not None:
+            self.store.route(envelope.id, delivery.reply_to)  # the sender takes its records
         limit = self._settings.poison_limit
         if delivery.delivery_count > limit:
             reason = (
@@ -639,7 +641,8 @@ class Consumer:
                 env.task, env.id, delay, retry.retries + 1, _error(outcome),
             )  # fmt: skip
             self.stats.retried += 1
-            pending.publish.append(Outgoing(retry.queue, body, retry.priority, retry.eta))
+            reply_to = job.delivery.reply_to
+            pending.publish.append(Outgoing(retry.queue, body, retry.priority, retry.eta, reply_to))
             self._record(env, State.RETRY, outcome=outcome, started_at=job.started_at)
             pending.acks += ack
         else:

@@ -73,6 +73,7 @@ def test_every_option_is_accepted_and_kept(app: Conveyor) -> None:
         "time_limit": 60.0,
         "soft_time_limit": 50.0,
         "ignore_result": True,
+        "result_expires": 600.0,
         "bind": True,
     }
     # Every TaskOptions field is covered here, so a new option cannot go untested.
