@@ -86,7 +86,7 @@ class _Child:
         self.outbox = bytearray()
         # Jobs written to it by job number, in order: the first is running, the rest wait.
         self.jobs: dict[int, tuple[Job, DoneCallback]] = {}
-        self.short = 0  # how many of `jobs` are of tasks known to be short
+        self.short: set[int] = set()  # those of `jobs` that were of tasks known to be short
         self.head_since = 0.0  # when the first of `jobs` started (monotonic)
         self.sent = 0  # jobs written to it in its life
         self.timer: asyncio.TimerHandle | None = None  # start-up timeout or hard time limit
@@ -162,7 +162,7 @@ class PreforkPool(Pool):
 
     def _room(self, child: _Child, now: float) -> int:
         queued = len(child.jobs)
-        if queued and (child.short < queued or now - child.head_since > BATCH_BUDGET_S):
+        if queued and (len(child.short) < queued or now - child.head_since > BATCH_BUDGET_S):
             return 0
         if queued > self._depth // 2 and child not in self._unflushed:
             return 0  # topped up once half its work is done: one write per half a batch
@@ -279,7 +279,8 @@ class PreforkPool(Pool):
             child.head_since = time.monotonic()
             self._arm(child, job_id, job)
         child.jobs[job_id] = (job, done)
-        child.short += self._is_short(job)
+        if self._is_short(job):
+            child.short.add(job_id)
         child.sent += 1
         delivery = job.delivery
         run = Run(job_id, delivery.queue, delivery.body, delivery.delivery_count)
@@ -379,7 +380,7 @@ class PreforkPool(Pool):
         job, done = entry
         self._cancel_timer(child)
         self._observe(job, message.took)
-        child.short = sum(self._is_short(j) for j, _ in child.jobs.values())
+        child.short.discard(message.job)
         if child.jobs:  # the next one starts now
             child.head_since = time.monotonic()
             head = next(iter(child.jobs))
@@ -410,6 +411,7 @@ class PreforkPool(Pool):
         jobs = list(child.jobs.values())[skip:]
         for key in list(child.jobs)[skip:]:
             del child.jobs[key]
+            child.short.discard(key)
         self._backlog.extendleft(reversed(jobs))
         if jobs:
             for other in list(self._ready_children):
@@ -508,6 +510,7 @@ class PreforkPool(Pool):
         self._close_tasks(child)
         child.state = State.GONE
         child.jobs = {}
+        child.short.clear()
         self._children.discard(child)
         if not self._children:
             self._gone.set()
