@@ -18,7 +18,7 @@ $(BIN)/.installed: pyproject.toml
 $(BENCH_BIN)/.installed: pyproject.toml bench/requirements.txt
 	$(PYTHON) -m venv $(BENCH_VENV)
 	$(BENCH_BIN)/python -m pip install --quiet --upgrade pip
-	$(BENCH_BIN)/python -m pip install --quiet -e ".[rabbitmq]" -r bench/requirements.txt
+	$(BENCH_BIN)/python -m pip install --quiet -e ".[rabbitmq,redis,postgresql]" -r bench/requirements.txt
 	touch $@
 
 demo: $(BIN)/.installed
@@ -40,6 +40,7 @@ bench: $(BENCH_BIN)/.installed
 	$(BENCH_BIN)/python -m bench
 	$(BENCH_BIN)/python -m bench.rabbitmq_enqueue
 	$(BENCH_BIN)/python -m bench.rabbitmq_worker
+	$(BENCH_BIN)/python -m bench.results_roundtrip
 
 clean:
 	rm -rf $(VENV) $(BENCH_VENV) .mypy_cache .pytest_cache .ruff_cache conveyor-demo.db*

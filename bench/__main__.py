@@ -436,7 +436,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     console.print(summary_table(results, variants))
     if not args.no_write:
         REPORT.parent.mkdir(parents=True, exist_ok=True)
-        REPORT.write_text(report(results, args, variants), encoding="utf-8")
+        from bench.results_roundtrip import join_summary, split_summary
+
+        # The result round-trip bench's section at the end is that bench's to rewrite.
+        _, kept = split_summary(REPORT.read_text(encoding="utf-8") if REPORT.exists() else "")
+        REPORT.write_text(join_summary(report(results, args, variants), kept), encoding="utf-8")
         console.print(f"wrote {REPORT.relative_to(ROOT)}")
     return 0
 
