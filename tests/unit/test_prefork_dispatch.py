@@ -34,6 +34,7 @@ Finished = list[tuple[Job, Outcome]]
 def pool(app: Conveyor) -> Iterator[PreforkPool]:
     """A pool of 2 ready children, on a loop that never runs (writes are left in outboxes)."""
     prefork = PreforkPool(2, app)
+    prefork._clock = lambda: 1000.0  # time stands still unless a test moves it
     loop = asyncio.new_event_loop()
     prefork._loop = loop
     descriptors: list[int] = []
@@ -189,6 +190,7 @@ def test_a_slow_run_brings_the_depth_back_to_one(pool: PreforkPool, app: Conveyo
 
 def test_a_child_never_gets_more_than_its_max_tasks(app: Conveyor) -> None:
     prefork = PreforkPool(1, app, max_tasks=5)
+    prefork._clock = lambda: 1000.0
     prefork._loop = loop = asyncio.new_event_loop()
     read, write = os.pipe()
     try:

@@ -140,6 +140,7 @@ class PreforkPool(Pool):
         self._depth = 1
         self._unflushed: set[_Child] = set()
         self._flushing = False
+        self._clock = time.monotonic
 
     @property
     def most(self) -> int:
@@ -157,7 +158,7 @@ class PreforkPool(Pool):
         An idle child can take `depth` jobs of short tasks; a child running short tasks takes
         more up to that depth while its current one is within the budget; any other takes none.
         """
-        now = time.monotonic()
+        now = self._clock()
         return sum(self._room(child, now) for child in self._ready_children) - len(self._backlog)
 
     def _room(self, child: _Child, now: float) -> int:
@@ -252,7 +253,7 @@ class PreforkPool(Pool):
     def _pick(self, short: bool) -> _Child | None:
         """An idle child, or for a short task the least loaded child with room for it."""
         best: _Child | None = None
-        now = time.monotonic()
+        now = self._clock()
         for child in self._ready_children:
             if not child.jobs and (self.max_tasks is None or child.sent < self.max_tasks):
                 return child
@@ -263,7 +264,7 @@ class PreforkPool(Pool):
 
     def _ready(self, child: _Child) -> None:
         """A child has room: give it jobs that wait for one, else tell the consumer."""
-        now = time.monotonic()
+        now = self._clock()
         while self._backlog and self._room(child, now) > 0:
             job, done = self._backlog[0]
             if child.jobs and not self._is_short(job):
@@ -276,7 +277,7 @@ class PreforkPool(Pool):
     def _give(self, child: _Child, job: Job, done: DoneCallback) -> None:
         job_id = next(self._jobs)
         if not child.jobs:
-            child.head_since = time.monotonic()
+            child.head_since = self._clock()
             self._arm(child, job_id, job)
         child.jobs[job_id] = (job, done)
         if self._is_short(job):
@@ -382,7 +383,7 @@ class PreforkPool(Pool):
         self._observe(job, message.took)
         child.short.discard(message.job)
         if child.jobs:  # the next one starts now
-            child.head_since = time.monotonic()
+            child.head_since = self._clock()
             head = next(iter(child.jobs))
             self._arm(child, head, child.jobs[head][0])
         if message.retire is not None:
