@@ -328,7 +328,7 @@ def test_from_url(tmp_path: Path) -> None:
     assert isinstance(sqlite, SQLiteResultStore)
     sqlite.close()
     with pytest.raises(ConfigurationError, match="unsupported result store URL") as info:
-        from_url("redis://:hunter2@localhost/0")
+        from_url("mongodb://:hunter2@localhost/0")
     assert "hunter2" not in str(info.value)
 
 
