@@ -567,8 +567,8 @@ class Consumer:
         return self._native and threading.get_ident() == self._loop_thread
 
     def _ack_at_once(self) -> bool:
-        """Send acks soon (once this loop turn's outcomes are in: one frame for them all) when
-        they are all there is to settle; True if nothing else waits."""
+        """Send acks within `ACK_DELAY_S`, those of every task that ends meanwhile in the same
+        frame, when they are all there is to settle; True if nothing else waits."""
         pending = self._pending
         if not self._on_loop() or not pending.acks or self._stopping:
             return False
