@@ -38,9 +38,6 @@ format: $(BIN)/.installed
 
 bench: $(BENCH_BIN)/.installed
 	$(BENCH_BIN)/python -m bench
-	$(BENCH_BIN)/python -m bench.rabbitmq_enqueue
-	$(BENCH_BIN)/python -m bench.rabbitmq_worker
-	$(BENCH_BIN)/python -m bench.results_roundtrip
 
 clean:
 	rm -rf $(VENV) $(BENCH_VENV) .mypy_cache .pytest_cache .ruff_cache conveyor-demo.db*

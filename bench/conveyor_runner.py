@@ -11,14 +11,9 @@ temporary directory (WAL adds -wal and -shm files beside it) and measures two ra
 
   - ``--worker-type thread``: one worker in this process with the threads pool and ``--workers``
     threads, timed from ``run()`` to its return.
-  - ``--worker-type process``: ``--workers`` processes (multiprocessing, "spawn"), each building
-    its own app on the same file and running a worker with the solo pool (one task at a time in
-    the worker's own thread: a process that runs one task at a time needs no task thread).
-    Interpreter start-up and imports are not timed: the children build their app and worker, meet
-    the parent at a barrier, and the clock runs from the barrier until every child has reported its
-    counts (Huey's consumer forks its children inside its timed window, which costs next to nothing;
-    spawning costs 0.1 to 0.3 s here, which no deployed worker pays per batch). The spawn time is
-    reported in the settings.
+  - ``--worker-type process``: one worker in this process with the prefork pool (conveyor's
+    default) and ``--workers`` child processes, timed from ``run()`` (which forks the children,
+    as Huey's consumer does inside its timed window) to its return.
 
 Results go to the broker's SQLite file (the default), so every task costs result writes as well.
 A run counts only if every task succeeded exactly once: the workers' counts must equal N, and the
@@ -32,19 +27,14 @@ from __future__ import annotations
 import argparse
 import importlib.metadata
 import json
-import multiprocessing
 import os
-import queue
 import sqlite3
 import sys
 import tempfile
 import threading
 import time
-import traceback
-from collections.abc import Sequence
 from dataclasses import asdict
-from multiprocessing.synchronize import Barrier
-from typing import Any, Final
+from typing import Any
 
 from conveyor import Conveyor, Task, Worker, WorkerStats
 
@@ -52,9 +42,6 @@ from conveyor import Conveyor, Task, Worker, WorkerStats
 # loaded: "conveyor_runner" as a script or in spawned children, "bench.conveyor_runner" when
 # imported. Producer and workers must agree on it or every message is dead-lettered.
 NOOP_NAME = "bench.conveyor_runner.noop"
-START_METHOD: Final = "spawn"
-# A spawned child needs well under a second to import conveyor and build its worker.
-READY_TIMEOUT_S = 60.0
 
 
 def noop() -> None:
@@ -77,27 +64,6 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def worker_process(
-    path: str, barrier: Barrier, reports: multiprocessing.Queue[tuple[int, Any, str | None]]
-) -> None:
-    """One worker process: build the app, wait for the start signal, drain the queue, report."""
-    app: Conveyor | None = None
-    try:
-        app, _ = make_app(path)
-        worker = Worker(app, pool="solo", until_empty=True)
-        barrier.wait()
-        stats = worker.run()
-        reports.put((os.getpid(), asdict(stats), None))
-    except BaseException:
-        # The parent must hear about a failure, or it would wait for counts that never come.
-        barrier.abort()
-        reports.put((os.getpid(), None, traceback.format_exc()))
-        raise
-    finally:
-        if app is not None:
-            app.close()
-
-
 def process_in_threads(app: Conveyor, args: argparse.Namespace) -> tuple[float, WorkerStats]:
     """Drain the queue with one worker of `args.workers` threads in this process."""
     worker = Worker(app, pool="threads", concurrency=args.workers, until_empty=True)
@@ -113,71 +79,18 @@ def process_in_threads(app: Conveyor, args: argparse.Namespace) -> tuple[float, 
         deadline.cancel()
 
 
-def process_in_processes(path: str, args: argparse.Namespace) -> tuple[float, WorkerStats, float]:
-    """Drain the queue with `args.workers` spawned one-thread workers; time, summed counts, spawn.
-
-    The last figure is how long the children took to start and be ready, which is not timed.
-    """
-    ctx = multiprocessing.get_context(START_METHOD)
-    barrier = ctx.Barrier(args.workers + 1)
-    reports: multiprocessing.Queue[tuple[int, Any, str | None]] = ctx.Queue()
-    children = [
-        ctx.Process(target=worker_process, args=(path, barrier, reports), name=f"worker-{i}")
-        for i in range(args.workers)
-    ]
-    spawned = time.perf_counter()
-    for child in children:
-        child.start()
+def process_in_prefork(app: Conveyor, args: argparse.Namespace) -> tuple[float, WorkerStats]:
+    """Drain the queue with one prefork worker of `args.workers` child processes."""
+    worker = Worker(app, pool="prefork", concurrency=args.workers, until_empty=True)
+    deadline = threading.Timer(args.timeout, worker.stop)
+    deadline.daemon = True
+    deadline.start()
     try:
-        try:
-            barrier.wait(timeout=READY_TIMEOUT_S)
-        except threading.BrokenBarrierError:
-            raise RuntimeError(
-                "a worker process failed to start (its traceback is on stderr)"
-            ) from None
         started = time.perf_counter()
-        total = WorkerStats()
-        deadline = started + args.timeout
-        for _ in children:
-            pid, counts, error = _next_report(reports, children, deadline)
-            if error is not None:
-                raise RuntimeError(f"worker process {pid} failed:\n{error}")
-            for name, value in counts.items():
-                setattr(total, name, getattr(total, name) + value)
-        process_s = time.perf_counter() - started
-    except BaseException:
-        # SIGTERM is a warm shutdown for a conveyor worker: the children stop fetching and exit.
-        for child in children:
-            child.terminate()
-        raise
+        stats = worker.run()
+        return time.perf_counter() - started, stats
     finally:
-        for child in children:
-            child.join(timeout=30)
-            if child.is_alive():
-                child.kill()
-                child.join()
-    return process_s, total, started - spawned
-
-
-def _next_report(
-    reports: multiprocessing.Queue[tuple[int, Any, str | None]],
-    children: Sequence[multiprocessing.process.BaseProcess],
-    deadline: float,
-) -> tuple[int, Any, str | None]:
-    """The next child's report; fails if the time is up or a child died without reporting."""
-    while True:
-        try:
-            return reports.get(timeout=0.05)
-        except queue.Empty:
-            pass
-        if time.perf_counter() > deadline:
-            raise RuntimeError("the worker processes did not finish in time")
-        # A child that reported and exited may still have its report in the pipe, so only a
-        # non-zero exit (killed, or crashed before reporting) is an error here.
-        dead = [c for c in children if c.exitcode not in (None, 0)]
-        if dead:
-            child = dead[0]
-            raise RuntimeError(f"worker process {child.pid} died with exit code {child.exitcode}")
+        deadline.cancel()
 
 
 def check(app: Conveyor, queue_name: str, n: int, stats: WorkerStats) -> None:
@@ -230,13 +143,10 @@ def run(args: argparse.Namespace, path: str) -> dict[str, Any]:
     if len(sent) != n or ready.ready != n:
         raise RuntimeError(f"expected {n} queued tasks, found {ready.ready}")
 
-    spawn_s: float | None = None
     if args.worker_type == "thread":
         process_s, stats = process_in_threads(app, args)
     else:
-        # The children open their own connections; this process's are not used meanwhile.
-        app.close()
-        process_s, stats, spawn_s = process_in_processes(path, args)
+        process_s, stats = process_in_prefork(app, args)
     check(app, task.queue, n, stats)
     # Read after the timed part, so no extra connection is open while it runs.
     synchronous = synchronous_levels(app)
@@ -246,14 +156,11 @@ def run(args: argparse.Namespace, path: str) -> dict[str, Any]:
     settings = app.settings
     app.close()
     worker: dict[str, Any] = {
-        "pool": "threads" if args.worker_type == "thread" else "solo",
+        "pool": "threads" if args.worker_type == "thread" else "prefork",
         "until_empty": True,
-        "processes": 1 if args.worker_type == "thread" else args.workers,
+        "processes": 1 if args.worker_type == "thread" else 1 + args.workers,
         "slots_per_process": args.workers if args.worker_type == "thread" else 1,
     }
-    if spawn_s is not None:
-        worker["start_method"] = START_METHOD
-        worker["spawn_s_not_timed"] = round(spawn_s, 3)
     return {
         "peer": "conveyor",
         "version": importlib.metadata.version("conveyor"),

@@ -123,7 +123,7 @@ def measure(mode: str, n: int) -> dict[str, object]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tasks", type=int, default=5000)
+    parser.add_argument("--tasks", type=int, default=20000)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--one", choices=MODES, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -184,6 +184,21 @@ def write_report(
     lines += [f"| {mode} | {', '.join(f'{r:,.0f}' for r in rates[mode])} |" for mode in MODES]
     REPORT.write_text("\n".join(lines) + "\n")
     print(f"wrote {REPORT}")
+    from bench import data
+
+    data.save(
+        "enqueue",
+        {
+            "date": dt.datetime.now(dt.UTC).isoformat(timespec="minutes"),
+            "command": "python -m bench.rabbitmq_enqueue " + " ".join(sys.argv[1:]),
+            "versions": versions,
+            "tasks": args.tasks,
+            "repeat": args.repeat,
+            "rate": medians,
+            "targets": dict(TARGETS),
+            "runs": rates,
+        },
+    )
 
 
 if __name__ == "__main__":

@@ -545,7 +545,7 @@ def choose_pool(args: argparse.Namespace) -> tuple[str, str]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    parser.add_argument("--tasks", type=int, default=5000, help="no-op tasks per throughput run")
+    parser.add_argument("--tasks", type=int, default=20000, help="no-op tasks per throughput run")
     parser.add_argument("--repeat", type=int, default=3, help="rounds; the report uses medians")
     parser.add_argument(
         "--conveyor-pool",
@@ -696,6 +696,33 @@ def write_report(
         rsss = ", ".join(f"{r['rss_kib'] / 1024:.1f}" for r in runs["memory"][m])
         lines.append(f"| {label[m]} | {rates} | {psss} | {rsss} |")
     REPORT.write_text("\n".join(lines) + "\n")
+    from bench import data
+
+    data.save(
+        "worker",
+        {
+            "date": dt.datetime.now(dt.UTC).isoformat(timespec="minutes"),
+            "command": "python -m bench.rabbitmq_worker " + " ".join(sys.argv[1:]),
+            "server": server,
+            "versions": versions,
+            "tasks": args.tasks,
+            "repeat": args.repeat,
+            "pool": pool,
+            "labels": label,
+            "rate": rate,
+            "startup_s": startup,
+            "pss_mib": pss,
+            "rss_mib": rss,
+            "best_dramatiq": best,
+            "lean_dramatiq": lean,
+            "targets": {
+                "dramatiq": DRAMATIQ_TARGET,
+                "celery": CELERY_TARGET,
+                "memory": MEMORY_TARGET,
+            },
+            "runs": runs,
+        },
+    )
     print("\n".join(lines[lines.index("## Processing throughput") :]))
     print(f"wrote {REPORT}")
 

@@ -10,7 +10,7 @@ Every peer uses the local RabbitMQ as its broker; the result goes to:
 - conveyor with `sqlite:////tmp/.../results.db`, a file the worker and the client share;
 - Celery with its Redis backend, `redis://127.0.0.1:6379/DB` (its `get()` waits on pub/sub too).
 
-Report in docs/benchmarks-results.md, and a summary at the end of docs/benchmarks.md: medians
+Report in docs/benchmarks-results.md (figures in docs/bench-data/results.json): medians
 over `--repeat` rounds, peers alternating (the order rotates each round). Every run is a process
 of its own (`--one MODE`), which writes the peer's app module into a temporary directory, uses a
 queue with a fresh unique name and a unique Redis key prefix or PostgreSQL table, starts the
@@ -88,8 +88,6 @@ from bench.rabbitmq_worker import (
 
 ROOT = Path(__file__).resolve().parent.parent
 REPORT = ROOT / "docs" / "benchmarks-results.md"
-SUMMARY = ROOT / "docs" / "benchmarks.md"
-SUMMARY_HEADING = "## Result round trips"
 REDIS_HOST, REDIS_PORT = "127.0.0.1", 6379
 POSTGRES_URL = "postgresql://postgres@127.0.0.1:5432/test"
 MODES = ("conveyor-redis", "conveyor-postgresql", "conveyor-rpc", "conveyor-sqlite", "celery")
@@ -535,48 +533,27 @@ def write_report(
     )
     print(f"wrote {REPORT}")
 
-    conveyor = [m for m in MODES if m != BASELINE]
-    summary = [
-        SUMMARY_HEADING,
-        "",
-        "Written by `python -m bench.results_roundtrip` (`make bench`) with the full report:",
-        "[benchmarks-results.md](benchmarks-results.md). Round trips (send a task, a worker with",
-        "2 prefork slots runs it, the client's `get()` returns its result) on the local RabbitMQ",
-        "with each conveyor result store, against Celery with its Redis result backend;",
-        f"medians of {rounds}, ratios ÷ Celery.",
-        "",
-        "| conveyor result store | sequential (round trips/s) | ÷ Celery | "
-        f"{args.concurrent:,} at once (round trips/s) | ÷ Celery |",
-        "|---|---:|---:|---:|---:|",
-        *(
-            f"| {LABELS[m].removeprefix('conveyor, ')} | {seq[m]:,.0f} | {ratio(seq, m)} | "
-            f"{conc[m]:,.0f} | {ratio(conc, m)} |"
-            for m in conveyor
-        ),
-        f"| Celery's Redis backend | {seq[BASELINE]:,.0f} | 1.00x | {conc[BASELINE]:,.0f} | "
-        "1.00x |",
-    ]
-    write_summary("\n".join(summary) + "\n")
-    print(f"updated the section {SUMMARY_HEADING[3:]!r} at the end of {SUMMARY}")
+    from bench import data
 
-
-def write_summary(section: str) -> None:
-    """Replace this bench's section at the end of docs/benchmarks.md, or append it."""
-    before, _ = split_summary(SUMMARY.read_text())
-    SUMMARY.write_text(join_summary(before, section))
-
-
-def split_summary(text: str) -> tuple[str, str]:
-    """docs/benchmarks.md's text before this bench's section, and the section ("" if none).
-
-    `python -m bench` rewrites the rest of that file and keeps the section with these two.
-    """
-    at = text.find(f"\n{SUMMARY_HEADING}\n")
-    return (text, "") if at < 0 else (text[:at], text[at + 1 :])
-
-
-def join_summary(text: str, section: str) -> str:
-    return text.rstrip("\n") + "\n\n" + section if section else text
+    data.save(
+        "results",
+        {
+            "date": dt.datetime.now(dt.UTC).isoformat(timespec="minutes"),
+            "command": "python -m bench.results_roundtrip " + " ".join(sys.argv[1:]),
+            "servers": servers,
+            "versions": versions,
+            "sequential_tasks": args.sequential,
+            "concurrent_tasks": args.concurrent,
+            "repeat": args.repeat,
+            "labels": {m: LABELS[m] for m in MODES},
+            "baseline": BASELINE,
+            "sequential": {
+                m: {"per_s": seq[m], "median_ms": mid[m], "p99_ms": p99[m]} for m in MODES
+            },
+            "concurrent": {m: {"per_s": conc[m]} for m in MODES},
+            "runs": runs,
+        },
+    )
 
 
 def main() -> int:
