@@ -1,0 +1,346 @@
+"""The benchmark summary, `docs/benchmarks.md`, and its charts in `docs/img/`.
+
+`python -m bench.report` (the last step of `python -m bench`) reads the figures every scenario
+saved in `docs/bench-data/` and writes the summary: the machine, the commands, every target with
+its ratio from one run, a chart per scenario, and links to each scenario's detailed report. It
+runs nothing itself, so it can be rerun at any time; a scenario that never ran is listed as such.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import os
+import platform
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+from bench import data
+from bench.embedded import cpu_model
+
+ROOT = data.ROOT
+SUMMARY = ROOT / "docs" / "benchmarks.md"
+IMG = ROOT / "docs" / "img"
+COLORS = {
+    "conveyor": "#2b6cb0",
+    "Dramatiq": "#dd6b20",
+    "Celery": "#38a169",
+    "Huey": "#805ad5",
+}
+
+# Where the time goes, from profiling (py-spy on the worker's parent, strace counts, and CPU
+# time per process); see the closing notes of the prefork and benchmark issues. Kept by hand:
+# a profile is not something this report can take during a benchmark run.
+WHERE_THE_TIME_GOES = """\
+On RabbitMQ, a prefork worker's parent process does all the broker work for its children: it
+reads every delivery (three AMQP frames, parsed by aiormq and pamqp in Python), decodes and
+checks the envelope, writes the job down a child's pipe, reads the outcome back and sends the
+acks. Profiled with py-spy at 20,000 no-op tasks, that is about 130 µs of CPU per task in the
+parent, of which roughly 45% is receiving deliveries (aiormq's frame reader and consumer
+dispatch, pamqp's decoding), 15-20% system calls (pipe writes to the children, socket writes of
+acks, epoll), and the rest conveyor's own bookkeeping. RabbitMQ itself spends 75-120 µs per task
+on the same 2 cores, each child about 30 µs. So on this 2-core machine the parent's one core is
+the ceiling, near 6,000-7,000 tasks/s; Dramatiq's two processes each parse their own deliveries,
+on both cores. Short tasks already go down the pipes in batches of up to 32 and their acks go
+together, which doubled the rate from about 2,300 tasks/s; what is left is per-delivery work in
+the AMQP client.
+
+Idle memory: the worker tree is four processes (the parent, the zygote that forks children, and
+two children). The parent alone holds about 13 MiB PSS, mostly the interpreter and its imports
+(asyncio with ssl about 7 MiB, aiormq with yarl, multidict and importlib.metadata about 4.5
+MiB), of which about 6 MiB are pages it shared with the zygote at the fork and has since written
+to. The zygote and each child add about 7 MiB PSS: their share of the same pages plus about 1.4
+MiB of their own. Freezing the collector's objects before the fork, or trimming the allocator,
+made no measurable difference.
+"""
+
+
+def bars(
+    name: str,
+    title: str,
+    groups: list[str],
+    series: dict[str, list[float]],
+    ylabel: str,
+    *,
+    log: bool = False,
+) -> str:
+    """A grouped bar chart saved as docs/img/NAME.png; the markdown that shows it."""
+    IMG.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(8, 3.6), dpi=110)
+    width = 0.8 / max(len(series), 1)
+    for i, (label, values) in enumerate(series.items()):
+        offsets = [g + (i - (len(series) - 1) / 2) * width for g in range(len(groups))]
+        color = next((c for peer, c in COLORS.items() if label.startswith(peer)), None)
+        drawn = ax.bar(offsets, values, width, label=label, color=color)
+        ax.bar_label(drawn, labels=[_short(v) for v in values], fontsize=7, padding=2)
+    ax.set_xticks(range(len(groups)), groups)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    if log:
+        ax.set_yscale("log")
+    ax.legend(fontsize=8)
+    ax.spines[["top", "right"]].set_visible(False)
+    fig.tight_layout()
+    fig.savefig(IMG / f"{name}.png")
+    plt.close(fig)
+    return f"![{title}](img/{name}.png)"
+
+
+def lines_chart(
+    name: str,
+    title: str,
+    series: dict[str, tuple[list[float], list[float]]],
+    xlabel: str,
+    ylabel: str,
+) -> str:
+    """A line chart saved as docs/img/NAME.png; the markdown that shows it."""
+    IMG.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(8, 3.6), dpi=110)
+    for label, (xs, ys) in series.items():
+        color = next((c for peer, c in COLORS.items() if label.startswith(peer)), None)
+        ax.plot(xs, ys, marker="o" if len(xs) < 20 else None, label=label, color=color)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    ax.spines[["top", "right"]].set_visible(False)
+    fig.tight_layout()
+    fig.savefig(IMG / f"{name}.png")
+    plt.close(fig)
+    return f"![{title}](img/{name}.png)"
+
+
+def _short(value: float) -> str:
+    if value >= 10_000:
+        return f"{value / 1000:,.0f}k"
+    if value >= 100:
+        return f"{value:,.0f}"
+    return f"{value:.1f}"
+
+
+class Summary:
+    """The summary's text, its targets table and the scenarios that have no figures."""
+
+    def __init__(self) -> None:
+        self.targets: list[tuple[str, str, str, bool]] = []  # what, figure, target, met
+        self.sections: list[str] = []
+        self.missing: list[str] = []
+        self.commands: list[str] = []
+        self.dates: list[str] = []
+
+    def target(self, what: str, ratio: float, target: str, met: bool) -> None:
+        self.targets.append((what, f"{ratio:.2f}x", target, met))
+
+    def section(self, *lines: str) -> None:
+        self.sections.append("\n".join(lines))
+
+    def note(self, figures: dict[str, Any]) -> None:
+        if "command" in figures:
+            self.commands.append(str(figures["command"]).strip())
+        if "date" in figures:
+            self.dates.append(str(figures["date"]))
+
+
+def embedded(s: Summary, f: dict[str, Any]) -> None:
+    variants = f["variants"]
+    groups, conveyor, huey = [], [], []
+    for v in variants.values():
+        groups.append(f"{v['label']}: processing")
+        conveyor.append(v["median"]["conveyor"]["process_per_s"])
+        huey.append(v["median"]["huey"]["process_per_s"])
+        ratio = v["ratio"]["process_per_s"]
+        s.target(f"Embedded SQLite, {v['label']}: processing ÷ Huey", ratio, "≥ 2x", ratio >= 2)
+    for v in variants.values():
+        groups.append(f"{v['label']}: enqueue")
+        conveyor.append(v["median"]["conveyor"]["enqueue_per_s"])
+        huey.append(v["median"]["huey"]["enqueue_per_s"])
+    chart = bars(
+        "embedded",
+        f"Embedded SQLite broker, {f['tasks']:,} no-op tasks (tasks/s, log scale)",
+        groups,
+        {"conveyor": conveyor, "Huey": huey},
+        "tasks/s",
+        log=True,
+    )
+    s.section(
+        "## Throughput on the embedded broker",
+        "",
+        chart,
+        "",
+        "conveyor's SQLite broker against Huey's SQLite storage: 2 threads in one process, and 2",
+        "processes (conveyor's prefork pool; Huey's process workers). Details and the method:",
+        "[benchmarks-embedded.md](benchmarks-embedded.md).",
+    )
+
+
+def worker(s: Summary, f: dict[str, Any]) -> None:
+    label = f["labels"]
+    rate, best, lean = f["rate"], f["best_dramatiq"], f["lean_dramatiq"]
+    targets = f["targets"]
+    for peer, goal in ((best, targets["dramatiq"]), ("celery", targets["celery"])):
+        ratio = rate["conveyor"] / rate[peer]
+        s.target(f"RabbitMQ processing ÷ {label[peer]}", ratio, f"≥ {goal:g}x", ratio >= goal)
+    memory = f["pss_mib"]["conveyor"] / f["pss_mib"][lean]
+    goal = targets["memory"]
+    s.target(f"Idle memory (PSS) ÷ {label[lean]}", memory, f"≤ {goal:g}x", memory <= goal)
+    modes = list(rate)
+    chart = bars(
+        "rabbitmq-processing",
+        f"RabbitMQ, {f['tasks']:,} no-op tasks, 2 worker processes, late acks (tasks/s)",
+        ["processing"],
+        {_peer_label(label[m]): [rate[m]] for m in modes},
+        "tasks/s",
+    )
+    memory_chart = bars(
+        "idle-memory",
+        "Idle worker process tree (MiB)",
+        ["PSS", "RSS"],
+        {_peer_label(label[m]): [f["pss_mib"][m], f["rss_mib"][m]] for m in modes},
+        "MiB",
+    )
+    s.section(
+        "## Processing on RabbitMQ",
+        "",
+        chart,
+        "",
+        "Details and the method: [benchmarks-rabbitmq-worker.md](benchmarks-rabbitmq-worker.md).",
+        "",
+        "## Idle memory",
+        "",
+        memory_chart,
+    )
+
+
+def enqueue(s: Summary, f: dict[str, Any]) -> None:
+    rate = f["rate"]
+    for peer, goal in f["targets"].items():
+        ratio = rate["conveyor"] / rate[peer]
+        s.target(f"RabbitMQ bulk enqueue ÷ {peer}", ratio, f"≥ {goal:g}x", ratio >= goal)
+    chart = bars(
+        "rabbitmq-enqueue",
+        f"Bulk enqueue to RabbitMQ, {f['tasks']:,} tasks (tasks/s)",
+        list(rate),
+        {"tasks/s": list(rate.values())},
+        "tasks/s",
+    )
+    s.section(
+        "## Bulk enqueue on RabbitMQ",
+        "",
+        chart,
+        "",
+        "conveyor always publishes with confirms; the peers at their defaults and with confirms.",
+        "Details: [benchmarks-rabbitmq.md](benchmarks-rabbitmq.md).",
+    )
+
+
+def results(s: Summary, f: dict[str, Any]) -> None:
+    labels, base = f["labels"], f["baseline"]
+    modes = list(f["sequential"])
+    chart = bars(
+        "result-round-trips",
+        "Result round trips: send, run, get (round trips/s)",
+        ["one at a time", f"{f['concurrent_tasks']:,} at once"],
+        {labels[m]: [f["sequential"][m]["per_s"], f["concurrent"][m]["per_s"]] for m in modes},
+        "round trips/s",
+    )
+    rows = [
+        f"| {labels[m]} | {f['sequential'][m]['per_s']:,.0f} | "
+        f"{f['sequential'][m]['median_ms']:.1f} | {f['concurrent'][m]['per_s']:,.0f} | "
+        f"{f['concurrent'][m]['per_s'] / f['concurrent'][base]['per_s']:.2f}x |"
+        for m in modes
+    ]
+    s.section(
+        "## Result round trips",
+        "",
+        chart,
+        "",
+        "| Peer | one at a time (/s) | median (ms) | at once (/s) | at once ÷ Celery |",
+        "|---|---:|---:|---:|---:|",
+        *rows,
+        "",
+        "Details: [benchmarks-results.md](benchmarks-results.md).",
+    )
+
+
+def _peer_label(label: str) -> str:
+    return label.replace("`", "")
+
+
+RENDERERS: dict[str, Callable[[Summary, dict[str, Any]], None]] = {
+    "embedded": embedded,
+    "enqueue": enqueue,
+    "worker": worker,
+    "results": results,
+}
+
+
+def render(elapsed: float | None) -> str:
+    s = Summary()
+    for scenario, draw in RENDERERS.items():
+        figures = data.load(scenario)
+        if figures is None:
+            s.missing.append(scenario)
+            continue
+        s.note(figures)
+        draw(s, figures)
+    out = [
+        "# Benchmarks",
+        "",
+        "conveyor beside Dramatiq, Celery and (on the embedded broker) Huey, each installed into",
+        "the bench environment only, against the same local services, every comparison a ratio",
+        "of medians taken in the same run. Written by `make bench` (`python -m bench`) from the",
+        "figures in [bench-data/](bench-data/); rerun it rather than editing this file.",
+        "",
+        f"Figures from {min(s.dates, default='?')} to {max(s.dates, default='?')} (UTC).",
+    ]
+    if elapsed is not None:
+        out.append(f"`make bench` took {elapsed / 60:.1f} minutes end to end.")
+    out += [
+        "",
+        "## Machine",
+        "",
+        f"- CPU: {cpu_model()}, {len(os.sched_getaffinity(0))} cores",
+        f"- OS: {platform.platform()}",
+        f"- Python {platform.python_version()}",
+        "",
+        "## Targets",
+        "",
+        "| What | Ratio (same run) | Target | Met |",
+        "|---|---:|---|---|",
+        *(f"| {w} | {r} | {t} | {'yes' if m else '**no**'} |" for w, r, t, m in s.targets),
+        "",
+    ]
+    if any(not met for *_, met in s.targets):
+        out += ["## Where the time goes", "", WHERE_THE_TIME_GOES]
+    out += ["\n\n".join(s.sections), ""]
+    if s.missing:
+        out += ["## Not measured yet", "", *(f"- {name}" for name in s.missing), ""]
+    out += [
+        "## Commands",
+        "",
+        "```",
+        "make bench          # every scenario, then this report (python -m bench)",
+        *s.commands,
+        "```",
+        "",
+    ]
+    return "\n".join(out)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--elapsed", type=float, help="seconds the whole run took")
+    args = parser.parse_args()
+    SUMMARY.write_text(render(args.elapsed), encoding="utf-8")
+    print(f"wrote {SUMMARY} and the charts in {IMG} ({dt.datetime.now(dt.UTC):%H:%M} UTC)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
