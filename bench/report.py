@@ -268,6 +268,43 @@ def results(s: Summary, f: dict[str, Any]) -> None:
     )
 
 
+def latency(s: Summary, f: dict[str, Any]) -> None:
+    labels, median, target = f["labels"], f["median"], f["target"]
+    peer = target["against"]
+    s.target(
+        f"Enqueue-to-start p50 ÷ {labels[peer]}",
+        target["ratio"],
+        f"≤ {target['at_most']:g}x",
+        bool(target["met"]),
+    )
+    modes = list(median)
+    chart = bars(
+        "latency",
+        "One task at a time to an idle worker (ms, lower is better)",
+        ["to start, p50", "to start, p99", "to result, p50", "to result, p99"],
+        {
+            _peer_label(labels[m]): [
+                median[m]["start_p50_ms"],
+                median[m]["start_p99_ms"],
+                median[m]["result_p50_ms"],
+                median[m]["result_p99_ms"],
+            ]
+            for m in modes
+        },
+        "ms",
+    )
+    s.section(
+        "## Latency",
+        "",
+        chart,
+        "",
+        "From just before the send to the task's first line, and to the sender's `get()`",
+        "returning. conveyor's send returns once RabbitMQ confirmed the message (on disk), which",
+        "its enqueue-to-result includes; the peers publish without confirms by default. Details:",
+        "[benchmarks-latency.md](benchmarks-latency.md).",
+    )
+
+
 def _peer_label(label: str) -> str:
     return label.replace("`", "")
 
@@ -276,6 +313,7 @@ RENDERERS: dict[str, Callable[[Summary, dict[str, Any]], None]] = {
     "embedded": embedded,
     "enqueue": enqueue,
     "worker": worker,
+    "latency": latency,
     "results": results,
 }
 
