@@ -239,3 +239,28 @@ def test_a_dead_childs_unstarted_jobs_go_to_another_child_uncounted(
     assert len(finished) == 1, "only the job it was running is reported"
     assert finished[0][1].kind is Kind.LOST
     assert len(second.jobs) + len(pool._backlog) == 5, "the other two were not run: kept"
+
+
+def test_after_a_slow_run_an_idle_child_still_gets_work_while_others_hold_jobs(
+    pool: PreforkPool, app: Conveyor
+) -> None:
+    """The depth drops to 1, but the jobs already queued behind the slow one still count
+    against the broker's prefetch: the capacity covers them plus the idle child's slot."""
+    learn(pool, app, "quick", took=0.00005)
+    reported: list[int] = []
+    pool.on_capacity = lambda: reported.append(pool.capacity)
+    finished: Finished = []
+    for _ in range(20):
+        pool.submit(make_job(app, "quick"), recorder(finished))
+    first, second = children(pool)
+    assert len(first.jobs) == len(second.jobs) == 10
+    while second.jobs:
+        finish(pool, second, 0.00005, finished)
+    finish(pool, first, 0.5, finished)  # a quick task that ran long this time
+    assert pool._depth == 1
+    assert pool.capacity == 9 + 1, "first's 9 queued jobs, and a job for the idle second"
+    assert reported[-1] == 10
+    assert pool.free(9) == 1, "the idle child can start one now"
+    while first.jobs:
+        finish(pool, first, 0.00005, finished)
+    assert reported[-1] == pool.capacity == 2, "back to one per child once they drained"

@@ -138,6 +138,7 @@ class PreforkPool(Pool):
         self._runtimes: dict[str, float] = {}  # task name -> recent run time, in the child
         self._pace = BATCH_BUDGET_S  # recent run time of any task
         self._depth = 1
+        self._reported = concurrency
         self._unflushed: set[_Child] = set()
         self._flushing = False
         self._clock = time.monotonic
@@ -149,8 +150,21 @@ class PreforkPool(Pool):
 
     @property
     def capacity(self) -> int:
-        """A depth's worth of jobs per child."""
-        return self.concurrency * self._depth
+        """A depth's worth of jobs per child, or what the pool holds plus what its idle
+        children can start, if that is more: when the depth drops (a task ran long), jobs
+        already queued behind it still count against the broker's prefetch, and an idle child
+        must not wait for them to drain before it gets work."""
+        held = len(self._backlog) + sum(len(child.jobs) for child in self._ready_children)
+        idle = sum(1 for child in self._ready_children if not child.jobs)
+        return min(self.most, max(self.concurrency * self._depth, held + idle))
+
+    def _capacity_changed(self) -> None:
+        """Tell the consumer (and through it the broker's prefetch) when the capacity moved."""
+        capacity = self.capacity
+        if capacity != self._reported:
+            self._reported = capacity
+            if self.on_capacity is not None:
+                self.on_capacity()
 
     def free(self, running: int) -> int:
         """What the children can start now: never more work than that.
@@ -181,11 +195,7 @@ class PreforkPool(Pool):
         self._runtimes[name] = max(took, self._runtimes.get(name, took) * RUNTIME_DECAY)
         self._pace = max(took, self._pace * RUNTIME_DECAY)
         depth = max(1, min(MAX_DEPTH, int(BATCH_BUDGET_S / max(self._pace, 1e-6))))
-        depth = 1 << (depth.bit_length() - 1)  # a power of two: the prefetch changes rarely
-        if depth != self._depth:
-            self._depth = depth
-            if self.on_capacity is not None:
-                self.on_capacity()
+        self._depth = 1 << (depth.bit_length() - 1)  # a power of two: changes are rare
 
     # lifecycle
 
@@ -397,6 +407,7 @@ class PreforkPool(Pool):
             self._retire(child)
         else:
             self._ready(child)
+        self._capacity_changed()
         done(job, message.outcome())
 
     def _retire(self, child: _Child) -> None:
