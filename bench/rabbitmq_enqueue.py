@@ -31,18 +31,40 @@ MODES = ("conveyor", "dramatiq", "dramatiq-confirms", "celery-confirms", "celery
 TARGETS = (("dramatiq", 1.0), ("celery-confirms", 5.0))
 
 
-def count_and_delete(queues: list[str]) -> int:
-    """Messages waiting in `queues` (ready ones), which are then deleted."""
+def count_and_delete(queues: list[str], expected: int) -> int:
+    """Messages waiting in `queues` (ready ones), which are then deleted.
+
+    A peer publishing without confirms returns before RabbitMQ has taken in its last messages:
+    the count is read again until it reaches `expected` or stops changing for 2 s (so a run
+    that lost messages is still refused, just not before they had every chance to arrive).
+    """
     import aiormq
 
-    async def run() -> int:
-        connection = await aiormq.connect(URL)
-        channel = await connection.channel()
+    async def count(connection: aiormq.abc.AbstractConnection) -> int:
         total = 0
+        channel = await connection.channel()
         for name in queues:
             try:
                 ok = await channel.queue_declare(name, passive=True)
                 total += int(ok.message_count or 0)
+            except aiormq.exceptions.ChannelNotFoundEntity:
+                channel = await connection.channel()  # a missing queue closes the channel
+        await channel.close()
+        return total
+
+    async def run() -> int:
+        connection = await aiormq.connect(URL)
+        total, same_since = -1, time.monotonic()
+        while True:
+            now = await count(connection)
+            if now != total:
+                total, same_since = now, time.monotonic()
+            if total >= expected or time.monotonic() - same_since > 2.0:
+                break
+            await asyncio.sleep(0.05)
+        channel = await connection.channel()
+        for name in queues:
+            try:
                 await channel.queue_delete(name)
             except aiormq.exceptions.ChannelNotFoundEntity:
                 channel = await connection.channel()
@@ -115,7 +137,7 @@ def measure(mode: str, n: int) -> dict[str, object]:
         elapsed, queues = run_dramatiq(queue, n, confirms=mode.endswith("confirms"))
     else:
         elapsed, queues = run_celery(queue, n, confirms=mode.endswith("confirms"))
-    found = count_and_delete(queues)
+    found = count_and_delete(queues, n)
     if found != n:
         raise RuntimeError(f"{mode}: expected {n} messages in the queue, found {found}")
     return {"mode": mode, "tasks": n, "per_s": round((n - 1) / elapsed, 1)}
