@@ -27,12 +27,28 @@ from bench.embedded import cpu_model
 ROOT = data.ROOT
 SUMMARY = ROOT / "docs" / "benchmarks.md"
 IMG = ROOT / "docs" / "img"
-COLORS = {
-    "conveyor": "#2b6cb0",
-    "Dramatiq": "#dd6b20",
-    "Celery": "#38a169",
-    "Huey": "#805ad5",
+COLORS = {  # per peer: the first series, then others of the same peer in lighter shades
+    "conveyor": ("#2b6cb0", "#63b3ed", "#2c5282", "#90cdf4"),
+    "Dramatiq": ("#dd6b20", "#f6ad55"),
+    "Celery": ("#38a169", "#9ae6b4"),
+    "Huey": ("#805ad5", "#b794f4"),
 }
+
+
+def colors(labels: list[str]) -> list[str | None]:
+    """A color per series: the peer's, a shade apart for each further series of that peer."""
+    used: dict[str, int] = {}
+    out: list[str | None] = []
+    for label in labels:
+        peer = next((p for p in COLORS if label.startswith(p)), None)
+        if peer is None:
+            out.append(None)
+            continue
+        shades = COLORS[peer]
+        out.append(shades[used.get(peer, 0) % len(shades)])
+        used[peer] = used.get(peer, 0) + 1
+    return out
+
 
 # Where the time goes, from profiling (py-spy on the worker's parent, strace counts, and CPU
 # time per process); see the closing notes of the prefork and benchmark issues. Kept by hand:
@@ -50,6 +66,14 @@ the ceiling, near 6,000-7,000 tasks/s; Dramatiq's two processes each parse their
 on both cores. Short tasks already go down the pipes in batches of up to 32 and their acks go
 together, which doubled the rate from about 2,300 tasks/s; what is left is per-delivery work in
 the AMQP client.
+
+Latency: conveyor's task starts about 1 ms later than Dramatiq's (p50 near 2.8 ms against
+1.8-2.1 ms). The prefork pipe is not it: the threads pool measures the same. The sender hands
+the message to its broker connection's own event-loop thread, whose writer task sends it, and
+the worker takes each delivery through aiormq's frame reader and a task per delivery before it
+reaches the pool: a few event-loop turns and thread wake-ups on each side. Enqueue-to-result
+also includes the publisher confirm: conveyor's send returns only once RabbitMQ has the message
+on disk (6-7 ms here), which the peers do not wait for by default.
 
 Idle memory: the worker tree is four processes (the parent, the zygote that forks children, and
 two children). The parent alone holds about 13 MiB PSS, mostly the interpreter and its imports
@@ -74,10 +98,10 @@ def bars(
     IMG.mkdir(parents=True, exist_ok=True)
     fig, ax = plt.subplots(figsize=(8, 3.6), dpi=110)
     width = 0.8 / max(len(series), 1)
+    palette = colors(list(series))
     for i, (label, values) in enumerate(series.items()):
         offsets = [g + (i - (len(series) - 1) / 2) * width for g in range(len(groups))]
-        color = next((c for peer, c in COLORS.items() if label.startswith(peer)), None)
-        drawn = ax.bar(offsets, values, width, label=label, color=color)
+        drawn = ax.bar(offsets, values, width, label=label, color=palette[i])
         ax.bar_label(drawn, labels=[_short(v) for v in values], fontsize=7, padding=2)
     ax.set_xticks(range(len(groups)), groups)
     ax.set_ylabel(ylabel)
@@ -102,9 +126,9 @@ def lines_chart(
     """A line chart saved as docs/img/NAME.png; the markdown that shows it."""
     IMG.mkdir(parents=True, exist_ok=True)
     fig, ax = plt.subplots(figsize=(8, 3.6), dpi=110)
-    for label, (xs, ys) in series.items():
-        color = next((c for peer, c in COLORS.items() if label.startswith(peer)), None)
-        ax.plot(xs, ys, marker="o" if len(xs) < 20 else None, label=label, color=color)
+    palette = colors(list(series))
+    for i, (label, (xs, ys)) in enumerate(series.items()):
+        ax.plot(xs, ys, marker="o" if len(xs) < 20 else None, label=label, color=palette[i])
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
@@ -305,6 +329,121 @@ def latency(s: Summary, f: dict[str, Any]) -> None:
     )
 
 
+def scaling(s: Summary, f: dict[str, Any]) -> None:
+    part = f["concurrency"]
+    labels = f["labels"]
+    series = {
+        _peer_label(labels[m]): ([int(k) for k in rates], list(rates.values()))
+        for m, rates in part["rate"].items()
+    }
+    chart = lines_chart(
+        "scaling-concurrency",
+        f"Processing rate against children, {part['tasks']:,} no-op tasks on RabbitMQ",
+        series,
+        "children (worker processes)",
+        "tasks/s",
+    )
+    backlog = f["backlog"]
+    verdict = backlog["verdict"]
+    samples = backlog["samples"]
+    memory = lines_chart(
+        "scaling-backlog",
+        f"Draining a backlog of {backlog['tasks']:,} messages: worker tree memory",
+        {
+            "conveyor RSS (MiB)": (
+                [x["drained"] * 100 for x in samples],
+                [x["rss_kib"] / 1024 for x in samples],
+            ),
+            "conveyor PSS (MiB)": (
+                [x["drained"] * 100 for x in samples],
+                [x["pss_kib"] / 1024 for x in samples],
+            ),
+        },
+        "% of the backlog drained",
+        "MiB",
+    )
+    flat = "does not grow" if verdict["flat"] else "**grows**"
+    s.section(
+        "## Scaling",
+        "",
+        chart,
+        "",
+        memory,
+        "",
+        f"A backlog of {backlog['tasks']:,} messages drained at {backlog['drain_per_s']:,.0f}"
+        f" tasks/s by 2 children; the worker's memory {flat} with the backlog (peak RSS"
+        f" {verdict['growth']:.2f}x the RSS at 5% drained). Details:"
+        " [benchmarks-scaling.md](benchmarks-scaling.md).",
+    )
+
+
+def load_memory(s: Summary, f: dict[str, Any]) -> None:
+    labels, medians = f["labels"], f["medians"]
+    modes = list(medians)
+    chart = bars(
+        "memory-after-load",
+        f"Worker tree RSS, idle and after {f['tasks']:,} tasks (MiB)",
+        ["idle", f"after {f['tasks']:,}"],
+        {
+            _peer_label(labels[m]): [medians[m]["idle_rss_mib"], medians[m]["after_rss_mib"]]
+            for m in modes
+        },
+        "MiB",
+    )
+    rows = [
+        f"| {labels[m]} | {medians[m]['idle_rss_mib']:.1f} | {medians[m]['after_rss_mib']:.1f} |"
+        f" {medians[m]['growth_rss_pct']:+.1f}% | {medians[m]['idle_pss_mib']:.1f} |"
+        f" {medians[m]['after_pss_mib']:.1f} |"
+        for m in modes
+    ]
+    s.section(
+        "## Memory under load",
+        "",
+        chart,
+        "",
+        "| Worker | idle RSS (MiB) | after (MiB) | RSS growth | idle PSS (MiB) | after (MiB) |",
+        "|---|---:|---:|---:|---:|---:|",
+        *rows,
+        "",
+        "Details: [benchmarks-memory.md](benchmarks-memory.md).",
+    )
+
+
+def mix(s: Summary, f: dict[str, Any]) -> None:
+    labels, medians = f["labels"], f["medians"]
+    modes = list(medians)
+    chart = bars(
+        "mix",
+        f"1 task in {f['long_every']} sleeps {f['long_s']:g} s: total time (s, lower is better)",
+        ["total", "last short task started"],
+        {
+            _peer_label(labels[m]): [medians[m]["total_s"], medians[m]["last_short_start_s"]]
+            for m in modes
+        },
+        "seconds",
+    )
+    progress = lines_chart(
+        "mix-progress",
+        "When the tasks started, over the run",
+        {
+            _peer_label(labels[m]): (list(range(len(points))), points)
+            for m, points in f["progress_s"].items()
+        },
+        "% of the tasks started",
+        "seconds since the first delivery",
+    )
+    s.section(
+        "## A realistic mix",
+        "",
+        chart,
+        "",
+        progress,
+        "",
+        "With 2 slots, the long tasks alone take 10 s; what matters is whether short tasks",
+        "wait behind them. Details: [benchmarks-mix.md](benchmarks-mix.md).",
+    )
+
+
 def _peer_label(label: str) -> str:
     return label.replace("`", "")
 
@@ -314,6 +453,9 @@ RENDERERS: dict[str, Callable[[Summary, dict[str, Any]], None]] = {
     "enqueue": enqueue,
     "worker": worker,
     "latency": latency,
+    "scaling": scaling,
+    "load_memory": load_memory,
+    "mix": mix,
     "results": results,
 }
 
