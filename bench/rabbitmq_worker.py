@@ -28,14 +28,16 @@ exactly N before the worker starts: neither publishing nor start-up is timed. Th
 polls the queue every 5 ms with a passive `queue.declare`, which reports ready messages and
 consumers but not unacknowledged messages (AMQP has no such count; the management plugin is not
 used). The clock starts at the first poll that sees fewer than N ready, the worker's first
-deliveries, and stops at the first that sees none. The last prefetch window (2 to 32 tasks,
+deliveries, and stops at the first that sees none. The last prefetch window (up to 64 tasks,
 under 1% of the default N) is still being run then and is not timed.
 
-Every throughput run is verified. conveyor must exit by itself (`--until-empty`) with status 0,
-logging N succeeded and nothing failed, retried or dead-lettered; Dramatiq and Celery, once the
-queue stayed empty for a second, get SIGTERM (a warm shutdown) and must exit with status 0.
-Then nothing may be left in the queue (with late acks an unfinished message comes back) nor in
-the peer's dead-letter and retry queues, and the worker's log may hold no error or traceback.
+Every throughput run is verified. Each task writes its number to a ledger (`bench/ledger.py`),
+which must show every task run exactly once. conveyor must exit by itself (`--until-empty`) with
+status 0, logging N succeeded and nothing failed, retried or dead-lettered; Dramatiq and Celery,
+once the queue stayed empty for a second, get SIGTERM (a warm shutdown) and must exit with
+status 0. Then nothing may be left in the queue (with late acks an unfinished message comes
+back) nor in the peer's dead-letter and retry queues, and the worker's log may hold no error or
+traceback.
 
 **Idle memory**. The worker starts against its empty queue, without `--until-empty`. Once it
 consumes (Dramatiq: both processes), the bench waits 2 s, then reads the worker's process tree
@@ -66,6 +68,8 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from bench import ledger
 
 URL = "amqp://guest:guest@127.0.0.1:5672/"
 ROOT = Path(__file__).resolve().parent.parent
@@ -103,8 +107,8 @@ app = Conveyor("bench", broker={url!r}, default_queue={queue!r}, ignore_results=
 
 
 @app.task(name="bench.noop", acks_late=True)
-def noop() -> None:
-    pass
+def noop(n: int) -> None:
+    record(n)
 """
 DRAMATIQ_APP = """\
 import dramatiq
@@ -114,8 +118,8 @@ dramatiq.set_broker(RabbitmqBroker(url={url!r}))
 
 
 @dramatiq.actor(queue_name={queue!r}, actor_name="bench_noop")
-def noop() -> None:
-    pass
+def noop(n: int) -> None:
+    record(n)
 """
 CELERY_APP = """\
 from celery import Celery
@@ -130,8 +134,8 @@ app.conf.update(
 
 
 @app.task(name="bench.noop", acks_late=True)
-def noop() -> None:
-    pass
+def noop(n: int) -> None:
+    record(n)
 """
 
 
@@ -323,15 +327,15 @@ def publish(mode: str, n: int) -> None:
     """N tasks with the peer's own client, from the same app module the worker imports."""
     app_module: Any = importlib.import_module("bench_app")
     if mode == "conveyor":
-        app_module.noop.map([() for _ in range(n)])
+        app_module.noop.map([(i,) for i in range(n)])
         app_module.app.close()
     elif mode.startswith("dramatiq"):
-        for _ in range(n):
-            app_module.noop.send()
+        for i in range(n):
+            app_module.noop.send(i)
         app_module.dramatiq.get_broker().close()
     else:
-        for _ in range(n):
-            app_module.noop.apply_async()
+        for i in range(n):
+            app_module.noop.apply_async((i,))
         app_module.app.close()
 
 
@@ -459,16 +463,22 @@ def measure(mode: str, measurement: str, n: int, pool: str) -> dict[str, Any]:
     worker = None
     with tempfile.TemporaryDirectory(prefix="bench-worker-") as tmp:
         workdir = Path(tmp)
-        (workdir / "bench_app.py").write_text(peer.source.format(url=URL, queue=queue))
+        source = peer.source.format(url=URL, queue=queue) + ledger.TASK_SIDE
+        (workdir / "bench_app.py").write_text(source)
         sys.path.insert(0, tmp)
         try:
             if measurement == "throughput":
                 publish(mode, n)
                 asyncio.run(wait_queued(queue, n))
+                os.environ.update(ledger.fresh(workdir / "ledger"))  # the worker inherits it
             started = time.perf_counter()
             worker = start_worker(peer, workdir)
             if measurement == "throughput":
-                return asyncio.run(throughput(peer, worker, n, workdir, started))
+                result = asyncio.run(throughput(peer, worker, n, workdir, started))
+                balance = ledger.verify(workdir / "ledger", n)
+                if not balance.exact:
+                    raise BenchError(f"{mode}, tasks not run exactly once: {balance.describe()}")
+                return result
             if measurement == "memory":
                 return asyncio.run(idle_memory(peer, worker))
             return asyncio.run(pool_probe(worker, workdir))
