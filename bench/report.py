@@ -157,6 +157,7 @@ class Summary:
         self.missing: list[str] = []
         self.commands: list[str] = []
         self.dates: list[str] = []
+        self.versions: dict[str, str] = {}
 
     def target(self, what: str, ratio: float, target: str, met: bool) -> None:
         self.targets.append((what, f"{ratio:.2f}x", target, met))
@@ -165,6 +166,14 @@ class Summary:
         self.sections.append("\n".join(lines))
 
     def note(self, figures: dict[str, Any]) -> None:
+        versions = figures.get("versions")
+        if isinstance(versions, dict):
+            self.versions.update({str(k): str(v) for k, v in versions.items()})
+        elif isinstance(versions, str):
+            for part in versions.split(","):
+                name, _, version = part.strip().partition(" ")
+                if name and version:
+                    self.versions[name] = version
         if "command" in figures:
             self.commands.append(str(figures["command"]).strip())
         if "date" in figures:
@@ -488,6 +497,8 @@ def render(elapsed: float | None) -> str:
         f"- CPU: {cpu_model()}, {len(os.sched_getaffinity(0))} cores",
         f"- OS: {platform.platform()}",
         f"- Python {platform.python_version()}",
+        "- Versions: " + ", ".join(f"{k} {v}" for k, v in sorted(s.versions.items())),
+        "- Settings: each scenario's report lists the exact worker commands and options.",
         "",
         "## Targets",
         "",
