@@ -81,6 +81,7 @@ from bench.rabbitmq_worker import (
     log_tail,
     log_text,
     make_peer,
+    one_result,
     start_worker,
     wait_exit,
 )
@@ -338,24 +339,8 @@ def spawn(mode: str, args: argparse.Namespace) -> dict[str, Any]:
     """One peer's run in a fresh interpreter; its JSON result."""
     command = [sys.executable, "-m", "bench.latency", "--one", mode]
     command += ["--tasks", str(args.tasks), "--gap-ms", str(args.gap_ms)]
-    one = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     timeout = START_TIMEOUT_S + 2 * STOP_TIMEOUT_S + (WARMUP + args.tasks) * 0.5
-    try:
-        out, err = one.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        one.terminate()  # the run cleans up on SIGTERM
-        try:
-            one.communicate(timeout=STOP_TIMEOUT_S + 30)
-        except subprocess.TimeoutExpired:
-            one.kill()
-            one.communicate()
-        raise BenchError(f"{mode} did not finish within {timeout:.0f}s") from None
-    if one.returncode != 0:
-        raise BenchError(err.decode(errors="replace").strip() or f"{mode} failed")
-    try:
-        return dict(json.loads(out.decode().strip().splitlines()[-1]))
-    except (IndexError, json.JSONDecodeError):
-        raise BenchError(f"{mode} printed no result: {out!r}") from None
+    return one_result(command, mode, timeout)
 
 
 Runs = dict[str, list[dict[str, Any]]]

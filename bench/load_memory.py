@@ -81,6 +81,7 @@ from bench.rabbitmq_worker import (
     log_text,
     make_peer,
     memory_kib,
+    one_result,
     start_worker,
     tree,
     wait_exit,
@@ -342,23 +343,7 @@ def run_one(mode: str, run: Any) -> int:
 def spawn(module: str, mode: str, options: list[str], timeout: float) -> dict[str, Any]:
     """One measurement in a fresh interpreter (`python -m MODULE --one MODE ...`); its result."""
     command = [sys.executable, "-m", module, "--one", mode, *options]
-    one = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    try:
-        out, err = one.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        one.terminate()  # the measurement cleans up on SIGTERM
-        try:
-            one.communicate(timeout=STOP_TIMEOUT_S + 30)
-        except subprocess.TimeoutExpired:
-            one.kill()
-            one.communicate()
-        raise BenchError(f"{mode} did not finish within {timeout:.0f}s") from None
-    if one.returncode != 0:
-        raise BenchError(err.decode(errors="replace").strip() or f"{mode} failed")
-    try:
-        return dict(json.loads(out.decode().strip().splitlines()[-1]))
-    except (IndexError, json.JSONDecodeError):
-        raise BenchError(f"{mode} printed no result: {out!r}") from None
+    return one_result(command, mode, timeout)
 
 
 def rotations(modes: tuple[str, ...], repeat: int) -> list[tuple[int, str]]:

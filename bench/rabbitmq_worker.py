@@ -517,24 +517,31 @@ def spawn(mode: str, measurement: str, args: argparse.Namespace, pool: str) -> d
     """Run one measurement in a fresh interpreter; its JSON result."""
     command = [sys.executable, "-m", "bench.rabbitmq_worker", "--one", mode]
     command += ["--measure", measurement, "--tasks", str(args.tasks), "--conveyor-pool", pool]
-    one = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     timeout = 2 * START_TIMEOUT_S + 3 * STOP_TIMEOUT_S + args.tasks / 10
+    return one_result(command, f"{mode} ({measurement})", timeout)
+
+
+def one_result(command: list[str], label: str, timeout: float) -> dict[str, Any]:
+    """Run one measurement's command (`python -m ... --one ...`) in a fresh interpreter; the
+    JSON result it printed last. A measurement that fails, hangs or prints none is a
+    BenchError (a hung one gets SIGTERM first, so it cleans up after itself)."""
+    one = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         out, err = one.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        one.terminate()  # the measurement cleans up on SIGTERM
+        one.terminate()
         try:
             one.communicate(timeout=STOP_TIMEOUT_S + 30)
         except subprocess.TimeoutExpired:
             one.kill()
             one.communicate()
-        raise BenchError(f"{mode} ({measurement}) did not finish within {timeout:.0f}s") from None
+        raise BenchError(f"{label} did not finish within {timeout:.0f}s") from None
     if one.returncode != 0:
-        raise BenchError(err.decode(errors="replace").strip() or f"{mode} failed")
+        raise BenchError(err.decode(errors="replace").strip() or f"{label} failed")
     try:
         return dict(json.loads(out.decode().strip().splitlines()[-1]))
     except (IndexError, json.JSONDecodeError):
-        raise BenchError(f"{mode} ({measurement}) printed no result: {out!r}") from None
+        raise BenchError(f"{label} printed no result: {out!r}") from None
 
 
 def choose_pool(args: argparse.Namespace) -> tuple[str, str]:

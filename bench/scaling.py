@@ -82,6 +82,7 @@ from bench.rabbitmq_worker import (
     delete,
     kill_group,
     memory_kib,
+    one_result,
     start_worker,
     throughput,
     tree,
@@ -289,23 +290,7 @@ def spawn(one: str, slots: int, args: argparse.Namespace) -> dict[str, Any]:
     command += ["--tasks", str(args.tasks), "--backlog", str(args.backlog)]
     n = args.backlog if one == "backlog" else args.tasks
     timeout = 2 * START_TIMEOUT_S + 3 * STOP_TIMEOUT_S + n / 200
-    run = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    try:
-        out, err = run.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        run.terminate()  # the measurement cleans up on SIGTERM
-        try:
-            run.communicate(timeout=STOP_TIMEOUT_S + 30)
-        except subprocess.TimeoutExpired:
-            run.kill()
-            run.communicate()
-        raise BenchError(f"{one} (-c {slots}) did not finish within {timeout:.0f}s") from None
-    if run.returncode != 0:
-        raise BenchError(err.decode(errors="replace").strip() or f"{one} failed")
-    try:
-        return dict(json.loads(out.decode().strip().splitlines()[-1]))
-    except (IndexError, json.JSONDecodeError):
-        raise BenchError(f"{one} (-c {slots}) printed no result: {out!r}") from None
+    return one_result(command, f"{one} (-c {slots})", timeout)
 
 
 Runs = dict[str, dict[int, list[dict[str, Any]]]]
