@@ -7,7 +7,7 @@ BENCH_VENV := .venv-bench
 BIN := $(VENV)/bin
 BENCH_BIN := $(BENCH_VENV)/bin
 
-.PHONY: demo test lint format bench clean
+.PHONY: demo test chaos lint format bench clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,11 @@ demo: $(BIN)/.installed
 
 test: $(BIN)/.installed lint
 	$(BIN)/python -m pytest -q
+
+# The long chaos runs (100,000 tasks each under killed processes and brokers); the short ones
+# are part of `make test`.
+chaos: $(BIN)/.installed
+	CONVEYOR_CHAOS=long $(BIN)/python -m pytest -m chaos -s -v
 
 lint: $(BIN)/.installed
 	$(BIN)/ruff check conveyor tests bench examples
