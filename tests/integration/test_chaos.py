@@ -37,7 +37,7 @@ from ledger import Ledger, Tally, new_ledger
 from rabbit_node import RabbitNode, private_node
 
 from conveyor import Conveyor
-from conveyor.worker.pools.prefork import MAX_DEPTH, SPARE_PER_CHILD
+from conveyor.worker.pools.prefork import MAX_DEPTH
 
 pytestmark = [pytest.mark.integration, pytest.mark.chaos]
 
@@ -47,7 +47,7 @@ TASKS = 100_000 if LONG else 20_000
 CHILDREN = 4
 SEND_BATCH = 1_000
 #: A killed worker holds at most this many unacknowledged deliveries: its pool's prefetch.
-PREFETCH_CEILING = CHILDREN * (MAX_DEPTH + SPARE_PER_CHILD)
+PREFETCH_CEILING = CHILDREN * MAX_DEPTH
 RECOVERY_LIMIT_S = 30.0
 #: "Full throughput" after the broker's return: this share of the rate before it went away.
 FULL_SHARE = 0.75
