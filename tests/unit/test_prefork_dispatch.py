@@ -22,7 +22,6 @@ from conveyor.worker.pools import _children
 from conveyor.worker.pools.prefork import (
     BATCH_BUDGET_S,
     MAX_DEPTH,
-    SPARE_PER_CHILD,
     PreforkPool,
     State,
     _Child,
@@ -120,12 +119,11 @@ def test_short_tasks_raise_the_depth_and_the_prefetch_with_it(
 ) -> None:
     changes: list[int] = []
     pool.on_capacity = lambda: changes.append(pool.capacity)
-    spare = 2 * SPARE_PER_CHILD  # a delivery at hand per child while tasks are short
-    assert (pool.capacity, pool.most) == (2 + spare, 2 * (MAX_DEPTH + SPARE_PER_CHILD))
+    assert (pool.capacity, pool.most) == (2, 2 * MAX_DEPTH)
     learn(pool, app, "quick", took=0.00005)
     assert pool._depth == MAX_DEPTH
-    assert pool.capacity == 2 * MAX_DEPTH + spare and changes[-1] == pool.capacity
-    assert all((n - spare) & (n - spare - 1) == 0 for n in changes), "depths: powers of two"
+    assert pool.capacity == 2 * MAX_DEPTH and changes[-1] == pool.capacity
+    assert all(n & (n - 1) == 0 for n in changes), "depths are powers of two"
     assert pool.free(0) == 2 * MAX_DEPTH
 
 
@@ -186,7 +184,7 @@ def test_nothing_more_queues_behind_a_job_running_past_the_budget(
 def test_a_slow_run_brings_the_depth_back_to_one(pool: PreforkPool, app: Conveyor) -> None:
     learn(pool, app, "quick", took=0.00005)
     learn(pool, app, "quick", took=0.2, times=1)
-    assert pool._depth == 1 and pool.capacity == 2, "no spare deliveries behind slow tasks"
+    assert pool._depth == 1 and pool.capacity == 2
     assert not pool._is_short(make_job(app, "quick"))
 
 

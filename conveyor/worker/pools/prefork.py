@@ -60,11 +60,6 @@ RESTART_BACKOFF_MAX_S = 10.0
 BATCH_BUDGET_S = 0.002
 #: The most jobs written to one child at once.
 MAX_DEPTH = 32
-#: Deliveries held for each child beyond what it can start, so one is at hand the moment the
-#: child finishes instead of a broker round trip later; only while recent tasks ran faster
-#: than `SPARE_PACE_S` (a spare must not wait behind a long task while another worker idles).
-SPARE_PER_CHILD = 1
-SPARE_PACE_S = 0.05
 #: Each run of a task counts fully; older runs fade by this factor per run of the same task.
 RUNTIME_DECAY = 0.95
 
@@ -151,19 +146,17 @@ class PreforkPool(Pool):
     @property
     def most(self) -> int:
         """The capacity at the greatest depth."""
-        return self.concurrency * (MAX_DEPTH + SPARE_PER_CHILD)
+        return self.concurrency * MAX_DEPTH
 
     @property
     def capacity(self) -> int:
         """A depth's worth of jobs per child, or what the pool holds plus what its idle
         children can start, if that is more: when the depth drops (a task ran long), jobs
         already queued behind it still count against the broker's prefetch, and an idle child
-        must not wait for them to drain before it gets work. Plus a spare per child while
-        tasks are short."""
+        must not wait for them to drain before it gets work."""
         held = len(self._backlog) + sum(len(child.jobs) for child in self._ready_children)
         idle = sum(1 for child in self._ready_children if not child.jobs)
-        spare = self.concurrency * SPARE_PER_CHILD if self._pace <= SPARE_PACE_S else 0
-        return min(self.most, max(self.concurrency * self._depth, held + idle) + spare)
+        return min(self.most, max(self.concurrency * self._depth, held + idle))
 
     def _capacity_changed(self) -> None:
         """Tell the consumer (and through it the broker's prefetch) when the capacity moved."""
