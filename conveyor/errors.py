@@ -60,7 +60,11 @@ class BrokerError(ConveyorError):
 
 
 class PublishError(BrokerError):
-    """The broker did not confirm a message; the send did not happen."""
+    """The broker did not confirm a message: the send may or may not have happened.
+
+    A message whose confirmation was lost with the connection can still be stored; retrying the
+    send can then deliver the task twice, which at-least-once delivery allows for.
+    """
 
 
 class UnknownTaskError(ConveyorError):

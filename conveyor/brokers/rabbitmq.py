@@ -134,6 +134,7 @@ class RabbitMQBroker(Broker):
         self._attached = 0
         self._connection: aiormq.abc.AbstractConnection | None = None
         self._channel: aiormq.abc.AbstractChannel | None = None
+        self._opening: asyncio.Lock | None = None
         self._generation = 0
         self._declared: set[str] = set()
         self._consuming: dict[str, str] = {}  # queue -> consumer tag
@@ -203,6 +204,16 @@ class RabbitMQBroker(Broker):
             ) from None
 
     async def _chan(self) -> aiormq.abc.AbstractChannel:
+        channel = self._channel
+        if channel is not None and not channel.is_closed:
+            return channel
+        if self._opening is None:
+            self._opening = asyncio.Lock()
+        # Calls that find the channel closed at once share the one connection the first opens.
+        async with self._opening:
+            return await self._open_channel()
+
+    async def _open_channel(self) -> aiormq.abc.AbstractChannel:
         if self._channel is None or self._channel.is_closed:
             if self._connection is None or self._connection.is_closed:
                 url = self._url
