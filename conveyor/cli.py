@@ -96,7 +96,7 @@ def worker(
     app = load_app(app_path)
     log.setup(loglevel or app.settings.log_level)
     names = [q.strip() for q in queues.split(",") if q.strip()] if queues else None
-    Worker(
+    running = Worker(
         app,
         queues=names,
         pool=pool,
@@ -105,7 +105,11 @@ def worker(
         shutdown_grace=shutdown_grace,
         max_tasks_per_child=max_tasks_per_child,
         max_memory_per_child=max_memory_per_child,
-    ).run()
+    )
+    running.run()
+    if running.failure is not None:
+        # A supervisor (systemd, Kubernetes) restarts a worker that exits with an error.
+        raise click.ClickException(f"the worker stopped: {running.failure}")
 
 
 @main.command()

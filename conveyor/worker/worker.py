@@ -50,6 +50,8 @@ class Worker:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._consumer: Consumer | None = None
         self._signals = 0
+        #: Why the worker stopped by itself, if it did: its pool broke (see `Pool.on_broken`).
+        self.failure: str | None = None
 
     def run(self) -> WorkerStats:
         """Run until stopped (or, with `until_empty`, until the queues are empty)."""
@@ -91,6 +93,7 @@ class Worker:
                 )
             for hook in self.app.process_start_hooks:  # this process runs the tasks
                 hook()
+        pool.on_broken = self._on_broken
         await pool.start()
         installed = self._install_signals()
         self.started.set()
@@ -155,6 +158,15 @@ class Worker:
         else:
             log.warning("cold shutdown: giving %d running tasks back", consumer.running)
             consumer.abandon()
+
+    def _on_broken(self, reason: str) -> None:
+        """The pool cannot go on: shut down warm, and let `run`'s caller see the failure."""
+        if self.failure is not None:
+            return
+        self.failure = reason
+        log.error("%s: the worker stops so that a new one can start", reason)
+        if self._signals == 0:
+            self._on_signal()
 
     def _grace_over(self) -> None:
         if self._consumer is not None and self._consumer.running:

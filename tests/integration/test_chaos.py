@@ -5,8 +5,10 @@ children), and while the worker drains the queue:
 
 - a random child is SIGKILLed every second,
 - at set points of progress, the worker's parent is SIGKILLed and a new worker started, the
-  broker closes every connection (`rabbitmqctl close_all_connections`), and the broker restarts
-  (a private RabbitMQ node with its own name, ports and data; never the shared service).
+  pool's zygote is SIGKILLed (the worker must then stop by itself with status 1, and a new one
+  is started, as a supervisor would), the broker closes every connection (`rabbitmqctl
+  close_all_connections`), and the broker restarts (a private RabbitMQ node with its own name,
+  ports and data; never the shared service).
 
 Every run of a task is a row in a PostgreSQL ledger (`ledger.py`), so the end counts exactly:
 no task whose send returned may be missing; duplicate runs may only come from tasks in flight at
@@ -54,9 +56,17 @@ FULL_SHARE = 0.75
 RUN_TIMEOUT_S = 900 if LONG else 300
 WORKER_COMMAND = (sys.executable, "-m", "conveyor", "worker", "chaos_app:app")
 
-WORKER, CONNECTIONS, BROKER = "kill the worker", "close all connections", "restart the broker"
+WORKER, ZYGOTE = "kill the worker", "kill the zygote"
+CONNECTIONS, BROKER = "close all connections", "restart the broker"
 RABBIT_PLAN = (
-    [(0.10, WORKER), (0.25, CONNECTIONS), (0.40, BROKER), (0.60, WORKER), (0.75, WORKER)]
+    [
+        (0.10, WORKER),
+        (0.25, CONNECTIONS),
+        (0.40, BROKER),
+        (0.60, WORKER),
+        (0.70, ZYGOTE),
+        (0.80, WORKER),
+    ]
     if not LONG
     else [
         (0.05, WORKER),
@@ -67,12 +77,13 @@ RABBIT_PLAN = (
         (0.55, CONNECTIONS),
         (0.65, WORKER),
         (0.75, WORKER),
+        (0.80, ZYGOTE),
         (0.85, CONNECTIONS),
         (0.92, WORKER),
     ]
 )
-SQLITE_PLAN = [(0.10, WORKER), (0.35, WORKER), (0.60, WORKER), (0.80, WORKER)] + (
-    [(0.20, WORKER), (0.50, WORKER), (0.70, WORKER), (0.90, WORKER)] if LONG else []
+SQLITE_PLAN = [(0.10, WORKER), (0.35, WORKER), (0.50, ZYGOTE), (0.60, WORKER), (0.80, WORKER)] + (
+    [(0.20, WORKER), (0.45, ZYGOTE), (0.70, WORKER), (0.90, WORKER)] if LONG else []
 )
 
 
@@ -143,6 +154,20 @@ class WorkerProcess:
                 f"{[pid for pid in family if alive(pid)]}\n{self.tail()}"
             )
             time.sleep(0.05)
+
+    def kill_zygote(self) -> None:
+        """SIGKILL the pool's zygote; the worker must stop by itself, saying why, with status 1
+        (a supervisor then starts a new one, as `start` does next)."""
+        process = self.process
+        assert process is not None
+        (zygote,) = _children_of(process.pid)
+        os.kill(zygote, signal.SIGKILL)
+        try:
+            status = process.wait(60)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"the worker ran on without its zygote\n{self.tail()}") from None
+        assert status == 1, f"exit status {status} after the zygote died\n{self.tail()}"
+        assert "the prefork zygote exited" in self.tail(), self.tail()
 
     def stop(self) -> int | None:
         """SIGTERM and wait: a warm shutdown. The exit code (None if it had to be killed)."""
@@ -225,7 +250,7 @@ class Run:
         """The counts, as printed after the run."""
         kinds = ", ".join(
             f"{sum(1 for f in self.faults if f.kind == k)}x {k}"
-            for k in (WORKER, CONNECTIONS, BROKER)
+            for k in (WORKER, ZYGOTE, CONNECTIONS, BROKER)
             if any(f.kind == k for f in self.faults)
         )
         lines = [
@@ -359,6 +384,9 @@ def test_rabbitmq_chaos_loses_nothing(node: RabbitNode, tmp_path: Path) -> None:
             if kind == WORKER:
                 worker.kill()
                 worker.start()
+            elif kind == ZYGOTE:
+                worker.kill_zygote()
+                worker.start()
             elif kind == CONNECTIONS:
                 node.close_all_connections()
             else:
@@ -389,7 +417,10 @@ def test_sqlite_chaos_loses_nothing(tmp_path: Path) -> None:
         sent = send_all(url, visibility_timeout=float(lease))
 
         def act(kind: str, worker: WorkerProcess) -> float:
-            worker.kill()
+            if kind == ZYGOTE:
+                worker.kill_zygote()
+            else:
+                worker.kill()
             worker.start()
             return time.time()
 

@@ -38,6 +38,7 @@ from conveyor import Conveyor, SoftTimeLimitExceeded, Worker, WorkerStats
 from conveyor.errors import TimeLimitExceeded
 from conveyor.message import decode
 from conveyor.results import ResultRecord, State
+from conveyor.worker.pools.prefork import PreforkPool
 
 pytestmark = pytest.mark.integration
 
@@ -933,3 +934,43 @@ def test_stress_one_task_per_child_with_random_start_delays(
     assert all(r.state == State.SUCCESS for r in results)
     assert waiting(app) == 0
     assert after == before, f"{after - before} descriptors leaked"
+
+
+def test_a_dead_zygote_stops_the_worker_warm_with_the_reason(
+    make_app: MakeApp, tmp_path: Path, poll: Poll, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Without its zygote the pool can start no child: the worker finishes what runs, takes
+    nothing more, and says why, so that its supervisor starts a new one."""
+    app = make_app()
+    started, release = tmp_path / "started", tmp_path / "release"
+    started.mkdir()
+
+    @app.task
+    def block(n: int) -> int:
+        note_pid(started, n)
+        wait_for_file(release)
+        return n
+
+    first = block.delay(0)
+    worker = Worker(app, pool="prefork", concurrency=2, shutdown_grace=30)
+    caplog.set_level(logging.INFO, logger="conveyor")
+    with running(worker, release) as (thread, errors):
+        poll((started / "0").exists, timeout=30, what="the task to start")
+        assert worker._consumer is not None
+        pool = worker._consumer.pool
+        assert isinstance(pool, PreforkPool)
+        os.kill(pool._zygote_pid, signal.SIGKILL)
+        poll(lambda: worker.failure is not None, timeout=30, what="the worker to notice")
+        later = block.delay(1)
+        assert thread.is_alive(), "the worker left before its running task finished"
+        release.touch()
+        thread.join(30)
+        assert not thread.is_alive() and not errors
+    assert worker.failure == "the prefork zygote exited: no new children can start"
+    assert first.get(timeout=5) == 0
+    assert later.state == State.PENDING and waiting(app) == 1
+    errors_logged = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert errors_logged == [
+        "the prefork zygote exited: no new children can start: "
+        "the worker stops so that a new one can start"
+    ]

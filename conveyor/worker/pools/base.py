@@ -32,6 +32,9 @@ class Pool(abc.ABC):
         self.on_ready: Callable[[], None] | None = None
         #: Called when `capacity` changed.
         self.on_capacity: Callable[[], None] | None = None
+        #: Called with the reason when the pool can no longer run jobs (the prefork zygote
+        #: died): the worker then shuts down, so that its supervisor starts a whole new one.
+        self.on_broken: Callable[[str], None] | None = None
 
     @property
     def capacity(self) -> int:

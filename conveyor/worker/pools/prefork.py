@@ -544,8 +544,8 @@ class PreforkPool(Pool):
             if not packet:
                 assert self._loop is not None
                 self._loop.remove_reader(self._control)
-                if not self._stopping:
-                    log.error("the prefork zygote exited: no new children can start")
+                if not self._stopping and self.on_broken is not None:
+                    self.on_broken("the prefork zygote exited: no new children can start")
                 return
             report = _children.read_exit(packet)
             if report is not None:
