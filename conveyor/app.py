@@ -78,6 +78,7 @@ class Conveyor:
                         max_priority=self.settings.queue_max_priority,
                         queue_type=self.settings.queue_type,
                         poison_limit=self.settings.poison_limit,
+                        max_message_size=self.settings.max_message_size,
                     )
         return self._broker
 

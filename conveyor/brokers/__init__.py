@@ -6,6 +6,7 @@ from urllib.parse import urlsplit
 
 from conveyor.brokers.base import Broker, DeadLetter, Delivery, Outgoing, QueueStats
 from conveyor.errors import ConfigurationError
+from conveyor.message import DEFAULT_MAX_SIZE
 from conveyor.redact import redact_url
 
 __all__ = ["Broker", "DeadLetter", "Delivery", "Outgoing", "QueueStats", "from_url"]
@@ -18,6 +19,7 @@ def from_url(
     max_priority: int = 9,
     queue_type: str = "classic",
     poison_limit: int = 3,
+    max_message_size: int = DEFAULT_MAX_SIZE,
 ) -> Broker:
     """The broker for a URL: `sqlite:///file.db` (embedded), `amqp://` (RabbitMQ), `memory://`."""
     scheme = urlsplit(url).scheme
@@ -34,7 +36,9 @@ def from_url(
     if scheme == "sqlite":
         from conveyor.brokers.sqlite import SQLiteBroker
 
-        return SQLiteBroker(url, visibility_timeout=visibility_timeout)
+        return SQLiteBroker(
+            url, visibility_timeout=visibility_timeout, max_message_size=max_message_size
+        )
     if scheme == "memory":
         from conveyor.brokers.memory import MemoryBroker
 

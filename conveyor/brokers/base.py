@@ -101,6 +101,10 @@ class Broker(abc.ABC):
     #: (host, port) pairs this broker connects to: sockets to them are conveyor's own, not the
     #: user's (the prefork pool warns about user connections its children would inherit).
     endpoints: frozenset[tuple[str, int]] = frozenset()
+    #: Messages this broker dead-lettered as they arrived, before a worker saw them: a content
+    #: type or header no worker reads, a body over the size limit. Workers add them to their
+    #: counts of dead letters.
+    refused: int = 0
 
     # producer side
 

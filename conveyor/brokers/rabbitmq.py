@@ -560,6 +560,7 @@ class RabbitMQBroker(Broker):
             if reason is not None:
                 # Not an envelope conveyor wrote: dead-letter it here, where the properties are.
                 log.warning("dead-lettered a message on %s: %s", queue, reason)
+                self.refused += 1
                 await self._dead_letter([(delivery, reason)])
                 return
             if message.redelivered and "x-delivery-count" not in headers:

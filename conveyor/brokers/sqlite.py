@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import logging
 import random
 import sqlite3
 import time
@@ -24,6 +25,9 @@ from collections.abc import Sequence
 
 from conveyor._sqlite import Database, path_from_url
 from conveyor.brokers.base import Broker, DeadLetter, Delivery, Outgoing, QueueStats
+from conveyor.message import DEFAULT_MAX_SIZE
+
+log = logging.getLogger("conveyor.worker")
 
 SCHEMA = (
     """CREATE TABLE IF NOT EXISTS conveyor_messages (
@@ -58,7 +62,8 @@ _CLAIM = """
     UPDATE conveyor_messages SET lease = ?, visible_at = ?, deliveries = deliveries + 1
     WHERE id IN (SELECT id FROM conveyor_messages WHERE queue = ? AND visible_at <= ?
                  ORDER BY priority DESC, id LIMIT ?)
-    RETURNING id, priority, deliveries, CAST(body AS BLOB)"""
+    RETURNING id, priority, deliveries, CASE WHEN length(body) <= ? THEN CAST(body AS BLOB) END,
+              length(body)"""
 _PROMOTE = """
     INSERT INTO conveyor_messages (queue, priority, visible_at, deliveries, body)
     SELECT queue, priority, 0, deliveries, body FROM conveyor_delayed
@@ -70,9 +75,16 @@ class SQLiteBroker(Broker):
 
     local = True
 
-    def __init__(self, url: str, *, visibility_timeout: float = 60.0) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        visibility_timeout: float = 60.0,
+        max_message_size: int = DEFAULT_MAX_SIZE,
+    ) -> None:
         self.display_url = url
         self.visibility_timeout = visibility_timeout
+        self.max_message_size = max_message_size
         path = path_from_url(url)
         self._producer_db = Database.shared(path, SCHEMA, synchronous="FULL")
         self._consumer_db = Database.shared(path, SCHEMA, synchronous="NORMAL")
@@ -116,11 +128,17 @@ class SQLiteBroker(Broker):
         with self._consumer_db.transaction(conn):
             self._promote_due(conn, now)
             for queue in (*queues[start:], *queues[:start]):
-                rows = conn.execute(
-                    _CLAIM, (lease, now + self.visibility_timeout, queue, now, limit - len(out))
-                ).fetchall()
+                claim = (lease, now + self.visibility_timeout, queue, now, limit - len(out))
+                rows = conn.execute(_CLAIM, (*claim, self.max_message_size)).fetchall()
                 rows.sort(key=lambda r: (-r[1], r[0]))
-                out.extend(Delivery(queue, body, (rid, lease), n) for rid, _, n, body in rows)
+                too_big = [(rid, size) for rid, _, _, body, size in rows if body is None]
+                if too_big:
+                    self._dead_letter_oversized(conn, queue, lease, too_big, now)
+                out.extend(
+                    Delivery(queue, body, (rid, lease), n)
+                    for rid, _, n, body, _ in rows
+                    if body is not None
+                )
                 if len(out) >= limit:
                     break
         return out
@@ -180,6 +198,30 @@ class SQLiteBroker(Broker):
                 ).rowcount
                 if moved:
                     conn.execute("DELETE FROM conveyor_messages WHERE id = ?", (rid,))
+
+    def _dead_letter_oversized(
+        self,
+        conn: sqlite3.Connection,
+        queue: str,
+        lease: int,
+        rows: list[tuple[int, int]],
+        now: float,
+    ) -> None:
+        """Move messages over the size limit to `conveyor_dead` inside SQLite.
+
+        Their bodies never reach Python: the claim returned only their sizes.
+        """
+        for rid, size in rows:
+            reason = f"message is {size} bytes, over the {self.max_message_size}-byte limit"
+            log.warning("dead-lettered a message on %s: %s", queue, reason)
+            self.refused += 1
+            conn.execute(
+                "INSERT INTO conveyor_dead (queue, reason, deliveries, died_at, body) "
+                "SELECT queue, ?, deliveries, ?, body FROM conveyor_messages "
+                "WHERE id = ? AND lease = ?",
+                (reason, now, rid, lease),
+            )
+            conn.execute("DELETE FROM conveyor_messages WHERE id = ?", (rid,))
 
     def batch(self) -> contextlib.AbstractContextManager[object]:
         """One transaction for a worker's round: results (same file), settlements and a claim."""

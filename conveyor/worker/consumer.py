@@ -154,6 +154,7 @@ class Consumer:
         self._settings = app.settings
         self._io = ThreadPoolExecutor(1, thread_name_prefix="conveyor-io")
         self._pending = Settlements()
+        self._refused = self.broker.refused
         self._running: set[Job] = set()
         self._abandoned: set[Job] = set()
         self._woken = False
@@ -188,6 +189,7 @@ class Consumer:
             if self._native:
                 await self.broker.detach()
             self._io.shutdown(wait=True)
+            self._count_refused()
 
     def _reserve(self) -> None:
         """Tell the broker how much the pool can take on now (its prefetch)."""
@@ -451,9 +453,19 @@ class Consumer:
     def _admit_all(self, deliveries: list[Delivery]) -> tuple[list[Job], list[Delivery]]:
         """Jobs to start, and the deliveries to ack before starting them (acks_late=False: at
         most once, so the ack must be stored before the task runs)."""
+        self._count_refused()
         now = time.time()
         jobs = [job for d in deliveries if (job := self._admit(d, now)) is not None]
         return jobs, [job.delivery for job in jobs if not job.task.options.acks_late]
+
+    def _count_refused(self) -> None:
+        """Count what the broker dead-lettered on arrival as received and rejected here."""
+        refused = self.broker.refused
+        new, self._refused = refused - self._refused, refused
+        if new > 0:
+            self.stats.received += new
+            self.stats.rejected += new
+            self.stats.dead_lettered += new
 
     def _without_early(self, jobs: list[Job], exc: Exception) -> list[Job]:
         """The acks_late=False jobs whose ack failed are not started: they come back later."""

@@ -544,3 +544,25 @@ def test_closing_one_sqlite_broker_twice_leaves_another_alone(tmp_path: Path) ->
     errors, counts = close_while_in_use(tmp_path, closes=2)
     assert errors == []
     assert counts == (0, 0, 0, 0)
+
+
+def test_sqlite_dead_letters_an_oversized_body_without_handing_it_out(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The claim returns only the size of a body over the limit: the body stays in SQLite,
+    moves to the dead letters whole, and the next message is handed out as usual."""
+    broker = SQLiteBroker(f"sqlite:///{tmp_path}/q.db", max_message_size=1000)
+    try:
+        big, small = b"x" * 1001, b"y" * 1000
+        publish(broker, big, small)
+        got = broker.fetch([Q], 10)
+        assert bodies(got) == [small]
+        [dead] = broker.dead_letters(Q)
+        assert dead.body == big
+        assert dead.reason == "message is 1001 bytes, over the 1000-byte limit"
+        assert dead.delivery_count == 1
+        assert stats_of(broker) == (0, 0, 1, 1)
+        assert broker.refused == 1
+        assert any("over the 1000-byte limit" in r.getMessage() for r in caplog.records)
+    finally:
+        broker.close()
