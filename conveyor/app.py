@@ -18,6 +18,7 @@ from conveyor.resources import Resource, ResourceDecorator, Resources, Scope
 from conveyor.results import ResultStore
 from conveyor.results.handle import Result
 from conveyor.settings import Settings
+from conveyor.signing import Signer
 from conveyor.task import Task, parse_options
 
 P = ParamSpec("P")
@@ -56,6 +57,8 @@ class Conveyor:
             settings["results"] = results
         self.name = name
         self.settings = Settings.load(broker=broker, **settings)
+        key = self.settings.signing_key
+        self.signer = None if key is None else Signer(key, self.settings.verify_keys)
         self.tasks: dict[str, Task[Any, Any]] = {}
         self.process_start_hooks: list[Callable[[], None]] = []
         self.resources = Resources()
@@ -220,11 +223,17 @@ class Conveyor:
             self._results.close()
 
     def _outgoing(self, envelopes: Sequence[Envelope]) -> list[Outgoing]:
-        limit = self.settings.max_message_size
+        limit, signer = self.settings.max_message_size, self.signer
         store = self.results
         to = None if store is None else store.reply_address()
         return [
-            Outgoing(e.queue, encode(e, max_size=limit), e.priority, e.eta, self._reply_to(e, to))
+            Outgoing(
+                e.queue,
+                encode(e, max_size=limit, signer=signer),
+                e.priority,
+                e.eta,
+                self._reply_to(e, to),
+            )
             for e in envelopes
         ]
 

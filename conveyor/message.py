@@ -1,12 +1,15 @@
 """The versioned message envelope, and the only code that turns it into bytes and back.
 
-Envelopes are frozen msgspec Structs encoded as JSON. Decoding checks the size limit before parsing,
-then every field's type and range; anything that fails raises `DecodeError` with a reason fit for a
-dead-letter record. Nothing else ever escapes `decode`: bytes from a broker cannot crash a worker.
+Envelopes are frozen msgspec Structs encoded as JSON. Decoding checks the size limit, then the
+signature (when the app signs, see `conveyor.signing`) before any parsing, then every field's type
+and range, and that no JSON object repeats a key; anything that fails raises `DecodeError` with a
+reason fit for a dead-letter record. Nothing else ever escapes `decode`: bytes from a broker
+cannot crash a worker.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import random
 import time
@@ -15,6 +18,7 @@ from typing import Annotated, Any
 import msgspec
 
 from conveyor.errors import DecodeError, EncodeError
+from conveyor.signing import NO_KEY, PREFIX, Signer
 
 VERSION = 1
 DEFAULT_MAX_SIZE = 16 * 1024 * 1024
@@ -87,8 +91,11 @@ def new_id() -> str:
     return f"{time.time_ns() // 1_000_000:012x}{random.getrandbits(80):020x}"
 
 
-def encode(envelope: Envelope, *, max_size: int = DEFAULT_MAX_SIZE) -> bytes:
-    """Encode an envelope, or raise `EncodeError` saying which value cannot be sent."""
+def encode(
+    envelope: Envelope, *, max_size: int = DEFAULT_MAX_SIZE, signer: Signer | None = None
+) -> bytes:
+    """Encode an envelope (signed, given a signer), or raise `EncodeError` saying which value
+    cannot be sent. The size limit counts the whole message, signature included."""
     try:
         if _has_non_finite(envelope.args) or _has_non_finite(envelope.kwargs):
             # JSON has no NaN or infinity; the encoder would silently send null instead.
@@ -99,6 +106,8 @@ def encode(envelope: Envelope, *, max_size: int = DEFAULT_MAX_SIZE) -> bytes:
             f"task {envelope.task}: arguments cannot be encoded as JSON ({exc}); "
             "pass JSON-compatible values: str, int, float, bool, None, lists and dicts"
         ) from None
+    if signer is not None:
+        data = signer.sign(data)
     if len(data) > max_size:
         raise EncodeError(
             f"task {envelope.task}: message is {len(data)} bytes, over the {max_size}-byte limit; "
@@ -117,25 +126,112 @@ def _has_non_finite(value: Any) -> bool:
     return False
 
 
-def decode(data: bytes, *, max_size: int = DEFAULT_MAX_SIZE) -> Envelope:
-    """Decode and validate an envelope; raise `DecodeError` with a reason for anything else."""
+def decode(
+    data: bytes, *, max_size: int = DEFAULT_MAX_SIZE, signer: Signer | None = None
+) -> Envelope:
+    """Decode and validate an envelope; raise `DecodeError` with a reason for anything else.
+
+    With a signer, only a body it signed is parsed; without one, a signed body is rejected.
+    """
     if len(data) > max_size:
         raise DecodeError(f"message is {len(data)} bytes, over the {max_size}-byte limit")
+    if signer is not None:
+        body = signer.verify(data)
+    elif data.startswith(PREFIX):
+        raise DecodeError(NO_KEY)
+    else:
+        body = data
     try:
-        envelope = _decoder.decode(data)
+        envelope = _decoder.decode(body)
     except msgspec.ValidationError as exc:
-        raise DecodeError(_validation_reason(data, exc)) from None
+        raise DecodeError(_validation_reason(body, exc)) from None
     except msgspec.DecodeError as exc:
         raise DecodeError(f"malformed JSON: {exc}") from None
     except (RecursionError, MemoryError, UnicodeError, ValueError) as exc:
         raise DecodeError(f"undecodable message: {type(exc).__name__}") from None
     if not isinstance(envelope, Envelope):
         raise DecodeError("unknown envelope version 0 (this worker reads version 1)")
+    if not _reencodes_to(envelope, body):
+        try:
+            key = _repeated_key(body)
+        except ValueError as exc:
+            raise DecodeError(f"undecodable message: {exc}") from None
+        if key is not None:
+            raise DecodeError(_repeated_reason(key))
     return envelope
 
 
+def _reencodes_to(envelope: Envelope, body: bytes) -> bool:
+    """True if encoding `envelope` gives back `body` byte for byte: then no key repeats.
+
+    msgspec keeps the last value of a repeated key, so a body with one re-encodes shorter. What
+    conveyor encoded comes back identical (floats print shortest-first, text as UTF-8, fields
+    and keys in order), so this one encode settles nearly every message; only bodies written
+    some other way pay for `_repeated_key`.
+    """
+    try:
+        return _encoder.encode(envelope) == body
+    except (TypeError, ValueError, OverflowError, RecursionError, MemoryError):
+        return False
+
+
+class _RepeatedKey(Exception):
+    def __init__(self, key: str) -> None:
+        self.key = key
+
+
+def _check_pairs(pairs: list[tuple[str, Any]]) -> None:
+    if len(pairs) > 1 and len({key for key, _ in pairs}) < len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise _RepeatedKey(key)
+            seen.add(key)
+
+
+def _skip(text: str) -> None:
+    return None
+
+
+def _repeated_key(body: bytes) -> str | None:
+    """The first key some JSON object in `body` holds twice, or None; `ValueError` if the body
+    cannot be scanned.
+
+    Keys are compared unescaped: `"task"` and `"\\u0074ask"` are the same key. Values are
+    skipped, not built: numbers and objects become None.
+    """
+    try:
+        json.loads(
+            body,
+            object_pairs_hook=_check_pairs,
+            parse_int=_skip,
+            parse_float=_skip,
+            parse_constant=_skip,
+            strict=False,
+        )
+    except _RepeatedKey as exc:
+        return exc.key
+    except RecursionError:
+        raise ValueError("too deeply nested to check for duplicate keys") from None
+    except MemoryError:
+        raise ValueError("too large to check for duplicate keys") from None
+    return None
+
+
+def _repeated_reason(key: str) -> str:
+    shown = json.dumps(key[:100]) + ("..." if len(key) > 100 else "")
+    return f"duplicate key {shown} in a JSON object"
+
+
 def _validation_reason(data: bytes, exc: msgspec.ValidationError) -> str:
-    """Say "unknown envelope version" when that is the problem, else which field is wrong."""
+    """Say "duplicate key" or "unknown envelope version" when that is the problem, else which
+    field is wrong."""
+    try:
+        key = _repeated_key(data)
+    except ValueError:
+        key = None
+    if key is not None:
+        return _repeated_reason(key)
     try:
         version = _version_decoder.decode(data).v
     except (msgspec.MsgspecError, RecursionError, MemoryError, ValueError):

@@ -6,6 +6,7 @@ Every setting has exactly one name. `CONVEYOR_VISIBILITY_TIMEOUT=30` sets `visib
 from __future__ import annotations
 
 import difflib
+import hmac
 import os
 import re
 import sys
@@ -21,6 +22,34 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 Positive = Annotated[float, msgspec.Meta(gt=0)]
 Count = Annotated[int, msgspec.Meta(ge=0)]
+MIN_KEY_BYTES = 16
+_NEW_KEY = "python -c 'import secrets; print(secrets.token_hex(32))'"
+
+
+class Secret:
+    """A setting that must never show: its repr and str are `'***'`, whatever it holds."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        """The value itself, for the one place that uses it."""
+        return self._value
+
+    def __repr__(self) -> str:
+        return "'***'"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Secret):
+            return NotImplemented
+        return hmac.compare_digest(self._value.encode(), other._value.encode())
+
+    def __hash__(self) -> int:
+        return hash(self._value)
 
 
 class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -62,6 +91,13 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     shutdown_grace: Annotated[float, msgspec.Meta(ge=0)] = 30.0
     """Seconds a warm shutdown waits for running tasks before releasing them."""
     log_level: str = "INFO"
+    signing_key: Secret | None = None
+    """Sign every message sent with HMAC-SHA256 under this key, and run only messages signed
+    with it (or with one of `verify_keys`). At least 16 bytes. Unset: nothing is signed, and a
+    signed message is dead-lettered. See docs/signing.md."""
+    verify_keys: tuple[Secret, ...] = ()
+    """More keys whose signatures are accepted but which never sign: for rotating `signing_key`.
+    Comma-separated in `CONVEYOR_VERIFY_KEYS`."""
 
     @classmethod
     def load(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -77,6 +113,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
             if value is not None:
                 raw[name] = None if value == "" and name == "results" else value
         raw.update({k: v for k, v in overrides.items() if v is not None})
+        if isinstance(raw.get("verify_keys"), str):
+            raw["verify_keys"] = [k.strip() for k in raw["verify_keys"].split(",") if k.strip()]
         size = raw.get("max_memory_per_child")
         if isinstance(size, str):
             try:
@@ -88,7 +126,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
                 raise ConfigurationError(message) from None
         try:
             # strict=False lets "30" from the environment become 30.0.
-            settings = msgspec.convert(raw, cls, strict=False)
+            settings = msgspec.convert(raw, cls, strict=False, dec_hook=_secret)
         except msgspec.ValidationError as exc:
             where = next((n for n in names if f"`$.{n}`" in str(exc)), None)
             source = (
@@ -102,7 +140,43 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
                 f"invalid setting: log_level {settings.log_level!r}; use one of "
                 f"{', '.join(LOG_LEVELS)}"
             )
+        _check_keys(settings, overrides)
         return settings
+
+
+def _secret(kind: type, value: Any) -> Secret:
+    """Text from keyword arguments or the environment as a `Secret` (msgspec's hook)."""
+    if kind is not Secret:
+        raise NotImplementedError(kind)
+    if isinstance(value, Secret):
+        return value
+    if not isinstance(value, str):
+        # The value itself is not shown: it may be the key, as bytes.
+        raise TypeError(f"expected text (str), got {type(value).__name__}")
+    return Secret(value)
+
+
+def _check_keys(settings: Settings, overrides: Mapping[str, Any]) -> None:
+    """Keys long enough to be keys, and verify-only keys only beside a signing key.
+
+    The messages name the setting and never show a key, not even a wrong one.
+    """
+    for name, keys in (
+        ("signing_key", () if settings.signing_key is None else (settings.signing_key,)),
+        ("verify_keys", settings.verify_keys),
+    ):
+        if any(len(key.reveal().encode()) < MIN_KEY_BYTES for key in keys):
+            given = overrides.get(name) is not None
+            source = "" if given else f" (from {ENV_PREFIX}{name.upper()})"
+            raise ConfigurationError(
+                f"invalid setting: {name}{source} holds a key shorter than {MIN_KEY_BYTES} bytes; "
+                f"use a random key of 32 bytes or more, such as the output of {_NEW_KEY}"
+            )
+    if settings.verify_keys and settings.signing_key is None:
+        raise ConfigurationError(
+            "invalid setting: verify_keys is set but signing_key is not; set signing_key to "
+            "the key messages are signed with (verify_keys only adds keys that are accepted)"
+        )
 
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9}

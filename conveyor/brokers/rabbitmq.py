@@ -48,6 +48,7 @@ from conveyor.brokers._pamqp_text import has_raw_text, install
 from conveyor.brokers.base import Broker, DeadLetter, Delivery, Outgoing, QueueStats, connects
 from conveyor.errors import BrokerError, ConfigurationError, PublishError
 from conveyor.redact import redact_text, redact_url
+from conveyor.signing import PREFIX as SIGNED_PREFIX
 
 T = TypeVar("T")
 REPLY_TO = "amq.rabbitmq.reply-to"  # RabbitMQ's direct reply-to pseudo-queue
@@ -61,6 +62,8 @@ DIED_AT = "x-conveyor-died-at"
 BUCKETS_MS: tuple[int, ...] = tuple(250 << k for k in range(20))
 CONFIRM_TIMEOUT_S = 30.0
 CONTENT_TYPE = "application/json"
+# A signed envelope (`conveyor.signing`): a signature line, then the JSON.
+SIGNED_CONTENT_TYPE = "application/vnd.conveyor.signed"
 CALL_TIMEOUT_S = 60.0
 # Publishing: messages whose frames are written in one go, and unconfirmed messages at most.
 CHUNK = 256
@@ -456,7 +459,7 @@ class RabbitMQBroker(Broker):
             properties = Basic.Properties(
                 delivery_mode=2,
                 priority=min(message.priority, self.max_priority) if self.max_priority else None,
-                content_type=CONTENT_TYPE,
+                content_type=_content_type(message.body),
                 headers=headers[n] if headers else None,
                 reply_to=message.reply_to,
             )
@@ -555,8 +558,11 @@ class RabbitMQBroker(Broker):
             reason = None
             if has_raw_text(headers) or has_raw_text(properties.content_type):
                 reason = "a header name or value is not valid UTF-8"
-            elif properties.content_type not in (None, "", CONTENT_TYPE):
-                reason = f"content type {properties.content_type!r} is not {CONTENT_TYPE}"
+            elif properties.content_type not in (None, "", CONTENT_TYPE, SIGNED_CONTENT_TYPE):
+                reason = (
+                    f"content type {properties.content_type!r} is neither {CONTENT_TYPE} "
+                    f"nor {SIGNED_CONTENT_TYPE}"
+                )
             if reason is not None:
                 # Not an envelope conveyor wrote: dead-letter it here, where the properties are.
                 log.warning("dead-lettered a message on %s: %s", queue, reason)
@@ -934,6 +940,11 @@ def _bucket(delay: float) -> int:
 def _int(value: object) -> int:
     """A header's integer value, 0 when absent or not a number."""
     return int(value) if isinstance(value, int | float | str) and str(value).isdigit() else 0
+
+
+def _content_type(body: bytes) -> str:
+    """One content type per body format: a signed body is not plain JSON."""
+    return SIGNED_CONTENT_TYPE if body.startswith(SIGNED_PREFIX) else CONTENT_TYPE
 
 
 def _priority(message: aiormq.abc.DeliveredMessage) -> int:

@@ -484,7 +484,9 @@ class Consumer:
         """Decode and check a delivery; a job to run, or None if it was settled right away."""
         self.stats.received += 1
         try:
-            envelope = decode(delivery.body, max_size=self._settings.max_message_size)
+            envelope = decode(
+                delivery.body, max_size=self._settings.max_message_size, signer=self.app.signer
+            )
         except DecodeError as exc:
             self._reject(delivery, exc.reason, None, "DecodeError")
             return None
@@ -647,7 +649,7 @@ class Consumer:
         elif outcome.kind is Kind.RETRY and env.retries < self._max_retries(job, outcome):
             delay = task.retry_delay(env.retries, outcome.countdown)
             retry = env.retried(time.time() + delay if delay > 0 else None)
-            body = encode(retry, max_size=self._settings.max_message_size)
+            body = encode(retry, max_size=self._settings.max_message_size, signer=self.app.signer)
             log.info(
                 "task %s[%s] will retry in %.2fs (try %d): %s",
                 env.task, env.id, delay, retry.retries + 1, _error(outcome),

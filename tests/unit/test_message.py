@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
+from unittest.mock import patch
 
 import msgspec
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from conveyor import message
 from conveyor.errors import DecodeError, EncodeError
 from conveyor.message import DEFAULT_MAX_SIZE, MAX_PRIORITY, VERSION, Envelope, decode, encode
 
@@ -325,3 +328,81 @@ def test_unknown_fields_are_rejected(extra: str) -> None:
 
 def test_malformed_json_reason() -> None:
     assert "malformed JSON" in reason_of(b'{"v": 1, "id": ')
+
+
+# duplicate keys: msgspec keeps a repeated key's last value, so a second "task" would win
+
+
+ENVELOPE = (
+    b'{"v":1,"id":"a","task":"shop.pay","queue":"q","args":[1,{"x":2}],'
+    b'"kwargs":{"k":{"n":[3]}},"headers":{"h":"1"}}'
+)
+
+
+@pytest.mark.parametrize(
+    ("data", "key"),
+    [
+        pytest.param(ENVELOPE.replace(b'"queue"', b'"task":"evil","queue"'), "task", id="task"),
+        pytest.param(ENVELOPE.replace(b'"queue"', b'"task":"shop.pay","queue"'), "task", id="same"),
+        pytest.param(ENVELOPE.replace(b'"id"', b'"v":1,"id"'), "v", id="version"),
+        pytest.param(ENVELOPE.replace(b'"queue"', b'"id":"b","queue"'), "id", id="id"),
+        pytest.param(ENVELOPE.replace(b'{"k"', b'{"k":0,"k"'), "k", id="kwargs"),
+        pytest.param(ENVELOPE.replace(b'{"n"', b'{"n":0,"n"'), "n", id="nested-in-kwargs"),
+        pytest.param(ENVELOPE.replace(b'{"h"', b'{"h":"0","h"'), "h", id="headers"),
+        pytest.param(ENVELOPE.replace(b'{"x"', b'{"x":0,"x"'), "x", id="object-in-args"),
+        pytest.param(
+            ENVELOPE.replace(b'"queue"', b'"\\u0074ask":"evil","queue"'), "task", id="esc"
+        ),
+        pytest.param(ENVELOPE.replace(b'{"h"', b'{"\\u0068":"0","h"'), "h", id="escaped-header"),
+        pytest.param(
+            ENVELOPE.replace(b'"shop.pay"', b'5,"task":"shop.pay"'), "task", id="bad-type"
+        ),
+    ],
+)
+def test_a_repeated_key_anywhere_is_a_decode_error(data: bytes, key: str) -> None:
+    reason = reason_of(data)
+    assert reason == f'duplicate key "{key}" in a JSON object'
+
+
+def test_a_repeated_key_after_whitespace_is_found_too() -> None:
+    data = ENVELOPE.replace(b",", b", ").replace(b'"queue"', b'"task": "evil", "queue"')
+    assert reason_of(data).startswith('duplicate key "task"')
+
+
+def test_the_envelope_the_duplicate_tests_change_is_valid() -> None:
+    assert decode(ENVELOPE).task == "shop.pay"
+
+
+def test_a_long_repeated_key_is_shown_cut_short() -> None:
+    key = "k" * 1000
+    data = ENVELOPE.replace(b'{"k"', f'{{"{key}":0,"{key}":1,"k"'.encode())
+    reason = reason_of(data)
+    assert reason == f'duplicate key "{"k" * 100}"... in a JSON object'
+
+
+@SETTINGS
+@given(envelopes())
+def test_any_encoded_envelope_decodes_without_the_duplicate_scan(envelope: Envelope) -> None:
+    data = encode(envelope)
+    # What conveyor encoded re-encodes byte for byte, so the slower scan never runs for it.
+    with patch.object(message, "_repeated_key", side_effect=AssertionError("scanned")):
+        assert decode(data) == envelope
+
+
+@SETTINGS
+@given(envelopes(), st.data())
+def test_repeating_any_field_of_any_envelope_is_a_decode_error(
+    envelope: Envelope, data: st.DataObject
+) -> None:
+    fields = msgspec.json.decode(encode(envelope))
+    key = data.draw(st.sampled_from(sorted(fields)))
+    repeated = b"{" + msgspec.json.encode({key: fields[key]})[1:-1] + b"," + encode(envelope)[1:]
+    assert reason_of(repeated) == f"duplicate key {json.dumps(key)} in a JSON object"
+
+
+@SETTINGS
+@given(envelopes())
+def test_an_envelope_encoded_some_other_way_still_decodes(envelope: Envelope) -> None:
+    # Spaces, escaped non-ASCII text, stdlib number spelling: not what conveyor writes.
+    other = json.dumps(msgspec.json.decode(encode(envelope)), indent=1).encode()
+    assert decode(other) == envelope

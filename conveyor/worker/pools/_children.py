@@ -363,7 +363,9 @@ def _serve(app: Conveyor, options: ChildOptions, tasks: int, results: int) -> in
 
 def _run(app: Conveyor, options: ChildOptions, message: Run) -> Outcome:
     try:
-        envelope = decode(message.body, max_size=options.max_message_size)
+        # The signature is checked again rather than trusted: one decode serves both processes,
+        # and an HMAC of a typical message costs a few microseconds.
+        envelope = decode(message.body, max_size=options.max_message_size, signer=app.signer)
         task = app.tasks[envelope.task]
     except Exception as exc:  # the worker checked it; a child that disagrees says why
         return Outcome.failure(exc)
