@@ -117,12 +117,21 @@ def encode(
 
 
 def _has_non_finite(value: Any) -> bool:
-    if isinstance(value, float):
-        return not math.isfinite(value)
-    if isinstance(value, list | tuple):
-        return any(_has_non_finite(v) for v in value)
-    if isinstance(value, dict):
-        return any(_has_non_finite(v) for v in value.values())
+    """True if a NaN or an infinity is anywhere in `value`.
+
+    A loop over a stack, not recursion: whatever nesting `decode` accepts, a retry of it must
+    encode again.
+    """
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, float):
+            if not math.isfinite(item):
+                return True
+        elif isinstance(item, list | tuple):
+            stack.extend(item)
+        elif isinstance(item, dict):
+            stack.extend(item.values())
     return False
 
 
@@ -234,7 +243,10 @@ def _validation_reason(data: bytes, exc: msgspec.ValidationError) -> str:
         return _repeated_reason(key)
     try:
         version = _version_decoder.decode(data).v
-    except (msgspec.MsgspecError, RecursionError, MemoryError, ValueError):
+    except (RecursionError, MemoryError) as too_deep:
+        # Some value is nested past what can be read, whatever version the message claims.
+        return f"undecodable message: {type(too_deep).__name__}"
+    except (msgspec.MsgspecError, ValueError):
         version = None
     if version is None:
         return "not an envelope: no version field `v`"

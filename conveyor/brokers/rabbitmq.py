@@ -61,6 +61,8 @@ DIED_AT = "x-conveyor-died-at"
 # Delay buckets in milliseconds: 250 ms doubling to about 36 hours.
 BUCKETS_MS: tuple[int, ...] = tuple(250 << k for k in range(20))
 CONFIRM_TIMEOUT_S = 30.0
+# The highest delivery count read from a header (a count is never near it; see `_int`).
+MAX_COUNT = 1_000_000
 CONTENT_TYPE = "application/json"
 # A signed envelope (`conveyor.signing`): a signature line, then the JSON.
 SIGNED_CONTENT_TYPE = "application/vnd.conveyor.signed"
@@ -938,8 +940,23 @@ def _bucket(delay: float) -> int:
 
 
 def _int(value: object) -> int:
-    """A header's integer value, 0 when absent or not a number."""
-    return int(value) if isinstance(value, int | float | str) and str(value).isdigit() else 0
+    """A delivery count from a header: a whole number up to `MAX_COUNT`, else 0.
+
+    Headers come from whoever published the message: a count that is not plain ASCII digits
+    (`"²"` is a digit to `str.isdigit`, not to `int`), negative, or absurdly large must not
+    stop the message from being read, nor be written back into a header pamqp cannot encode.
+    """
+    if isinstance(value, bool):
+        return 0
+    if isinstance(value, int):
+        number = value
+    elif isinstance(value, float) and value.is_integer():
+        number = int(value)
+    elif not (isinstance(value, str) and value.isascii() and value.isdigit() and len(value) < 10):
+        return 0
+    else:
+        number = int(value)
+    return min(max(number, 0), MAX_COUNT)
 
 
 def _content_type(body: bytes) -> str:
