@@ -262,7 +262,8 @@ def test_raw_bad_input_is_dead_lettered_and_good_tasks_run(
         with caplog.at_level(logging.WARNING, logger="conveyor"):
             stats = Worker(app, concurrency=2, until_empty=True).run()
         assert good.get(timeout=5) == 5 and after.get(timeout=5) == 7
-        assert (stats.succeeded, stats.rejected) == (2, 3)  # content type, headers: at the broker
+        # Three refused by the worker, three (content type, headers) by the broker as they came.
+        assert (stats.succeeded, stats.rejected, stats.dead_lettered) == (2, 6, 6)
         dead = app.broker.dead_letters(queue)
         reasons = " | ".join(sorted(d.reason for d in dead))
         for expected in ("content type 'text/plain'", "over the 4096-byte", "unknown task"):
