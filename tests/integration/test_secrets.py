@@ -18,8 +18,9 @@ from typing import Any
 
 import pytest
 from click.testing import CliRunner
+from stores import require_service
 
-from conveyor import Conveyor
+from conveyor import Conveyor, Worker
 from conveyor.cli import main
 from conveyor.errors import ConveyorError
 
@@ -74,6 +75,10 @@ def test_no_password_in_reprs_errors_or_logs(caplog: pytest.LogCaptureFixture) -
                 seen.append(attempt(lambda store=store: store.count()))
             app.close()
     text = "\n".join(seen) + "\n" + "\n".join(r.getMessage() for r in caplog.records)
+    print(
+        f"\npassword in refused URLs: found {text.count(SECRET)} times in {len(seen)} reprs "
+        f"and errors and {len(caplog.records)} log records"
+    )
     assert "***" in text, "the URLs are shown, masked"
     assert SECRET not in text
     for record in caplog.records:
@@ -109,3 +114,55 @@ def test_no_password_in_status_output(tmp_path: Path, monkeypatch: pytest.Monkey
     assert "***" in outcome.output, "and says where it looked, masked"
     assert SECRET not in outcome.output
     assert SECRET not in repr(outcome.exception)
+
+
+def test_no_password_while_everything_works(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The quiet path: a PostgreSQL result store whose URL has a password (the local server
+    trusts 127.0.0.1, so it connects), a worker running tasks with DEBUG logging, `conveyor
+    status`, reprs and results; then Redis refusing a password it does not have."""
+    require_service("PostgreSQL", "127.0.0.1", 5432, "pg_ctlcluster ... main start")
+    require_service("Redis", "127.0.0.1", 6379, "redis-server --daemonize yes ...")
+    results = f"postgresql://postgres:{SECRET}@127.0.0.1:5432/test"
+    module = f"secrets_app_{uuid.uuid4().hex[:8]}"
+    broker = f"sqlite:///{tmp_path / 'q.db'}"
+    (tmp_path / f"{module}.py").write_text(
+        "from conveyor import Conveyor\n\n"
+        f"app = Conveyor('secrets', broker={broker!r}, results={results!r})\n\n"
+        "@app.task(name='secrets.add')\ndef add(x, y):\n    return x + y\n"
+    )
+    monkeypatch.syspath_prepend(tmp_path)
+    seen: list[str] = []
+    try:
+        with caplog.at_level(logging.DEBUG):
+            app = __import__(module).app
+            handles = app.tasks["secrets.add"].map([(n, n) for n in range(20)])
+            Worker(app, pool="threads", concurrency=2, until_empty=True).run()
+            seen += [str(h.get(timeout=10)) for h in handles]
+            seen += [repr(app), repr(app.results), app.results.display_url]
+            status = CliRunner().invoke(main, ["status", f"{module}:app"], prog_name="conveyor")
+            assert status.exit_code == 0, status.output
+            seen.append(status.output)
+            refused = Conveyor("secrets", broker="memory://", results=redis_url())
+            seen.append(attempt(lambda: refused.results.get("missing")))  # type: ignore[union-attr]
+            refused.close()
+    finally:
+        loaded = sys.modules.pop(module, None)
+        if loaded is not None:
+            loaded.app.close()
+    logged = [r.getMessage() for r in caplog.records]
+    logged += [str(r.args) + (r.exc_text or "") for r in caplog.records]
+    texts = seen + logged
+    found = sum(text.count(SECRET) for text in texts)
+    print(
+        f"\npassword in working URLs: found {found} times in {len(seen)} outputs, reprs and "
+        f"errors and {len(caplog.records)} log records"
+    )
+    assert "***" in status.output, "status shows where the results are, masked"
+    assert found == 0
+
+
+def redis_url() -> str:
+    """The local Redis, which has no password: it refuses AUTH with one."""
+    return f"redis://user:{SECRET}@127.0.0.1:6379/15"
