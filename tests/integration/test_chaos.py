@@ -369,6 +369,24 @@ def chaos_env(broker: str, **extra: str) -> dict[str, str]:
     return env | {"CONVEYOR_BROKER": broker, "PYTHONPATH": str(HERE)} | extra
 
 
+def replace_worker(kind: str, worker: WorkerProcess) -> None:
+    """Kill the worker's parent (or its zygote, and see it stop), then start a new worker."""
+    if kind == ZYGOTE:
+        worker.kill_zygote()
+    else:
+        worker.kill()
+    worker.start()
+
+
+def check(run: Run, broker: str) -> None:
+    """Print the run's counts; nothing lost, nothing strange, duplicates within the bound."""
+    report = run.report(broker)
+    print("\n" + report)
+    assert run.tally.lost == [], report
+    assert run.tally.strangers == 0, report
+    assert run.tally.duplicates <= run.duplicate_bound, report
+
+
 @pytest.fixture
 def node() -> Iterator[RabbitNode]:
     with private_node() as started:
@@ -381,17 +399,13 @@ def test_rabbitmq_chaos_loses_nothing(node: RabbitNode, tmp_path: Path) -> None:
         sent = send_all(node.url)
 
         def act(kind: str, worker: WorkerProcess) -> float:
-            if kind == WORKER:
-                worker.kill()
-                worker.start()
-            elif kind == ZYGOTE:
-                worker.kill_zygote()
-                worker.start()
-            elif kind == CONNECTIONS:
+            if kind == CONNECTIONS:
                 node.close_all_connections()
-            else:
+            elif kind == BROKER:
                 node.stop()
                 node.start()
+            else:
+                replace_worker(kind, worker)
             return time.time()
 
         run = run_chaos(chaos_env(node.url), ledger, sent, RABBIT_PLAN, tmp_path, act)
@@ -400,11 +414,7 @@ def test_rabbitmq_chaos_loses_nothing(node: RabbitNode, tmp_path: Path) -> None:
         run.rate_before, run.recovery_s = full_speed_after(
             ledger.per_second(), (earlier, restart.at), restart.back_at
         )
-    print("\n" + run.report("RabbitMQ"))
-    tally = run.tally
-    assert tally.lost == [], run.report("RabbitMQ")
-    assert tally.strangers == 0, run.report("RabbitMQ")
-    assert tally.duplicates <= run.duplicate_bound, run.report("RabbitMQ")
+    check(run, "RabbitMQ")
     assert run.recovery_s is not None and run.recovery_s <= RECOVERY_LIMIT_S, run.report("RabbitMQ")
 
 
@@ -417,16 +427,9 @@ def test_sqlite_chaos_loses_nothing(tmp_path: Path) -> None:
         sent = send_all(url, visibility_timeout=float(lease))
 
         def act(kind: str, worker: WorkerProcess) -> float:
-            if kind == ZYGOTE:
-                worker.kill_zygote()
-            else:
-                worker.kill()
-            worker.start()
+            replace_worker(kind, worker)
             return time.time()
 
         env = chaos_env(url, CONVEYOR_VISIBILITY_TIMEOUT=lease)
         run = run_chaos(env, ledger, sent, SQLITE_PLAN, tmp_path, act)
-    print("\n" + run.report("SQLite"))
-    assert run.tally.lost == [], run.report("SQLite")
-    assert run.tally.strangers == 0, run.report("SQLite")
-    assert run.tally.duplicates <= run.duplicate_bound, run.report("SQLite")
+    check(run, "SQLite")
