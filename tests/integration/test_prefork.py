@@ -34,7 +34,7 @@ from conftest import (
     wait_for,
 )
 
-from conveyor import Conveyor, SoftTimeLimitExceeded, Worker, WorkerStats
+from conveyor import Conveyor, SoftTimeLimitExceeded, Task, Worker, WorkerStats
 from conveyor.errors import TimeLimitExceeded
 from conveyor.message import decode
 from conveyor.results import ResultRecord, State
@@ -155,6 +155,18 @@ def note_pid(folder: Path, name: object = None) -> None:
     scratch = folder.parent / f".{folder.name}-{name}"
     scratch.write_text(pid)
     os.replace(scratch, folder / name)
+
+
+def blocking_task(app: Conveyor, started: Path, release: Path) -> Task[[int], int]:
+    """A task `block(n)` that notes its pid in `started/n`, then waits for `release`."""
+
+    @app.task
+    def block(n: int) -> int:
+        note_pid(started, n)
+        wait_for_file(release)
+        return n
+
+    return block
 
 
 def pids_in(folder: Path) -> set[int]:
@@ -785,11 +797,7 @@ def test_warm_shutdown_stops_fetching_finishes_running_tasks_and_children_exit_c
     def note() -> None:
         note_pid(children)
 
-    @app.task
-    def block(n: int) -> int:
-        note_pid(started, n)
-        wait_for_file(release)
-        return n
+    block = blocking_task(app, started, release)
 
     first = block.delay(0)
     worker = Worker(app, pool="prefork", concurrency=2, shutdown_grace=30)
@@ -823,11 +831,7 @@ def test_cold_shutdown_kills_the_child_and_gives_its_message_back(
     started, release = tmp_path / "started", tmp_path / "release"
     started.mkdir()
 
-    @app.task
-    def block(n: int) -> int:
-        note_pid(started, n)
-        wait_for_file(release)
-        return n
+    block = blocking_task(app, started, release)
 
     results = block.map([(n,) for n in range(4)])
     worker = Worker(app, pool="prefork", concurrency=1, shutdown_grace=30)
@@ -853,11 +857,7 @@ def test_what_outlives_the_shutdown_grace_is_given_back(
     started, release = tmp_path / "started", tmp_path / "release"
     started.mkdir()
 
-    @app.task
-    def block(n: int) -> int:
-        note_pid(started, n)
-        wait_for_file(release)
-        return n
+    block = blocking_task(app, started, release)
 
     results = block.map([(n,) for n in range(2)])
     worker = Worker(app, pool="prefork", concurrency=1, shutdown_grace=0.5)
@@ -945,11 +945,7 @@ def test_a_dead_zygote_stops_the_worker_warm_with_the_reason(
     started, release = tmp_path / "started", tmp_path / "release"
     started.mkdir()
 
-    @app.task
-    def block(n: int) -> int:
-        note_pid(started, n)
-        wait_for_file(release)
-        return n
+    block = blocking_task(app, started, release)
 
     first = block.delay(0)
     worker = Worker(app, pool="prefork", concurrency=2, shutdown_grace=30)
