@@ -69,21 +69,17 @@ from typing import Any
 
 from bench import data, ledger
 from bench.rabbitmq_worker import (
-    CONVEYOR_SUMMARY,
     START_TIMEOUT_S,
     STOP_TIMEOUT_S,
-    TROUBLE,
     URL,
     BenchError,
     Peer,
     Probe,
     kill_group,
-    log_tail,
-    log_text,
     make_peer,
     one_result,
     start_worker,
-    wait_exit,
+    stop_and_check,
 )
 from bench.results_roundtrip import delete_keys, percentile, wait_consuming
 
@@ -256,24 +252,7 @@ async def stop_and_verify(
     peer: Peer, worker: subprocess.Popen[bytes], workdir: Path, sent: int
 ) -> None:
     """Warm shutdown, then nothing left over, nothing wrong in the log, every task run once."""
-    worker.send_signal(signal.SIGTERM)
-    code = await wait_exit(worker, STOP_TIMEOUT_S)
-    if code != 0:
-        raise BenchError(f"the worker exited with status {code}:\n{log_tail(workdir)}")
-    async with Probe() as probe:
-        left = {q: await probe.ready(q) for q in [peer.queue, *peer.side_queues]}
-    if any(left.values()):
-        raise BenchError(f"messages left after the worker stopped: {left}")
-    log = log_text(workdir)
-    if TROUBLE.search(log):
-        raise BenchError(f"the worker logged an error:\n{log_tail(workdir)}")
-    if peer.mode == "conveyor":
-        summary = CONVEYOR_SUMMARY.search(log)
-        if summary is None:
-            raise BenchError(f"no summary line in conveyor's log:\n{log_tail(workdir)}")
-        counts = tuple(int(x) for x in summary.groups())
-        if counts != (sent, 0, 0, 0):
-            raise BenchError(f"expected {sent} succeeded and nothing else: {summary[0]}")
+    await stop_and_check(peer, worker, workdir, sent)
     balance = ledger.verify(workdir / "ledger", sent)
     if not balance.exact:
         raise BenchError(f"the ledger does not balance: {balance.describe()}")

@@ -68,23 +68,19 @@ from typing import Any
 
 from bench import ledger
 from bench.rabbitmq_worker import (
-    CONVEYOR_SUMMARY,
     START_TIMEOUT_S,
     STOP_TIMEOUT_S,
-    TROUBLE,
     URL,
     BenchError,
     Peer,
     Probe,
     kill_group,
-    log_tail,
-    log_text,
     make_peer,
     memory_kib,
     one_result,
     start_worker,
+    stop_and_check,
     tree,
-    wait_exit,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -236,23 +232,7 @@ async def stop_and_verify(
     peer: Peer, worker: subprocess.Popen[bytes], workdir: Path, ledger_dir: Path, n: int
 ) -> None:
     """SIGTERM, then every check of the module docstring; BenchError if one fails."""
-    worker.send_signal(signal.SIGTERM)
-    code = await wait_exit(worker, STOP_TIMEOUT_S)
-    if code != 0:
-        raise BenchError(f"the worker exited with status {code}:\n{log_tail(workdir)}")
-    async with Probe() as probe:
-        left = {q: await probe.ready(q) for q in [peer.queue, *peer.side_queues]}
-    if any(left.values()):
-        raise BenchError(f"messages left after the worker stopped: {left}")
-    log = log_text(workdir)
-    if TROUBLE.search(log):
-        raise BenchError(f"the worker logged an error:\n{log_tail(workdir)}")
-    if peer.mode == "conveyor":
-        summary = CONVEYOR_SUMMARY.search(log)
-        if summary is None:
-            raise BenchError(f"no summary line in conveyor's log:\n{log_tail(workdir)}")
-        if tuple(int(x) for x in summary.groups()) != (n, 0, 0, 0):
-            raise BenchError(f"conveyor: expected {n} succeeded and nothing else: {summary[0]}")
+    await stop_and_check(peer, worker, workdir, n)
     balance = ledger.verify(ledger_dir, n)
     if not balance.exact:
         raise BenchError(f"the ledger does not balance: {balance.describe()}")

@@ -377,22 +377,42 @@ async def throughput(
                     raise BenchError("messages came back to the queue after it drained")
             worker.send_signal(signal.SIGTERM)
             code = await wait_exit(worker, STOP_TIMEOUT_S)
-        if code != 0:
-            raise BenchError(f"the worker exited with status {code}:\n{log_tail(workdir)}")
         left = {q: await probe.ready(q) for q in [peer.queue, *peer.side_queues]}
+    check_stopped(peer, workdir, code, left, n)
+    return result
+
+
+def check_stopped(
+    peer: Peer, workdir: Path, code: int | None, left: dict[str, int], n: int
+) -> None:
+    """What every run checks once its worker stopped: exit status 0, no message left in its
+    queues, no error in its log, and conveyor's closing line counting exactly n succeeded and
+    nothing failed, retried or dead-lettered. BenchError if one fails."""
+    if code != 0:
+        raise BenchError(f"the worker exited with status {code}:\n{log_tail(workdir)}")
     if any(left.values()):
         raise BenchError(f"messages left after the worker stopped: {left}")
     log = log_text(workdir)
     if TROUBLE.search(log):
         raise BenchError(f"the worker logged an error:\n{log_tail(workdir)}")
-    if peer.mode == "conveyor":
+    if peer.mode.startswith("conveyor"):
         summary = CONVEYOR_SUMMARY.search(log)
         if summary is None:
             raise BenchError(f"no summary line in conveyor's log:\n{log_tail(workdir)}")
         counts = tuple(int(x) for x in summary.groups())
         if counts != (n, 0, 0, 0):
             raise BenchError(f"conveyor: expected {n} succeeded and nothing else: {summary[0]}")
-    return result
+
+
+async def stop_and_check(
+    peer: Peer, worker: subprocess.Popen[bytes], workdir: Path, n: int
+) -> None:
+    """SIGTERM (a warm shutdown), wait for the worker to exit, then `check_stopped`."""
+    worker.send_signal(signal.SIGTERM)
+    code = await wait_exit(worker, STOP_TIMEOUT_S)
+    async with Probe() as probe:
+        left = {q: await probe.ready(q) for q in [peer.queue, *peer.side_queues]}
+    check_stopped(peer, workdir, code, left, n)
 
 
 async def idle_memory(peer: Peer, worker: subprocess.Popen[bytes]) -> dict[str, Any]:

@@ -71,20 +71,17 @@ from pathlib import Path
 from typing import Any
 
 from bench.rabbitmq_worker import (
-    CONVEYOR_SUMMARY,
     START_TIMEOUT_S,
     STOP_TIMEOUT_S,
-    TROUBLE,
     URL,
     BenchError,
     Peer,
     Probe,
     kill_group,
     log_tail,
-    log_text,
     one_result,
     start_worker,
-    wait_exit,
+    stop_and_check,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -288,30 +285,6 @@ async def wait_consuming(peer: Peer, worker: subprocess.Popen[bytes], workdir: P
             await asyncio.sleep(0.02)
 
 
-async def stop_and_verify(
-    peer: Peer, worker: subprocess.Popen[bytes], workdir: Path, sent: int
-) -> None:
-    """Warm shutdown, then nothing left over and nothing wrong in the log."""
-    worker.send_signal(signal.SIGTERM)
-    code = await wait_exit(worker, STOP_TIMEOUT_S)
-    if code != 0:
-        raise BenchError(f"the worker exited with status {code}:\n{log_tail(workdir)}")
-    async with Probe() as probe:
-        left = {q: await probe.ready(q) for q in [peer.queue, *peer.side_queues]}
-    if any(left.values()):
-        raise BenchError(f"messages left after the worker stopped: {left}")
-    log = log_text(workdir)
-    if TROUBLE.search(log):
-        raise BenchError(f"the worker logged an error:\n{log_tail(workdir)}")
-    if peer.mode != "celery":
-        summary = CONVEYOR_SUMMARY.search(log)
-        if summary is None:
-            raise BenchError(f"no summary line in conveyor's log:\n{log_tail(workdir)}")
-        counts = tuple(int(x) for x in summary.groups())
-        if counts != (sent, 0, 0, 0):
-            raise BenchError(f"expected {sent} succeeded and nothing else: {summary[0]}")
-
-
 @contextlib.contextmanager
 def cleaned(store: Store, peer: Peer) -> Iterator[None]:
     """Delete the run's queues and stored results whatever happens inside."""
@@ -355,7 +328,7 @@ def measure(mode: str, n_sequential: int, n_concurrent: int, redis_db: int) -> d
                 finally:
                     client.close()
                 sent = WARMUP_AT_ONCE + WARMUP_ONE_BY_ONE + n_sequential + n_concurrent
-                asyncio.run(stop_and_verify(peer, worker, workdir, sent))
+                asyncio.run(stop_and_check(peer, worker, workdir, sent))
             finally:
                 if worker is not None:
                     kill_group(worker)
