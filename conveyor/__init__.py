@@ -30,6 +30,7 @@ from conveyor.errors import (
     TimeLimitExceeded,
     UnknownTaskError,
 )
+from conveyor.reasons import DeadLetterReason
 from conveyor.resources import Resource
 from conveyor.results import State
 from conveyor.results.handle import Result
@@ -42,6 +43,7 @@ __all__ = [
     "ConfigurationError",
     "Conveyor",
     "ConveyorError",
+    "DeadLetterReason",
     "DecodeError",
     "EncodeError",
     "MaxRetriesExceeded",

@@ -5,7 +5,7 @@ ConveyorError
 ├── ConfigurationError          a setting, URL, task option or app path is wrong
 ├── MessageError
 │   ├── EncodeError             arguments or a result cannot be encoded
-│   └── DecodeError             bytes are not a valid envelope (carries .reason)
+│   └── DecodeError             bytes are not a valid envelope (carries .reason, .category)
 ├── BrokerError
 │   └── PublishError            the broker did not accept a message
 ├── UnknownTaskError            no task is registered under that name
@@ -27,6 +27,8 @@ Messages say what went wrong and what to do about it. They never contain credent
 
 from __future__ import annotations
 
+from conveyor.reasons import DeadLetterReason
+
 
 class ConveyorError(Exception):
     """The root of every conveyor exception."""
@@ -47,12 +49,18 @@ class EncodeError(MessageError):
 class DecodeError(MessageError):
     """Bytes taken from a broker are not a valid envelope.
 
-    `reason` is a short, log-friendly explanation that also goes into the dead-letter record.
+    `reason` is a short, log-friendly explanation that also goes into the dead-letter record:
+    `category`, a fixed `DeadLetterReason`, then the detail.
     """
 
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
+    def __init__(self, category: DeadLetterReason, detail: str) -> None:
+        self.category = category
+        self.detail = detail
+        self.reason = category(detail)
+        super().__init__(self.reason)
+
+    def __reduce__(self) -> tuple[type[DecodeError], tuple[DeadLetterReason, str]]:
+        return (type(self), (self.category, self.detail))
 
 
 class BrokerError(ConveyorError):

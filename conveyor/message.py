@@ -18,6 +18,7 @@ from typing import Annotated, Any
 import msgspec
 
 from conveyor.errors import DecodeError, EncodeError
+from conveyor.reasons import DeadLetterReason as Why
 from conveyor.signing import NO_KEY, PREFIX, Signer
 
 VERSION = 1
@@ -143,31 +144,66 @@ def decode(
     With a signer, only a body it signed is parsed; without one, a signed body is rejected.
     """
     if len(data) > max_size:
-        raise DecodeError(f"message is {len(data)} bytes, over the {max_size}-byte limit")
+        raise DecodeError(Why.TOO_LARGE, oversize(len(data), max_size))
     if signer is not None:
         body = signer.verify(data)
     elif data.startswith(PREFIX):
-        raise DecodeError(NO_KEY)
+        raise DecodeError(Why.UNEXPECTED_SIGNATURE, NO_KEY)
     else:
         body = data
     try:
         envelope = _decoder.decode(body)
     except msgspec.ValidationError as exc:
-        raise DecodeError(_validation_reason(body, exc)) from None
+        raise _not_utf8(body) or _invalid(body, exc) from None
     except msgspec.DecodeError as exc:
-        raise DecodeError(f"malformed JSON: {exc}") from None
+        raise _not_utf8(body) or DecodeError(Why.MALFORMED_JSON, str(exc)) from None
     except (RecursionError, MemoryError, UnicodeError, ValueError) as exc:
-        raise DecodeError(f"undecodable message: {type(exc).__name__}") from None
+        raise _not_utf8(body) or DecodeError(Why.UNDECODABLE, _unreadable(exc)) from None
     if not isinstance(envelope, Envelope):
-        raise DecodeError("unknown envelope version 0 (this worker reads version 1)")
+        raise DecodeError(Why.UNKNOWN_VERSION, f"0 (this worker reads version {VERSION})")
     if not _reencodes_to(envelope, body):
-        try:
-            key = _repeated_key(body)
-        except ValueError as exc:
-            raise DecodeError(f"undecodable message: {exc}") from None
-        if key is not None:
-            raise DecodeError(_repeated_reason(key))
+        # Written some other way (spacing, escapes), or with a repeated key: look closer.
+        refusal = _not_utf8(body)
+        if refusal is None:
+            try:
+                key = _repeated_key(body)
+            except ValueError as exc:
+                refusal = DecodeError(Why.UNDECODABLE, str(exc))
+            else:
+                refusal = None if key is None else _repeated(key)
+        if refusal is not None:
+            raise refusal
     return envelope
+
+
+def oversize(size: int, limit: int) -> str:
+    """The detail of a `message too large` reason, wherever the size is checked."""
+    return f"{size} bytes, over the {limit}-byte limit (max_message_size)"
+
+
+def _not_utf8(body: bytes) -> DecodeError | None:
+    """The refusal for a body that is not UTF-8 text, whatever the JSON parser made of it.
+
+    Checked here rather than read from the parser's error, so that invalid UTF-8 is always
+    `undecodable message`: JSON parsers disagree (and change between releases) about whether it
+    is a syntax error, a string error, or no error at all.
+    """
+    try:
+        body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        byte = body[exc.start : exc.start + 1].hex()
+        return DecodeError(
+            Why.UNDECODABLE, f"not valid UTF-8 (byte 0x{byte} at offset {exc.start})"
+        )
+    return None
+
+
+def _unreadable(exc: BaseException) -> str:
+    if isinstance(exc, RecursionError):
+        return "nested too deeply to parse"
+    if isinstance(exc, MemoryError):
+        return "too large to parse in memory"
+    return f"{type(exc).__name__}"
 
 
 def _reencodes_to(envelope: Envelope, body: bytes) -> bool:
@@ -227,12 +263,12 @@ def _repeated_key(body: bytes) -> str | None:
     return None
 
 
-def _repeated_reason(key: str) -> str:
+def _repeated(key: str) -> DecodeError:
     shown = json.dumps(key[:100]) + ("..." if len(key) > 100 else "")
-    return f"duplicate key {shown} in a JSON object"
+    return DecodeError(Why.DUPLICATE_KEY, f"{shown} appears twice in one JSON object")
 
 
-def _validation_reason(data: bytes, exc: msgspec.ValidationError) -> str:
+def _invalid(data: bytes, exc: msgspec.ValidationError) -> DecodeError:
     """Say "duplicate key" or "unknown envelope version" when that is the problem, else which
     field is wrong."""
     try:
@@ -240,16 +276,18 @@ def _validation_reason(data: bytes, exc: msgspec.ValidationError) -> str:
     except ValueError:
         key = None
     if key is not None:
-        return _repeated_reason(key)
+        return _repeated(key)
     try:
         version = _version_decoder.decode(data).v
     except (RecursionError, MemoryError) as too_deep:
         # Some value is nested past what can be read, whatever version the message claims.
-        return f"undecodable message: {type(too_deep).__name__}"
+        return DecodeError(Why.UNDECODABLE, _unreadable(too_deep))
     except (msgspec.MsgspecError, ValueError):
         version = None
     if version is None:
-        return "not an envelope: no version field `v`"
+        return DecodeError(Why.NOT_AN_ENVELOPE, "no version field `v`")
     if version != VERSION:
-        return f"unknown envelope version {version!r} (this worker reads version {VERSION})"
-    return f"invalid envelope: {exc}"
+        return DecodeError(
+            Why.UNKNOWN_VERSION, f"{version!r} (this worker reads version {VERSION})"
+        )
+    return DecodeError(Why.INVALID_ENVELOPE, str(exc))

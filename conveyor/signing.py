@@ -21,6 +21,7 @@ import hmac
 from collections.abc import Sequence
 
 from conveyor.errors import DecodeError
+from conveyor.reasons import DeadLetterReason as Why
 from conveyor.settings import Secret
 
 PREFIX = b"hmac-sha256:"
@@ -53,20 +54,21 @@ class Signer:
         """The envelope bytes of a signed body, or `DecodeError` saying why not."""
         if not body.startswith(PREFIX):
             raise DecodeError(
-                "unsigned message: this worker has a signing_key and accepts only signed messages"
+                Why.UNSIGNED, "this worker has a signing_key and accepts only signed messages"
             )
         if len(body) < _HEADER or body[_HEADER - 1 : _HEADER] != b"\n":
             raise DecodeError(
-                f"bad signature: the line after {PREFIX.decode()} is not {_DIGITS} hex digits "
-                "and a newline"
+                Why.BAD_SIGNATURE,
+                f"the line after {PREFIX.decode()} is not {_DIGITS} hex digits and a newline",
             )
         claimed, envelope = body[len(PREFIX) : _HEADER - 1], body[_HEADER:]
         for mac in self._macs:
             if hmac.compare_digest(_hex_mac(mac, envelope), claimed):
                 return envelope
         raise DecodeError(
-            "bad signature: the message was changed after it was signed, or signed with a key "
-            "this worker does not accept (neither signing_key nor one of verify_keys)"
+            Why.BAD_SIGNATURE,
+            "the message was changed after it was signed, or signed with a key "
+            "this worker does not accept (neither signing_key nor one of verify_keys)",
         )
 
 
@@ -78,6 +80,6 @@ def _hex_mac(keyed: hmac.HMAC, envelope: bytes) -> bytes:
 
 # Why a worker without a key rejects a signed body (rather than call it malformed JSON).
 NO_KEY = (
-    "signed message, but this worker has no signing_key: set signing_key (CONVEYOR_SIGNING_KEY) "
-    "to the key its senders use"
+    "the message is signed, but this worker has no signing_key: set signing_key "
+    "(CONVEYOR_SIGNING_KEY) to the key its senders use"
 )

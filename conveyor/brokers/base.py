@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from conveyor.errors import ConfigurationError
+from conveyor.reasons import DeadLetterReason
 
 #: Everything of conveyor's that connects somewhere (brokers, result stores), in this process.
 _connecting: weakref.WeakSet[Any] = weakref.WeakSet()
@@ -85,6 +86,11 @@ class DeadLetter:
     reason: str
     delivery_count: int
     died_at: float
+
+    @property
+    def category(self) -> DeadLetterReason | None:
+        """The fixed category the reason starts with (None if conveyor did not write it)."""
+        return DeadLetterReason.of(self.reason)
 
 
 class Broker(abc.ABC):

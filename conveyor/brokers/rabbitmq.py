@@ -47,6 +47,7 @@ from pamqp.header import ContentHeader
 from conveyor.brokers._pamqp_text import has_raw_text, install
 from conveyor.brokers.base import Broker, DeadLetter, Delivery, Outgoing, QueueStats, connects
 from conveyor.errors import BrokerError, ConfigurationError, PublishError
+from conveyor.reasons import DeadLetterReason as Why
 from conveyor.redact import redact_text, redact_url
 from conveyor.signing import PREFIX as SIGNED_PREFIX
 
@@ -559,10 +560,10 @@ class RabbitMQBroker(Broker):
             delivery = Delivery(queue, message.body, (self._generation, tag), count, reply_to)
             reason = None
             if has_raw_text(headers) or has_raw_text(properties.content_type):
-                reason = "a header name or value is not valid UTF-8"
+                reason = Why.INVALID_HEADERS("a header name or value is not valid UTF-8")
             elif properties.content_type not in (None, "", CONTENT_TYPE, SIGNED_CONTENT_TYPE):
-                reason = (
-                    f"content type {properties.content_type!r} is neither {CONTENT_TYPE} "
+                reason = Why.WRONG_CONTENT_TYPE(
+                    f"{properties.content_type!r} is neither {CONTENT_TYPE} "
                     f"nor {SIGNED_CONTENT_TYPE}"
                 )
             if reason is not None:

@@ -25,7 +25,8 @@ from collections.abc import Sequence
 
 from conveyor._sqlite import Database, path_from_url
 from conveyor.brokers.base import Broker, DeadLetter, Delivery, Outgoing, QueueStats
-from conveyor.message import DEFAULT_MAX_SIZE
+from conveyor.message import DEFAULT_MAX_SIZE, oversize
+from conveyor.reasons import DeadLetterReason as Why
 
 log = logging.getLogger("conveyor.worker")
 
@@ -212,7 +213,7 @@ class SQLiteBroker(Broker):
         Their bodies never reach Python: the claim returned only their sizes.
         """
         for rid, size in rows:
-            reason = f"message is {size} bytes, over the {self.max_message_size}-byte limit"
+            reason = Why.TOO_LARGE(oversize(size, self.max_message_size))
             log.warning("dead-lettered a message on %s: %s", queue, reason)
             self.refused += 1
             conn.execute(

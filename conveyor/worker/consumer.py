@@ -35,6 +35,7 @@ from conveyor.errors import (
     UnknownTaskError,
 )
 from conveyor.message import Envelope, decode, encode
+from conveyor.reasons import DeadLetterReason as Why
 from conveyor.results import ResultRecord, State
 from conveyor.task import resolve
 from conveyor.worker.execution import Job, Kind, Outcome
@@ -494,7 +495,7 @@ class Consumer:
             self.store.route(envelope.id, delivery.reply_to)  # the sender takes its records
         limit = self._settings.poison_limit
         if delivery.delivery_count > limit:
-            reason = (
+            reason = Why.POISON(
                 f"delivered {delivery.delivery_count} times without finishing "
                 f"(poison limit {limit}): the process running it probably died"
             )
@@ -502,13 +503,15 @@ class Consumer:
             return None
         task = self.app.tasks.get(envelope.task)
         if task is None:
-            reason = f"unknown task {envelope.task!r}: not registered on app {self.app.name!r}"
+            reason = Why.UNKNOWN_TASK(
+                f"{envelope.task!r} is not registered on app {self.app.name!r}"
+            )
             self._reject(delivery, reason, envelope, UnknownTaskError.__name__)
             return None
         try:
             task.signature.bind(*envelope.args, **envelope.kwargs)
         except TypeError as exc:
-            reason = f"arguments do not fit task {task.name}: {exc}"
+            reason = Why.BAD_ARGUMENTS(f"they do not fit task {task.name}: {exc}")
             self._reject(delivery, reason, envelope, ArgumentError.__name__)
             return None
         if envelope.expires is not None and now > envelope.expires:
@@ -559,7 +562,7 @@ class Consumer:
                 self._settle(job, outcome)
             except Exception as exc:
                 # Settling must not fail silently: that would strand the message.
-                reason = f"could not settle the outcome: {type(exc).__name__}: {exc}"
+                reason = Why.SETTLEMENT_FAILED(f"{type(exc).__name__}: {exc}")
                 if job.task.options.acks_late:
                     self._reject(job.delivery, reason, job.envelope, type(exc).__name__)
                 else:  # acknowledged before it ran: there is no message left to dead-letter
@@ -675,7 +678,9 @@ class Consumer:
                 pending.acks += ack
             elif task.options.acks_late:
                 self.stats.dead_lettered += 1
-                reason = f"gave up after {env.retries} retries: {_error(outcome)}"
+                reason = Why.RETRIES_EXHAUSTED(
+                    f"gave up after {env.retries} retries: {_error(outcome)}"
+                )
                 pending.dead.append((job.delivery, reason))
 
     def _max_retries(self, job: Job, outcome: Outcome) -> int:

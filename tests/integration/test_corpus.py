@@ -32,7 +32,7 @@ import pytest
 from conftest import RABBITMQ_URL, delete_rabbitmq_queues, require_rabbitmq, wait_for
 from corpus.cases import Case, load_cases, pickle_payload, settings
 
-from conveyor import Conveyor
+from conveyor import Conveyor, DeadLetterReason
 from conveyor.brokers.base import DeadLetter
 from conveyor.testing import run_until_empty
 
@@ -47,7 +47,7 @@ CASES = load_cases(limit=LIMIT)
 WORKER_APP = """
 from pathlib import Path
 
-from conveyor import Conveyor
+from conveyor import Conveyor, DeadLetterReason
 
 app = Conveyor(
     "corpus", broker={broker!r}, results={results!r}, default_queue={queue!r},
@@ -370,6 +370,9 @@ def check_case(run: CorpusRun, name: str) -> None:
             f"{case.reason!r}; dead letters with its body: {same_body}; tasks that ran: "
             f"{round_.ran}; {round_.summary(run.broker)}\nworker log:\n{tail(round_.log)}"
         )
+    category = DeadLetterReason.of(case.reason)
+    assert category is not None, f"{name}: {case.reason!r} does not start with a fixed category"
+    assert letter.category is category, f"{name}: {letter.reason!r}"
     assert letter.delivery_count == 1, f"{name}: delivered {letter.delivery_count} times"
 
 
@@ -445,7 +448,9 @@ def test_over_16_mib_is_dead_lettered_under_the_default_limit(tmp_path: Path) ->
         insert_into_sqlite(tmp_path / "broker.db", "default", [case])
         stats = run_until_empty(app, pool="threads")
         [letter] = app.broker.dead_letters("default")
-        assert letter.reason.startswith("message is 16777217 bytes, over the 16777216-byte limit")
+        assert letter.reason.startswith(
+            "message too large: 16777217 bytes, over the 16777216-byte limit"
+        )
         assert stats.succeeded == 0
     finally:
         app.close()

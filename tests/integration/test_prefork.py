@@ -34,7 +34,7 @@ from conftest import (
     wait_for,
 )
 
-from conveyor import Conveyor, SoftTimeLimitExceeded, Task, Worker, WorkerStats
+from conveyor import Conveyor, DeadLetterReason, SoftTimeLimitExceeded, Task, Worker, WorkerStats
 from conveyor.errors import TimeLimitExceeded
 from conveyor.message import decode
 from conveyor.results import ResultRecord, State
@@ -642,7 +642,9 @@ def test_hard_time_limit_retries_when_asked_then_gives_up(
     )
     assert (stats.retried, stats.failed, stats.lost) == (1, 1, 0)
     (dead,) = app.broker.dead_letters(queue_of(app))
-    assert "gave up after 1 retries" in dead.reason and "TimeLimitExceeded" in dead.reason
+    assert dead.category is DeadLetterReason.RETRIES_EXHAUSTED
+    assert dead.reason.startswith("retries exhausted: gave up after 1 retries")
+    assert "TimeLimitExceeded" in dead.reason
     assert waiting(app) == 0
 
 

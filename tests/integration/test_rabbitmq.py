@@ -269,7 +269,7 @@ def test_raw_bad_input_is_dead_lettered_and_good_tasks_run(
         for expected in ("content type 'text/plain'", "over the 4096-byte", "unknown task"):
             assert expected in reasons
         assert "malformed JSON" in reasons
-        assert reasons.count("a header name or value is not valid UTF-8") == 2
+        assert reasons.count("invalid headers: a header name or value is not valid UTF-8") == 2
         assert len(dead) == 6 and all(d.delivery_count == 1 for d in dead)
         logged = [r for r in caplog.records if r.levelno >= logging.WARNING]
         assert len(logged) == 6, "each bad message is logged once"

@@ -37,17 +37,25 @@ def envelope_bytes(**changes: Any) -> bytes:
 # (case, body as stored in the table, text the dead-letter reason must contain)
 BAD_INPUT: list[tuple[str, bytes | str, str]] = [
     ("malformed-json", b'{"v": 1, "id": "x", "task": ', "malformed JSON"),
-    ("binary-junk", b"\x89PNG\r\n\x1a\n\x00\x00", "malformed JSON"),
+    ("binary-junk", b"\x89PNG\r\n\x1a\n\x00\x00", "undecodable message: not valid UTF-8"),
     ("text-column", "plain text typed into the sqlite3 shell", "malformed JSON"),
     ("json-array", b"[1, 2, 3]", "not an envelope"),
     ("wrong-field-type", envelope_bytes(priority="high"), "$.priority"),
     ("wrong-id-type", envelope_bytes(id=12), "$.id"),
-    ("unknown-version", envelope_bytes(v=2), "unknown envelope version 2"),
+    ("unknown-version", envelope_bytes(v=2), "unknown envelope version: 2"),
     ("unknown-field", envelope_bytes(pickle="gASV"), "unknown field `pickle`"),
-    ("unknown-task", envelope_bytes(task="nope.missing"), "unknown task 'nope.missing'"),
+    ("unknown-task", envelope_bytes(task="nope.missing"), "unknown task: 'nope.missing'"),
     ("oversized", envelope_bytes(args=["x" * MAX_SIZE, 2]), f"over the {MAX_SIZE}-byte limit"),
-    ("arguments-do-not-fit", envelope_bytes(args=[1, 2, 3]), "arguments do not fit task add"),
-    ("unknown-keyword", envelope_bytes(args=[1], kwargs={"z": 2}), "arguments do not fit task add"),
+    (
+        "arguments-do-not-fit",
+        envelope_bytes(args=[1, 2, 3]),
+        "bad arguments: they do not fit task add",
+    ),
+    (
+        "unknown-keyword",
+        envelope_bytes(args=[1], kwargs={"z": 2}),
+        "bad arguments: they do not fit task add",
+    ),
 ]
 
 
@@ -108,7 +116,7 @@ def test_bad_rows_are_dead_lettered_with_reasons_and_good_ones_succeed(
         raw = body if isinstance(body, bytes) else body.encode()
         assert raw in stored, f"{case}: not in conveyor_dead"
         assert reason_text in stored[raw], f"{case}: {stored[raw]}"
-    assert any("unknown envelope version 3" in r for r in reasons)
+    assert any("unknown envelope version: 3" in r for r in reasons)
     assert all(queue == Q for queue, _, _ in rows)
 
     # Logged once each: as many warnings as rows, each reason as often as it was dead-lettered

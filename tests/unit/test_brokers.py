@@ -559,7 +559,10 @@ def test_sqlite_dead_letters_an_oversized_body_without_handing_it_out(
         assert bodies(got) == [small]
         [dead] = broker.dead_letters(Q)
         assert dead.body == big
-        assert dead.reason == "message is 1001 bytes, over the 1000-byte limit"
+        assert (
+            dead.reason
+            == "message too large: 1001 bytes, over the 1000-byte limit (max_message_size)"
+        )
         assert dead.delivery_count == 1
         assert stats_of(broker) == (0, 0, 1, 1)
         assert broker.refused == 1

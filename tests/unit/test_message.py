@@ -8,10 +8,12 @@ from unittest.mock import patch
 
 import msgspec
 import pytest
+from corpus.cases import load_cases
+from corpus.cases import settings as corpus_settings
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conveyor import message
+from conveyor import DeadLetterReason, message
 from conveyor.errors import DecodeError, EncodeError
 from conveyor.message import DEFAULT_MAX_SIZE, MAX_PRIORITY, VERSION, Envelope, decode, encode
 
@@ -259,7 +261,7 @@ def test_unknown_version_reason_mentions_the_version(version: object) -> None:
 @given(st.integers().filter(lambda v: v != VERSION))
 def test_any_other_integer_version_is_unknown(version: int) -> None:
     reason = reason_of(msgspec.json.encode(envelope_dict(v=version)))
-    assert f"unknown envelope version {version}" in reason
+    assert f"unknown envelope version: {version}" in reason
 
 
 def test_object_without_version_among_other_errors_is_not_an_envelope() -> None:
@@ -330,6 +332,83 @@ def test_malformed_json_reason() -> None:
     assert "malformed JSON" in reason_of(b'{"v": 1, "id": ')
 
 
+# dead-letter categories: chosen by conveyor, whatever the parser's own words
+
+
+def category_of(data: bytes, **kwargs: Any) -> DeadLetterReason:
+    with pytest.raises(DecodeError) as info:
+        decode(data, **kwargs)
+    assert info.value.reason.startswith(f"{info.value.category}: ")
+    assert DeadLetterReason.of(info.value.reason) is info.value.category
+    return info.value.category
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"v":1,"id":"a","task":"t","queue":"q","args":["caf\xe9"]}',  # a Latin-1 byte
+        b'{"v":1,"id":"a","task":"t","queue":"q","kwargs":{"\xff":1}}',  # in a key
+        b'{"v":1,"id":"a","task":"t","queue":"q","args":["\xed\xa0\x80"]}',  # a UTF-8 surrogate
+        b'{"v":1,"id":"a","task":"t","queue":"q","args":["\xe2\x82"]}',  # cut short
+        b"\x89PNG\r\n\x1a\n",
+        b'{"v":1,"id":"a","task":"t","queue":"q","x":"\xc0\xaf"}',  # an overlong form
+    ],
+)
+def test_invalid_utf8_is_undecodable_wherever_it_is(body: bytes) -> None:
+    assert category_of(body) is DeadLetterReason.UNDECODABLE
+    assert reason_of(body).startswith("undecodable message: not valid UTF-8 (byte 0x")
+
+
+@pytest.mark.parametrize(
+    "raised",
+    [
+        msgspec.DecodeError("Invalid UTF-8 encoded string"),  # what msgspec 0.23 says
+        msgspec.DecodeError("JSON is malformed: invalid character (byte 40)"),  # 0.22
+        msgspec.DecodeError("some wording of a release to come"),
+        msgspec.ValidationError("Invalid UTF-8 encoded string"),
+        UnicodeDecodeError("utf-8", b"\xe9", 0, 1, "invalid continuation byte"),
+    ],
+)
+def test_the_category_of_invalid_utf8_does_not_depend_on_the_parsers_words(
+    raised: Exception,
+) -> None:
+    """Whatever the JSON parser raises, with whatever text, bytes that are not UTF-8 are
+    `undecodable message`, and UTF-8 text it refuses keeps the category of the exception's kind."""
+
+    class Parser:
+        def decode(self, body: bytes) -> Any:
+            raise raised
+
+    with patch.object(message, "_decoder", Parser()):
+        assert category_of(b'{"v":1,"args":["caf\xe9"]}') is DeadLetterReason.UNDECODABLE
+        text_category = category_of(b'{"v":1,"args":["cafe"]}')
+    expected = {
+        msgspec.DecodeError: DeadLetterReason.MALFORMED_JSON,
+        msgspec.ValidationError: DeadLetterReason.INVALID_ENVELOPE,
+        UnicodeDecodeError: DeadLetterReason.UNDECODABLE,
+    }[type(raised)]
+    assert text_category is expected
+
+
+def test_every_corpus_refusal_has_the_category_the_corpus_expects() -> None:
+    """The bad-input corpus, through `decode` alone: each refusal's category is the one the
+    case names, so the worker runs (tests/integration/test_corpus.py) fail only for I/O."""
+    limit = corpus_settings()["max_message_size"]
+    decoded = set()
+    for case in load_cases(limit=limit):
+        if case.has_properties:
+            continue  # refused for the broker's properties, before decode
+        expected = DeadLetterReason.of(case.reason)
+        try:
+            decode(case.body, max_size=limit)
+        except DecodeError as exc:
+            assert exc.category is expected, (case.name, exc.reason)
+        else:
+            decoded.add(expected)
+    # What decodes is refused later, by the worker, for what the envelope asks.
+    assert decoded <= {DeadLetterReason.UNKNOWN_TASK, DeadLetterReason.BAD_ARGUMENTS}
+
+
 # duplicate keys: msgspec keeps a repeated key's last value, so a second "task" would win
 
 
@@ -361,12 +440,12 @@ ENVELOPE = (
 )
 def test_a_repeated_key_anywhere_is_a_decode_error(data: bytes, key: str) -> None:
     reason = reason_of(data)
-    assert reason == f'duplicate key "{key}" in a JSON object'
+    assert reason == f'duplicate key: "{key}" appears twice in one JSON object'
 
 
 def test_a_repeated_key_after_whitespace_is_found_too() -> None:
     data = ENVELOPE.replace(b",", b", ").replace(b'"queue"', b'"task": "evil", "queue"')
-    assert reason_of(data).startswith('duplicate key "task"')
+    assert reason_of(data).startswith('duplicate key: "task"')
 
 
 def test_the_envelope_the_duplicate_tests_change_is_valid() -> None:
@@ -377,7 +456,7 @@ def test_a_long_repeated_key_is_shown_cut_short() -> None:
     key = "k" * 1000
     data = ENVELOPE.replace(b'{"k"', f'{{"{key}":0,"{key}":1,"k"'.encode())
     reason = reason_of(data)
-    assert reason == f'duplicate key "{"k" * 100}"... in a JSON object'
+    assert reason == f'duplicate key: "{"k" * 100}"... appears twice in one JSON object'
 
 
 @SETTINGS
@@ -397,7 +476,9 @@ def test_repeating_any_field_of_any_envelope_is_a_decode_error(
     fields = msgspec.json.decode(encode(envelope))
     key = data.draw(st.sampled_from(sorted(fields)))
     repeated = b"{" + msgspec.json.encode({key: fields[key]})[1:-1] + b"," + encode(envelope)[1:]
-    assert reason_of(repeated) == f"duplicate key {json.dumps(key)} in a JSON object"
+    assert (
+        reason_of(repeated) == f"duplicate key: {json.dumps(key)} appears twice in one JSON object"
+    )
 
 
 @SETTINGS

@@ -32,7 +32,8 @@ from conveyor.testing import memory_app
 
 Q = "default"
 POISONED = (
-    "delivered 4 times without finishing (poison limit 3): the process running it probably died"
+    "poison message: delivered 4 times without finishing (poison limit 3): the process running "
+    "it probably died"
 )
 Poll = Callable[..., Any]
 
@@ -190,7 +191,10 @@ def test_giving_up_stores_the_failure_and_dead_letters(
         result.get(timeout=1)
     assert (info.value.type_name, info.value.message) == (error_type, error_message)
     [letter] = app.broker.dead_letters(Q)
-    assert letter.reason == f"gave up after 2 retries: {error_type}: {error_message}"
+    assert (
+        letter.reason
+        == f"retries exhausted: gave up after 2 retries: {error_type}: {error_message}"
+    )
     assert (decode(letter.body).id, decode(letter.body).retries) == (result.id, 2)
     assert (stats.retried, stats.failed, stats.dead_lettered, stats.rejected) == (2, 1, 1, 0)
 
@@ -293,8 +297,8 @@ def test_worker_stats_after_a_known_mix(pool: str, apps: list[Conveyor]) -> None
     assert stats.finished == sent == stats.received - stats.retried
     reasons = sorted(letter.reason for letter in app.broker.dead_letters(Q))
     assert len(reasons) == 2
-    assert reasons[0].startswith("gave up after 1 retries: MaxRetriesExceeded")
-    assert reasons[1].startswith("malformed JSON")
+    assert reasons[0].startswith("malformed JSON")
+    assert reasons[1].startswith("retries exhausted: gave up after 1 retries: MaxRetriesExceeded")
 
 
 def test_cold_shutdown_of_an_acks_early_task_counts_no_release(

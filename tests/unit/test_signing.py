@@ -98,7 +98,8 @@ def test_the_size_limit_counts_the_signature_line() -> None:
 
 def test_the_size_is_checked_before_the_signature() -> None:
     body = b"x" * 2000
-    assert reason_of(body, max_size=1000, signer=signer()).startswith("message is 2000 bytes")
+    reason = reason_of(body, max_size=1000, signer=signer())
+    assert reason.startswith("message too large: 2000 bytes")
 
 
 # what is rejected, before any JSON is parsed
@@ -165,7 +166,9 @@ def test_a_message_signed_with_another_key_is_a_bad_signature(unparsed: None) ->
 
 def test_a_signed_message_to_a_worker_without_a_key_says_so(unparsed: None) -> None:
     reason = reason_of(encode(ENVELOPE, signer=signer()))
-    assert reason.startswith("signed message, but this worker has no signing_key")
+    assert reason.startswith(
+        "unexpected signature: the message is signed, but this worker has no signing_key"
+    )
 
 
 # rotation
@@ -299,7 +302,9 @@ def test_a_worker_without_a_key_dead_letters_signed_messages(app: Conveyor) -> N
     assert plain.get(timeout=1) == "paid plain" and ran == [("plain", 1)]
     assert (stats.succeeded, stats.dead_lettered) == (1, 1)
     [letter] = app.broker.dead_letters(Q)
-    assert letter.reason.startswith("signed message, but this worker has no signing_key")
+    assert letter.reason.startswith(
+        "unexpected signature: the message is signed, but this worker has no signing_key"
+    )
 
 
 def test_retries_stay_signed_with_the_current_key(signed_app: Conveyor) -> None:

@@ -424,16 +424,16 @@ def envelope_bytes(**changes: Any) -> bytes:
 BAD_INPUT: list[tuple[str, Callable[[], bytes], str, str | None]] = [
     # (case, body, text the dead-letter reason must contain, error type stored as the result)
     ("malformed-json", lambda: b'{"v": 1, "id": "x", "task": ', "malformed JSON", None),
-    ("binary-junk", lambda: b"\x89PNG\r\n\x1a\n\x00\x00", "malformed JSON", None),
+    ("binary-junk", lambda: b"\x89PNG\r\n\x1a\n\x00\x00", "undecodable message", None),
     ("json-but-not-an-object", lambda: b"[1, 2, 3]", "not an envelope", None),
     ("wrong-field-type", lambda: envelope_bytes(priority="high"), "$.priority", None),
     ("wrong-id-type", lambda: envelope_bytes(id=12), "$.id", None),
-    ("unknown-version", lambda: envelope_bytes(v=2), "unknown envelope version 2", None),
+    ("unknown-version", lambda: envelope_bytes(v=2), "unknown envelope version: 2", None),
     ("unknown-field", lambda: envelope_bytes(pickle="gASV"), "unknown field `pickle`", None),
     (
         "unknown-task",
         lambda: envelope_bytes(id="unknown-task-id", task="nope.missing"),
-        "unknown task 'nope.missing'",
+        "unknown task: 'nope.missing'",
         "UnknownTaskError",
     ),
     (
@@ -445,13 +445,13 @@ BAD_INPUT: list[tuple[str, Callable[[], bytes], str, str | None]] = [
     (
         "arguments-do-not-fit",
         lambda: envelope_bytes(id="misfit-id", args=[1, 2, 3]),
-        "arguments do not fit task add",
+        "bad arguments: they do not fit task add",
         "ArgumentError",
     ),
     (
         "unknown-keyword",
         lambda: envelope_bytes(id="misfit-kw-id", args=[1], kwargs={"z": 2}),
-        "arguments do not fit task add",
+        "bad arguments: they do not fit task add",
         "ArgumentError",
     ),
 ]
