@@ -65,6 +65,8 @@ class Conveyor:
         self._lock = threading.Lock()
         self._broker: Broker | None = None
         self._results: ResultStore | _Unset | None = UNSET
+        #: `module:attribute`, when `load_app` imported this app (the worker command does).
+        self.import_path: str | None = None
 
     def __repr__(self) -> str:
         return f"<Conveyor {self.name} broker={redact_url(self.settings.broker)}>"
@@ -299,4 +301,25 @@ def load_app(path: str) -> Conveyor:
     app = getattr(module, attribute)
     if not isinstance(app, Conveyor):
         raise ConfigurationError(f"{path!r} is a {type(app).__name__}, not a Conveyor app")
+    app.import_path = path
     return app
+
+
+def import_path_of(app: Conveyor) -> str | None:
+    """How a fresh interpreter can import `app` again: `module:attribute`, or None.
+
+    The path `load_app` used, else the first module-level name bound to it (an app made inside a
+    function, or in `__main__`, has none).
+    """
+    if app.import_path is not None:
+        return app.import_path
+    for name, module in list(sys.modules.items()):
+        if name == "__main__" or module is None:
+            continue
+        namespace = getattr(module, "__dict__", None)
+        if not isinstance(namespace, dict):
+            continue
+        for attribute, value in list(namespace.items()):
+            if value is app:
+                return f"{name}:{attribute}"
+    return None

@@ -938,11 +938,13 @@ def test_stress_one_task_per_child_with_random_start_delays(
     assert after == before, f"{after - before} descriptors leaked"
 
 
-def test_a_dead_zygote_stops_the_worker_warm_with_the_reason(
+def test_a_dead_zygote_of_an_app_no_process_can_import_stops_the_worker_warm(
     make_app: MakeApp, tmp_path: Path, poll: Poll, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """Without its zygote the pool can start no child: the worker finishes what runs, takes
-    nothing more, and says why, so that its supervisor starts a new one."""
+    """A new zygote imports the app by its path; an app made inside a function has none. Then
+    the pool can start no child: the worker finishes what runs, takes nothing more, and says
+    why, so that its supervisor starts a new one. (With a path, the zygote is replaced and the
+    worker runs on: tests/integration/test_zygote.py.)"""
     app = make_app()
     started, release = tmp_path / "started", tmp_path / "release"
     started.mkdir()
@@ -957,18 +959,21 @@ def test_a_dead_zygote_stops_the_worker_warm_with_the_reason(
         assert worker._consumer is not None
         pool = worker._consumer.pool
         assert isinstance(pool, PreforkPool)
-        os.kill(pool._zygote_pid, signal.SIGKILL)
+        zygote = pool._zygote_pid
+        os.kill(zygote, signal.SIGKILL)
         poll(lambda: worker.failure is not None, timeout=30, what="the worker to notice")
         later = block.delay(1)
         assert thread.is_alive(), "the worker left before its running task finished"
         release.touch()
         thread.join(30)
         assert not thread.is_alive() and not errors
-    assert worker.failure == "the prefork zygote exited: no new children can start"
+    reason = (
+        f"the prefork zygote (pid {zygote}) was killed by SIGKILL, and app {app.name!r} cannot "
+        "be imported by a new process to start another: start the worker with `conveyor worker "
+        "module:attribute`, or define the app at module level"
+    )
+    assert worker.failure == reason
     assert first.get(timeout=5) == 0
     assert later.state == State.PENDING and waiting(app) == 1
     errors_logged = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
-    assert errors_logged == [
-        "the prefork zygote exited: no new children can start: "
-        "the worker stops so that a new one can start"
-    ]
+    assert errors_logged == [f"{reason}: the worker stops so that a new one can start"]

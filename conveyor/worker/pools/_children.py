@@ -1,14 +1,19 @@
 """The prefork pool's other processes: the zygote that forks children, and the child's loop.
 
-The zygote is forked once, when the pool starts, before the worker connects to its broker. Every
-child is forked from it, never from the worker itself, so no child inherits the worker's broker
-socket or any connection opened later. The zygote is the children's parent: it reaps them,
-reports how each one ended, and kills one when the worker asks (so a kill can never hit a
-recycled process id). It talks to the worker over one Unix socket of packets:
+The first zygote is forked when the pool starts, before the worker connects to its broker. A
+zygote that dies is replaced by one started in a fresh interpreter that imports the app by its
+path (`start_fresh_zygote`, the spawn start method's way), because by then the worker holds
+broker connections that a fork would copy. Every child is forked from a zygote, never from the
+worker itself, so no child inherits the worker's broker socket or any connection opened later.
+The zygote is the children's parent: it reaps them, reports how each one ended, and kills one
+when the worker asks (so a kill can never hit a recycled process id). It talks to the worker
+over one Unix socket of packets:
 
     worker -> zygote   b"S" gen + two descriptors (the child's ends of its pipes): fork a child
                        b"K" gen: kill that child (SIGKILL)
     zygote -> worker   b"X" gen pid status: the child ended (a `waitpid` status)
+                       b"R": a fresh zygote imported the app and is ready to fork
+                       b"E" text: a fresh zygote could not start, and why (then it exits)
 
 A child talks to the worker over its own two pipes, in frames of a 4-byte length and a msgpack
 message (`Run` in; `Up` once, then a `Done` per task, out). It has no broker: it runs tasks and
@@ -18,12 +23,15 @@ reports their outcomes.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import selectors
 import signal
 import socket
 import stat
 import struct
+import subprocess
+import sys
 import time
 import traceback
 from collections.abc import Callable, Iterable, Sequence
@@ -134,7 +142,7 @@ def start_zygote(app: Conveyor, options: ChildOptions) -> tuple[int, socket.sock
         code = 0
         try:
             ours.close()
-            _zygote(theirs, app, options)
+            serve_zygote(theirs, app, options)
         except BaseException:  # whatever happens, never return into the worker's code
             traceback.print_exc()
             code = 70
@@ -142,6 +150,52 @@ def start_zygote(app: Conveyor, options: ChildOptions) -> tuple[int, socket.sock
             os._exit(code)
     theirs.close()
     return pid, ours
+
+
+class ZygoteSpec(msgspec.Struct, frozen=True):
+    """What a zygote in a fresh interpreter needs: the app's path and the children's options."""
+
+    app: str
+    sys_path: list[str]
+    control: int
+    log_level: str | None
+    max_tasks: int | None
+    max_memory: int | None
+    max_message_size: int
+
+    def options(self) -> ChildOptions:
+        """The children's options (`before_up`, a test hook, cannot cross into a new process)."""
+        return ChildOptions(self.max_tasks, self.max_memory, self.max_message_size)
+
+
+def start_fresh_zygote(
+    app_path: str, options: ChildOptions
+) -> tuple[subprocess.Popen[bytes], socket.socket]:
+    """Start a zygote in a new interpreter that imports the app from `app_path`; the worker
+    keeps the returned socket to it. Only that socket's other end crosses into the new process:
+    the worker's broker connections are closed at the `exec`."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    logger = logging.getLogger("conveyor")
+    configured = any(getattr(h, "_conveyor", False) for h in logger.handlers)
+    spec = ZygoteSpec(
+        app=app_path,
+        sys_path=list(sys.path),
+        control=theirs.fileno(),
+        log_level=logging.getLevelName(logger.level) if configured else None,
+        max_tasks=options.max_tasks,
+        max_memory=options.max_memory,
+        max_message_size=options.max_message_size,
+    )
+    argument = msgspec.json.encode(spec).decode()
+    command = [sys.executable, "-m", "conveyor.worker.pools._zygote", argument]
+    try:
+        process = subprocess.Popen(command, pass_fds=[theirs.fileno()])
+    except BaseException:
+        ours.close()
+        raise
+    finally:
+        theirs.close()
+    return process, ours
 
 
 def spawn(control: socket.socket, generation: int, fds: Sequence[int]) -> None:
@@ -232,7 +286,8 @@ def inherited_connections(ours: Iterable[tuple[str, int]] = ()) -> list[str]:
     return found
 
 
-def _zygote(control: socket.socket, app: Conveyor, options: ChildOptions) -> None:
+def serve_zygote(control: socket.socket, app: Conveyor, options: ChildOptions) -> None:
+    """Fork a child for each request on `control`, reap them, and report how each ended."""
     signal.set_wakeup_fd(-1)
     wake_r, wake_w = _quiet_signals()
     _drop_sockets([control.fileno(), wake_r, wake_w, 0, 1, 2])

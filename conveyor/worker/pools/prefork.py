@@ -13,7 +13,11 @@ known to be short (new, or slow lately) only ever goes to an idle child. Frames 
 loop turn go down each pipe in one write, so a stream of tiny tasks costs a system call per
 batch, not per task, and keeps a window of work in flight across the broker's round trip.
 
-Children are forked by a zygote (see `_children`), so none inherits a broker socket. A child
+Children are forked by a zygote (see `_children`), so none inherits a broker socket. A zygote
+that dies is replaced by one in a fresh interpreter: its children become orphans that finish
+the work they were given, killed when needed through a pidfd opened while they were known to
+be alive, and new children take their places once the new zygote is up. Only failing to start
+one `ZYGOTE_ATTEMPTS` times in a row, with backoff, breaks the pool. A child
 that does not report WORKER_UP within `start_timeout` is killed and replaced (nothing was sent
 to it). `max_tasks` and `max_memory` make a child hand over to a fresh one after its current
 task. A task past its hard time limit has its child killed and replaced; the task fails (or
@@ -37,10 +41,12 @@ import logging
 import os
 import signal
 import socket
+import subprocess
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from conveyor.app import import_path_of
 from conveyor.brokers.base import own_endpoints
 from conveyor.errors import TimeLimitExceeded
 from conveyor.worker.execution import Job, Kind, Outcome
@@ -56,6 +62,9 @@ log = logging.getLogger("conveyor.worker")
 
 START_TIMEOUT_S = 30.0
 RESTART_BACKOFF_MAX_S = 10.0
+#: Tries at starting a new zygote before the pool gives up (waits of 0.5, 1, 2, 4 s between).
+ZYGOTE_ATTEMPTS = 5
+ZYGOTE_BACKOFF_S = 0.5
 #: The most work, in the children's recent run times, queued in a child behind its running task.
 BATCH_BUDGET_S = 0.002
 #: The most jobs written to one child at once.
@@ -91,6 +100,9 @@ class _Child:
         self.sent = 0  # jobs written to it in its life
         self.timer: asyncio.TimerHandle | None = None  # start-up timeout or hard time limit
         self.overran = False  # killed for running past its hard limit
+        # Its zygote died: it finishes what it was given and exits; a pidfd kills it if need be.
+        self.orphan = False
+        self.pidfd = -1
 
     def __repr__(self) -> str:
         busy = f" {len(self.jobs)} jobs" if self.jobs else ""
@@ -122,7 +134,10 @@ class PreforkPool(Pool):
         )
         self._loop: asyncio.AbstractEventLoop | None = None
         self._zygote_pid = 0
-        self._control: socket.socket | None = None
+        self._zygote_process: subprocess.Popen[bytes] | None = None  # a fresh interpreter's
+        self._control: socket.socket | None = None  # None while no zygote can take requests
+        self._owed = 0  # children asked for while there was no zygote to fork them
+        self._restart: asyncio.Task[None] | None = None
         self._children: set[_Child] = set()
         self._ready_children: list[_Child] = []
         # Jobs submitted when no child could take them (one died between the consumer's count
@@ -203,10 +218,21 @@ class PreforkPool(Pool):
         """Fork the zygote, then ask it for the children."""
         self._loop = asyncio.get_running_loop()
         self._warn_inherited()
-        self._zygote_pid, self._control = _children.start_zygote(self.app, self._options)
-        self._control.setblocking(False)
-        self._loop.add_reader(self._control, self._on_control)
+        pid, control = _children.start_zygote(self.app, self._options)
+        self._adopt(pid, control, None)
         for _ in range(self.concurrency):
+            self._spawn()
+
+    def _adopt(
+        self, pid: int, control: socket.socket, process: subprocess.Popen[bytes] | None
+    ) -> None:
+        """Take a zygote that is ready to fork, and ask it for the children owed."""
+        assert self._loop is not None
+        self._zygote_pid, self._control, self._zygote_process = pid, control, process
+        control.setblocking(False)
+        self._loop.add_reader(control, self._on_control)
+        owed, self._owed = self._owed, 0
+        for _ in range(owed):
             self._spawn()
 
     def _warn_inherited(self) -> None:
@@ -228,6 +254,12 @@ class PreforkPool(Pool):
         """Let idle children exit, kill busy ones (their jobs were abandoned), stop the zygote."""
         self._stopping = True
         self._backlog.clear()
+        self._owed = 0
+        if self._restart is not None:
+            self._restart.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._restart
+            self._restart = None
         for child in list(self._children):
             if child.jobs or child.state is State.STARTING:
                 self._kill(child)
@@ -246,8 +278,8 @@ class PreforkPool(Pool):
             self._control.close()
             self._control = None
         if self._zygote_pid:
-            await asyncio.to_thread(_wait_for, self._zygote_pid)
-            self._zygote_pid = 0
+            await asyncio.to_thread(_reap, self._zygote_pid, self._zygote_process)
+            self._zygote_pid, self._zygote_process = 0, None
 
     # dispatch
 
@@ -339,7 +371,10 @@ class PreforkPool(Pool):
     # children
 
     def _spawn(self) -> None:
-        assert self._loop is not None and self._control is not None
+        assert self._loop is not None
+        if self._control is None:  # a new zygote is on its way: it forks this child
+            self._owed += 1
+            return
         task_r, task_w = os.pipe2(os.O_CLOEXEC)
         result_r, result_w = os.pipe2(os.O_CLOEXEC)
         os.set_blocking(task_w, False)
@@ -376,6 +411,10 @@ class PreforkPool(Pool):
         if child.state is not State.STARTING:
             return
         self._cancel_timer(child)
+        if child.orphan:  # forked by a zygote that died since: it has a replacement
+            child.state = State.RETIRING
+            self._close_tasks(child)
+            return
         self._failed_starts = 0
         if self._stopping and not self._backlog:
             self._close_tasks(child)
@@ -396,7 +435,10 @@ class PreforkPool(Pool):
             child.head_since = self._clock()
             head = next(iter(child.jobs))
             self._arm(child, head, child.jobs[head][0])
-        if message.retire is not None:
+        if child.orphan:
+            if message.retire is not None or not child.jobs:
+                self._retire(child)  # its replacement was asked for when it became an orphan
+        elif message.retire is not None:
             log.debug(
                 "child %d (pid %d) %s: replacing it", child.generation, child.pid, message.retire
             )
@@ -441,12 +483,13 @@ class PreforkPool(Pool):
         if lost is not None:
             self._requeue_unstarted(child, skip=1)  # never started: not lost, just not run yet
         self._forget(child)
-        if state is State.STARTING and not self._stopping:
+        if state is State.STARTING and not self._stopping and not child.orphan:
             self._failed_starts += 1
         if lost is not None:
             job, done = lost
             done(job, self._lost(child, job))
-        if (not self._stopping or self._backlog) and state is not State.RETIRING:
+        replaced = state is State.RETIRING or child.orphan
+        if (not self._stopping or self._backlog) and not replaced:
             self._respawn()
 
     def _respawn(self) -> None:
@@ -496,7 +539,13 @@ class PreforkPool(Pool):
             self._kill(child)
 
     def _kill(self, child: _Child) -> None:
-        if self._control is not None and child.state is not State.GONE:
+        if child.state is State.GONE:
+            return
+        if child.orphan:
+            if child.pidfd >= 0:
+                with contextlib.suppress(OSError):
+                    signal.pidfd_send_signal(child.pidfd, signal.SIGKILL)
+        elif self._control is not None:
             self._killed.add(child.generation)
             with contextlib.suppress(OSError):
                 _children.kill(self._control, child.generation)
@@ -520,6 +569,9 @@ class PreforkPool(Pool):
         self._loop.remove_reader(child.results)
         os.close(child.results)
         self._close_tasks(child)
+        if child.pidfd >= 0:
+            os.close(child.pidfd)
+            child.pidfd = -1
         child.state = State.GONE
         child.jobs = {}
         child.short.clear()
@@ -544,26 +596,148 @@ class PreforkPool(Pool):
             if not packet:
                 assert self._loop is not None
                 self._loop.remove_reader(self._control)
-                if not self._stopping and self.on_broken is not None:
-                    self.on_broken("the prefork zygote exited: no new children can start")
+                if not self._stopping:
+                    self._zygote_died()
                 return
             report = _children.read_exit(packet)
             if report is not None:
                 self._log_exit(*report)
+
+    # the zygote's death and its replacement
+
+    def _zygote_died(self) -> None:
+        """Orphan the children (they finish their work), ask for their replacements, and start
+        a new zygote to fork them."""
+        assert self._loop is not None and self._control is not None
+        pid, process = self._zygote_pid, self._zygote_process
+        self._control.close()
+        self._control, self._zygote_pid, self._zygote_process = None, 0, None
+        orphans = [child for child in self._children if not child.orphan]
+        for child in orphans:
+            self._orphan(child)
+        self._restart = self._loop.create_task(self._replace_zygote(pid, process, len(orphans)))
+
+    def _orphan(self, child: _Child) -> None:
+        child.orphan = True
+        if child.pid:
+            # Its pipe is open, so it is alive: the pidfd pins this process, not a later one
+            # that gets the same number.
+            with contextlib.suppress(OSError):
+                child.pidfd = os.pidfd_open(child.pid)
+        self._unready(child)
+        if child.state is State.READY and not child.jobs:
+            self._retire(child)
+        self._spawn()  # its replacement, owed until the new zygote is up
+        self._capacity_changed()
+
+    async def _replace_zygote(
+        self, pid: int, process: subprocess.Popen[bytes] | None, orphans: int
+    ) -> None:
+        how = await asyncio.to_thread(_reap, pid, process)
+        path = import_path_of(self.app)
+        if path is None:
+            self._broken(
+                f"the prefork zygote (pid {pid}) {how}, and app {self.app.name!r} cannot be "
+                "imported by a new process to start another: start the worker with "
+                "`conveyor worker module:attribute`, or define the app at module level"
+            )
+            return
+        log.error(
+            "the prefork zygote (pid %d) %s: starting a new one; its %d children finish the "
+            "tasks they have and are replaced",
+            pid,
+            how,
+            orphans,
+        )
+        reason = ""
+        for attempt in range(1, ZYGOTE_ATTEMPTS + 1):
+            if attempt > 1:
+                await asyncio.sleep(ZYGOTE_BACKOFF_S * 2 ** (attempt - 2))
+            began = time.monotonic()
+            try:
+                process, control = await self._start_fresh_zygote(path)
+            except _ZygoteStartError as exc:
+                reason = str(exc)
+                log.error(
+                    "could not start a new prefork zygote (attempt %d of %d): %s",
+                    attempt,
+                    ZYGOTE_ATTEMPTS,
+                    reason,
+                )
+                continue
+            log.info(
+                "new prefork zygote (pid %d) ready in %.2fs: starting %d children",
+                process.pid,
+                time.monotonic() - began,
+                self._owed,
+            )
+            self._adopt(process.pid, control, process)
+            return
+        self._broken(
+            f"could not start a new prefork zygote in {ZYGOTE_ATTEMPTS} attempts: {reason}"
+        )
+
+    async def _start_fresh_zygote(self, path: str) -> tuple[subprocess.Popen[bytes], socket.socket]:
+        """A zygote in a new interpreter, once it reported ready; `_ZygoteStartError` if not."""
+        assert self._loop is not None
+        process, control = _children.start_fresh_zygote(path, self._options)
+        control.setblocking(False)
+        reason = None
+        try:
+            async with asyncio.timeout(self.start_timeout):
+                packet = await self._loop.sock_recv(control, 4096)
+        except TimeoutError:
+            reason = f"it did not import the app within {self.start_timeout:g}s"
+            packet = b""
+        except OSError:
+            packet = b""
+        except BaseException:  # cancelled by a shutdown: leave nothing behind
+            control.close()
+            process.kill()
+            await asyncio.to_thread(process.wait)
+            raise
+        if packet == b"R":
+            return process, control
+        control.close()
+        if packet[:1] == b"E":
+            reason = packet[1:].decode(errors="replace")
+        process.kill()
+        how = await asyncio.to_thread(_reap, process.pid, process)
+        raise _ZygoteStartError(reason or f"it {how} before it was ready")
+
+    def _broken(self, reason: str) -> None:
+        if self.on_broken is not None:
+            self.on_broken(reason)
 
     def _log_exit(self, generation: int, pid: int, status: int) -> None:
         if generation in self._killed:
             self._killed.discard(generation)
             return
         if os.WIFSIGNALED(status):
-            number = os.WTERMSIG(status)
-            name = signal.Signals(number).name if number in signal.valid_signals() else number
+            name = _signal_name(os.WTERMSIG(status))
             log.warning("child %d (pid %d) was killed by %s", generation, pid, name)
         elif os.WEXITSTATUS(status) != 0:
             code = os.WEXITSTATUS(status)
             log.warning("child %d (pid %d) exited with status %d", generation, pid, code)
 
 
-def _wait_for(pid: int) -> None:
-    with contextlib.suppress(ChildProcessError):
-        os.waitpid(pid, 0)
+def _reap(pid: int, process: subprocess.Popen[bytes] | None) -> str:
+    """Wait for a zygote to end; how it ended, in words."""
+    if process is not None:
+        code = process.wait()
+        return f"was killed by {_signal_name(-code)}" if code < 0 else f"exited with status {code}"
+    try:
+        _, status = os.waitpid(pid, 0)
+    except ChildProcessError:
+        return "ended"
+    if os.WIFSIGNALED(status):
+        return f"was killed by {_signal_name(os.WTERMSIG(status))}"
+    return f"exited with status {os.WEXITSTATUS(status)}"
+
+
+def _signal_name(number: int) -> str:
+    return signal.Signals(number).name if number in signal.valid_signals() else str(number)
+
+
+class _ZygoteStartError(Exception):
+    """A fresh zygote did not come up; the message says why."""
