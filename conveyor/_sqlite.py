@@ -116,7 +116,7 @@ class Database:
         if conn is not None and self._local.forks == _forks:
             with self.transaction(conn):
                 for statement in new:
-                    conn.execute(statement)
+                    _apply(conn, statement)
 
     def in_transaction(self) -> bool:
         """True inside a transaction opened by this thread."""
@@ -199,7 +199,7 @@ class Database:
             conn.execute("PRAGMA wal_autocheckpoint=10000")
             with self.transaction(conn):
                 for statement in self._schema:
-                    conn.execute(statement)
+                    _apply(conn, statement)
         except sqlite3.Error as exc:
             raise ConfigurationError(f"cannot open SQLite database {self.path!r}: {exc}") from None
         with self._lock:
@@ -208,3 +208,12 @@ class Database:
                 self._forks, self._open = _forks, []
             self._open.append(conn)
         return conn
+
+
+def _apply(conn: sqlite3.Connection, statement: str) -> None:
+    """Run a schema statement; an `ADD COLUMN` of a column the table has already is done."""
+    try:
+        conn.execute(statement)
+    except sqlite3.OperationalError as exc:
+        if not (" ADD COLUMN " in statement and "duplicate column name" in str(exc)):
+            raise

@@ -82,7 +82,7 @@ class Conveyor:
                         visibility_timeout=self.settings.visibility_timeout,
                         max_priority=self.settings.queue_max_priority,
                         queue_type=self.settings.queue_type,
-                        poison_limit=self.settings.poison_limit,
+                        delivery_limit=self.settings.delivery_limit,
                         max_message_size=self.settings.max_message_size,
                     )
         return self._broker

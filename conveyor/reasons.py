@@ -45,7 +45,7 @@ class DeadLetterReason(StrEnum):
     BAD_ARGUMENTS = "bad arguments"
     """The arguments do not fit the task's signature."""
     POISON = "poison message"
-    """Delivered more than `poison_limit` times without finishing: its process kept dying."""
+    """Its runs kept dying (`poison_limit`), or it kept coming back unfinished (ten times that)."""
     RETRIES_EXHAUSTED = "retries exhausted"
     """The task failed on its last allowed try (late acks only; the failure is also stored)."""
     SETTLEMENT_FAILED = "settlement failed"

@@ -18,6 +18,7 @@ import msgspec
 from conveyor.errors import ConfigurationError
 
 ENV_PREFIX = "CONVEYOR_"
+DELIVERY_LIMIT_FACTOR = 10
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 Positive = Annotated[float, msgspec.Meta(gt=0)]
@@ -72,7 +73,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     queue_type: Literal["classic", "quorum"] = "classic"
     """RabbitMQ queue type. Quorum queues are replicated and count deliveries; no priorities."""
     poison_limit: Annotated[int, msgspec.Meta(ge=1)] = 3
-    """Deliveries that ended without being settled (worker or child died) before dead-lettering."""
+    """Runs of a message that may die (its process crashed, or a shutdown gave it up) before it
+    is dead-lettered. With the prefork pool these are the runs the worker saw die; with the
+    other pools, which run tasks in the worker's own process, every delivery that ended
+    without being settled counts."""
     default_max_retries: Count = 3
     default_retry_backoff_max: Positive = 600.0
     concurrency: Annotated[int, msgspec.Meta(ge=1)] = max(os.cpu_count() or 1, 1)
@@ -98,6 +102,14 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     verify_keys: tuple[Secret, ...] = ()
     """More keys whose signatures are accepted but which never sign: for rotating `signing_key`.
     Comma-separated in `CONVEYOR_VERIFY_KEYS`."""
+
+    @property
+    def delivery_limit(self) -> int:
+        """The most deliveries of a message that never finishes, whatever ended them: ten times
+        `poison_limit`. A prefork worker dead-letters past it a message whose runs no one saw
+        die (a container's memory limit taking the whole worker down with its task, say), and it
+        is one below a quorum queue's `x-delivery-limit`."""
+        return self.poison_limit * DELIVERY_LIMIT_FACTOR
 
     @classmethod
     def load(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:

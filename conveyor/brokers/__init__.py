@@ -18,7 +18,7 @@ def from_url(
     visibility_timeout: float,
     max_priority: int = 9,
     queue_type: str = "classic",
-    poison_limit: int = 3,
+    delivery_limit: int = 30,
     max_message_size: int = DEFAULT_MAX_SIZE,
 ) -> Broker:
     """The broker for a URL: `sqlite:///file.db` (embedded), `amqp://` (RabbitMQ), `memory://`."""
@@ -31,7 +31,7 @@ def from_url(
                 "the RabbitMQ broker needs aiormq: pip install 'conveyor[rabbitmq]'"
             ) from None
         return RabbitMQBroker(
-            url, max_priority=max_priority, queue_type=queue_type, delivery_limit=poison_limit
+            url, max_priority=max_priority, queue_type=queue_type, delivery_limit=delivery_limit
         )
     if scheme == "sqlite":
         from conveyor.brokers.sqlite import SQLiteBroker

@@ -51,7 +51,10 @@ class Delivery:
     """A body leased to this consumer until it is acked, requeued or dead-lettered.
 
     `receipt` is the broker's own handle for settling it; `delivery_count` is 1 the first time a
-    message is handed out and grows each time it comes back without having been settled.
+    message is handed out and grows each time it comes back without having been settled. `lost`
+    counts only the runs of it that a worker saw start and not finish (its prefork child died,
+    or a shutdown gave it up): a message a dead worker merely held comes back with `lost`
+    unchanged.
     """
 
     queue: str
@@ -59,6 +62,9 @@ class Delivery:
     receipt: Any
     delivery_count: int = 1
     reply_to: str | None = None
+    lost: int = 0
+    #: The broker's priority of the message, where the broker says (RabbitMQ), for copies of it.
+    priority: int = 0
 
     @property
     def redelivered(self) -> bool:
@@ -138,8 +144,9 @@ class Broker(abc.ABC):
     ) -> None:
         """Give messages back, visible again after `delay` seconds.
 
-        With `count_delivery=False` the delivery does not count towards the poison limit (used when
-        a worker releases messages it never started).
+        By default the delivery was a run that did not finish: it counts as a delivery and as a
+        lost run (`Delivery.lost`, which the poison limit reads). With `count_delivery=False` it
+        counts as neither (a worker releases messages it never started, or delays one again).
         """
 
     @abc.abstractmethod

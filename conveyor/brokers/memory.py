@@ -25,6 +25,7 @@ class _Message:
     body: bytes = field(compare=False)
     priority: int = field(compare=False)
     deliveries: int = field(default=0, compare=False)
+    lost: int = field(default=0, compare=False)
     lease: int = field(default=0, compare=False)
     lease_until: float = field(default=0.0, compare=False)
 
@@ -76,7 +77,7 @@ class MemoryBroker(Broker):
                     msg.lease = next(self._seq)
                     msg.lease_until = now + self.visibility_timeout
                     self._leased[msg.lease] = msg
-                    out.append(Delivery(queue, msg.body, msg.lease, msg.deliveries))
+                    out.append(Delivery(queue, msg.body, msg.lease, msg.deliveries, lost=msg.lost))
             return out
 
     def ack(self, deliveries: Sequence[Delivery]) -> int:
@@ -93,7 +94,9 @@ class MemoryBroker(Broker):
                 msg = self._leased.pop(d.receipt, None)
                 if msg is None:
                     continue
-                if not count_delivery:
+                if count_delivery:
+                    msg.lost += 1
+                else:
                     msg.deliveries -= 1
                 self._put_back(msg, self.clock() + delay if delay > 0 else None)
 

@@ -16,7 +16,9 @@ the broker's own event-loop thread, which owns the connection. A forked child ne
 
 RabbitMQ marks a message redelivered but does not count deliveries on classic queues, so a
 redelivered message is published again with the `x-conveyor-deliveries` header one higher
-before it is handed out; the worker's poison limit reads that count.
+before it is handed out. Runs a worker saw die (`Delivery.lost`, which the poison limit reads)
+are counted in `x-conveyor-lost`: a message given back after such a run is published again
+with that header one higher, never nacked, since a nack could not carry the count.
 """
 
 from __future__ import annotations
@@ -58,6 +60,7 @@ EXCHANGE = "conveyor"
 DEAD_EXCHANGE = "conveyor.dead"
 REASON = "x-conveyor-reason"
 DELIVERIES = "x-conveyor-deliveries"
+LOST = "x-conveyor-lost"
 DIED_AT = "x-conveyor-died-at"
 # Delay buckets in milliseconds: 250 ms doubling to about 36 hours.
 BUCKETS_MS: tuple[int, ...] = tuple(250 << k for k in range(20))
@@ -99,7 +102,7 @@ class RabbitMQBroker(Broker):
         *,
         max_priority: int = 9,
         queue_type: str = "classic",
-        delivery_limit: int = 3,
+        delivery_limit: int = 30,
     ) -> None:
         parts = urlsplit(url)
         if parts.scheme not in ("amqp", "amqps") or not parts.hostname:
@@ -557,7 +560,9 @@ class RabbitMQBroker(Broker):
             # retries through a delay queue), plus those RabbitMQ counted on a quorum queue.
             count = _int(headers.get(DELIVERIES)) + _int(headers.get("x-delivery-count")) + 1
             reply_to = properties.reply_to
-            delivery = Delivery(queue, message.body, (self._generation, tag), count, reply_to)
+            lost, priority = _int(headers.get(LOST)), _priority(message)
+            receipt = (self._generation, tag)
+            delivery = Delivery(queue, message.body, receipt, count, reply_to, lost, priority)
             reason = None
             if has_raw_text(headers) or has_raw_text(properties.content_type):
                 reason = Why.INVALID_HEADERS("a header name or value is not valid UTF-8")
@@ -576,12 +581,11 @@ class RabbitMQBroker(Broker):
                 # A classic queue does not count: count the lost delivery in the message
                 # itself, then hand out the new copy.
                 headers[DELIVERIES] = count
-                copy = Outgoing(queue, message.body, _priority(message), reply_to=reply_to)
+                copy = Outgoing(queue, message.body, priority, reply_to=reply_to)
                 await self._publish([copy], [headers])
                 self._settle(message.channel, acks=[tag])
                 return
-            receipt = (self._generation, tag)
-            self._inbox.append(Delivery(queue, message.body, receipt, count, reply_to))
+            self._inbox.append(delivery)
             if self._arrival is not None:
                 self._arrival()
 
@@ -608,9 +612,8 @@ class RabbitMQBroker(Broker):
         channel: aiormq.abc.AbstractChannel,
         *,
         acks: Sequence[int] = (),
-        requeues: Sequence[int] = (),
     ) -> None:
-        """Ack and nack delivery tags of the current channel, written to RabbitMQ in one go.
+        """Ack delivery tags of the current channel, written to RabbitMQ in one go.
 
         Acks that cover the oldest unsettled deliveries go as one multi-ack (`multiple=True`
         acknowledges every delivery up to its tag); the rest go one by one. Nothing awaits
@@ -635,9 +638,6 @@ class RabbitMQBroker(Broker):
         for tag in sorted(pending):
             frames.append(_frame(Basic.Ack(tag), channel.number))
             self._unsettled.pop(tag, None)
-        for tag in requeues:
-            frames.append(_frame(Basic.Nack(tag, requeue=True), channel.number))
-            self._unsettled.pop(tag, None)
         if frames:
             frame = ChannelFrame(b"".join(frames), False)
             try:
@@ -661,15 +661,13 @@ class RabbitMQBroker(Broker):
     ) -> None:
         channel = await self._chan()
         current = [d for d in deliveries if d.receipt[0] == self._generation]
-        if delay <= 0 and count_delivery:
-            self._settle(channel, requeues=[d.receipt[1] for d in current])
-            return
-        # A nack would come back marked redelivered, and count: publish the copy instead.
+        # A nack would come back marked redelivered with the counts it had: publish a copy that
+        # carries them instead.
         deliver_at = time.time() + delay if delay > 0 else None
-        kept = 0 if count_delivery else 1  # deliveries so far, less this one if it does not count
+        kept, lost = (0, 1) if count_delivery else (1, 0)  # this delivery counts, or does not
         await self._publish(
-            [Outgoing(d.queue, d.body, 0, deliver_at, d.reply_to) for d in current],
-            [{DELIVERIES: d.delivery_count - kept} for d in current],
+            [Outgoing(d.queue, d.body, d.priority, deliver_at, d.reply_to) for d in current],
+            [{DELIVERIES: d.delivery_count - kept, LOST: d.lost + lost} for d in current],
         )
         self._settle(channel, acks=[d.receipt[1] for d in current])
 
@@ -915,7 +913,8 @@ def _mismatch(queue: str, exc: BaseException, wanted: dict[str, Any]) -> str:
     hint = {
         "x-max-priority": "set queue_max_priority (CONVEYOR_QUEUE_MAX_PRIORITY) to match",
         "x-queue-type": "set queue_type (CONVEYOR_QUEUE_TYPE) to match",
-        "x-delivery-limit": "set poison_limit (CONVEYOR_POISON_LIMIT) one below it",
+        "x-delivery-limit": "it is 10 x poison_limit + 1: set poison_limit (CONVEYOR_POISON_LIMIT) "
+        "to match",
     }.get(match.group(1) if match else "", "configure conveyor to match it")
     return (
         f"RabbitMQ queue {queue!r} exists with {what}: {hint}, or delete the queue "

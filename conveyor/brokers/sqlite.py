@@ -38,7 +38,10 @@ SCHEMA = (
         visible_at REAL NOT NULL DEFAULT 0,
         lease INTEGER,
         deliveries INTEGER NOT NULL DEFAULT 0,
-        body BLOB NOT NULL)""",
+        body BLOB NOT NULL,
+        lost INTEGER NOT NULL DEFAULT 0)""",
+    # Files made before `lost` existed get it here (`Database` skips a column already there).
+    "ALTER TABLE conveyor_messages ADD COLUMN lost INTEGER NOT NULL DEFAULT 0",
     """CREATE INDEX IF NOT EXISTS conveyor_messages_claim
         ON conveyor_messages (queue, priority DESC, id)""",
     """CREATE TABLE IF NOT EXISTS conveyor_delayed (
@@ -47,7 +50,9 @@ SCHEMA = (
         priority INTEGER NOT NULL,
         due_at REAL NOT NULL,
         deliveries INTEGER NOT NULL DEFAULT 0,
-        body BLOB NOT NULL)""",
+        body BLOB NOT NULL,
+        lost INTEGER NOT NULL DEFAULT 0)""",
+    "ALTER TABLE conveyor_delayed ADD COLUMN lost INTEGER NOT NULL DEFAULT 0",
     "CREATE INDEX IF NOT EXISTS conveyor_delayed_due ON conveyor_delayed (due_at)",
     """CREATE TABLE IF NOT EXISTS conveyor_dead (
         id INTEGER PRIMARY KEY,
@@ -64,10 +69,10 @@ _CLAIM = """
     WHERE id IN (SELECT id FROM conveyor_messages WHERE queue = ? AND visible_at <= ?
                  ORDER BY priority DESC, id LIMIT ?)
     RETURNING id, priority, deliveries, CASE WHEN length(body) <= ? THEN CAST(body AS BLOB) END,
-              length(body)"""
+              length(body), lost"""
 _PROMOTE = """
-    INSERT INTO conveyor_messages (queue, priority, visible_at, deliveries, body)
-    SELECT queue, priority, 0, deliveries, body FROM conveyor_delayed
+    INSERT INTO conveyor_messages (queue, priority, visible_at, deliveries, body, lost)
+    SELECT queue, priority, 0, deliveries, body, lost FROM conveyor_delayed
     WHERE due_at <= ? ORDER BY due_at, id"""
 
 
@@ -132,12 +137,12 @@ class SQLiteBroker(Broker):
                 claim = (lease, now + self.visibility_timeout, queue, now, limit - len(out))
                 rows = conn.execute(_CLAIM, (*claim, self.max_message_size)).fetchall()
                 rows.sort(key=lambda r: (-r[1], r[0]))
-                too_big = [(rid, size) for rid, _, _, body, size in rows if body is None]
+                too_big = [(rid, size) for rid, _, _, body, size, _ in rows if body is None]
                 if too_big:
                     self._dead_letter_oversized(conn, queue, lease, too_big, now)
                 out.extend(
-                    Delivery(queue, body, (rid, lease), n)
-                    for rid, _, n, body, _ in rows
+                    Delivery(queue, body, (rid, lease), n, lost=lost)
+                    for rid, _, n, body, _, lost in rows
                     if body is not None
                 )
                 if len(out) >= limit:
@@ -162,21 +167,24 @@ class SQLiteBroker(Broker):
         """Release leases, now or after a delay."""
         if not deliveries:
             return
-        uncount = 0 if count_delivery else 1
+        # The claim counted the delivery: take it back, or count the lost run as well.
+        uncount, lost = (0, 1) if count_delivery else (1, 0)
         receipts = [d.receipt for d in deliveries]
         with self._consumer_db.transaction() as conn:
             if delay <= 0:
                 conn.executemany(
                     "UPDATE conveyor_messages SET visible_at = 0, lease = NULL, "
-                    f"deliveries = deliveries - {uncount} WHERE id = ? AND lease = ?",
+                    f"deliveries = deliveries - {uncount}, lost = lost + {lost} "
+                    "WHERE id = ? AND lease = ?",
                     receipts,
                 )
                 return
             due = time.time() + delay
             for rid, lease in receipts:
                 moved = conn.execute(
-                    "INSERT INTO conveyor_delayed (queue, priority, due_at, deliveries, body) "
-                    f"SELECT queue, priority, ?, deliveries - {uncount}, body "
+                    "INSERT INTO conveyor_delayed "
+                    "(queue, priority, due_at, deliveries, body, lost) "
+                    f"SELECT queue, priority, ?, deliveries - {uncount}, body, lost + {lost} "
                     "FROM conveyor_messages WHERE id = ? AND lease = ?",
                     (due, rid, lease),
                 ).rowcount

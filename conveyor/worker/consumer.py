@@ -493,12 +493,8 @@ class Consumer:
             return None
         if delivery.reply_to is not None and self.store is not None:
             self.store.route(envelope.id, delivery.reply_to)  # the sender takes its records
-        limit = self._settings.poison_limit
-        if delivery.delivery_count > limit:
-            reason = Why.POISON(
-                f"delivered {delivery.delivery_count} times without finishing "
-                f"(poison limit {limit}): the process running it probably died"
-            )
+        reason = self._poisoned(delivery)
+        if reason is not None:
             self._reject(delivery, reason, envelope, "WorkerLost")
             return None
         task = self.app.tasks.get(envelope.task)
@@ -529,6 +525,35 @@ class Consumer:
         if not task.options.ignore_result:
             self._record(envelope, State.STARTED, started_at=now)
         return job
+
+    def _poisoned(self, delivery: Delivery) -> str | None:
+        """Why a delivery must not run again, if the runs of it so far say so.
+
+        A prefork worker sees each run that dies and counts it (`Delivery.lost`); a message a
+        dead worker only held, or ran in a child killed with it, counts nothing. Other pools run
+        tasks in the worker's own process, so any redelivery may be a task's doing: there every
+        delivery counts.
+        """
+        limit = self._settings.poison_limit
+        count = delivery.delivery_count
+        if not self.pool.isolates_tasks:
+            if count <= limit:
+                return None
+            return Why.POISON(
+                f"delivered {count} times without finishing (poison limit {limit}): the process "
+                "running it probably died"
+            )
+        if delivery.lost >= limit:
+            return Why.POISON(
+                f"the process running it died in {delivery.lost} runs (poison limit {limit})"
+            )
+        most = self._settings.delivery_limit
+        if count > most:
+            return Why.POISON(
+                f"delivered {count} times without finishing (delivery limit {most}, ten times "
+                "poison_limit): the whole worker keeps dying while it runs"
+            )
+        return None
 
     def _reject(
         self, delivery: Delivery, reason: str, envelope: Envelope | None, error_type: str
@@ -638,8 +663,8 @@ class Consumer:
             if task.options.acks_late:
                 limit = self._settings.poison_limit
                 log.warning(
-                    "task %s[%s] lost: %s; its message goes back (delivery %d, poison limit %d)",
-                    env.task, env.id, outcome.error_message, job.delivery.delivery_count, limit,
+                    "task %s[%s] lost: %s; its message goes back (lost runs %d, poison limit %d)",
+                    env.task, env.id, outcome.error_message, job.delivery.lost + 1, limit,
                 )  # fmt: skip
                 pending.release.append(job.delivery)
             else:  # acknowledged before it ran (at most once): nothing to give back

@@ -687,12 +687,13 @@ def test_a_task_that_kills_its_child_is_requeued_then_dead_lettered(
     assert len(pids_in(runs)) == 3, "run three times, never a fourth"
     assert (stats.lost, stats.rejected, stats.dead_lettered, stats.succeeded) == (3, 1, 1, 10)
     (dead,) = app.broker.dead_letters(queue_of(app))
-    assert "poison limit 3" in dead.reason and dead.delivery_count == 4
+    assert dead.reason == "poison message: the process running it died in 3 runs (poison limit 3)"
+    assert dead.delivery_count == 4
     record = record_of(app, poison.id)
     assert (record.state, record.error_type) == (State.FAILURE, "WorkerLost")
     assert waiting(app) == 0
     lost = [r.getMessage() for r in caplog.records if "lost" in r.getMessage()]
-    assert [("delivery 1" in m, "delivery 2" in m, "delivery 3" in m) for m in lost] == [
+    assert [("lost runs 1" in m, "lost runs 2" in m, "lost runs 3" in m) for m in lost] == [
         (True, False, False),
         (False, True, False),
         (False, False, True),

@@ -80,6 +80,23 @@ def test_publish_fetch_ack_in_priority_order(
     assert (stats.ready, stats.delayed, stats.dead) == (0, 0, 0)
 
 
+def test_a_run_given_back_as_lost_is_counted_in_the_message_with_its_priority(
+    broker: RabbitMQBroker, queue: str, poll: Poll
+) -> None:
+    """A nack could not carry the count: the copy published instead says `x-conveyor-lost`,
+    keeps the priority, and an uncounted give-back moves neither count."""
+    broker.publish([Outgoing(queue, b"x", 5), Outgoing(queue, b"low", 0)])
+    (first,) = poll(lambda: broker.fetch([queue], 1) or None, what="the message")
+    assert (first.body, first.priority, first.lost) == (b"x", 5, 0)
+    broker.requeue([first])
+    (again,) = poll(lambda: broker.fetch([queue], 1) or None, what="the copy")
+    assert (again.body, again.priority, again.delivery_count, again.lost) == (b"x", 5, 2, 1)
+    broker.requeue([again], count_delivery=False)
+    (third,) = poll(lambda: broker.fetch([queue], 1) or None, what="the copy")
+    assert (third.body, third.delivery_count, third.lost) == (b"x", 2, 1)
+    broker.ack([third])
+
+
 def test_an_unroutable_message_raises(broker: RabbitMQBroker, queue: str) -> None:
     broker.publish([Outgoing(queue, b"first")])
     _delete(queue)  # behind the broker's back: its binding is gone
@@ -266,7 +283,7 @@ def test_raw_bad_input_is_dead_lettered_and_good_tasks_run(
         assert (stats.succeeded, stats.rejected, stats.dead_lettered) == (2, 6, 6)
         dead = app.broker.dead_letters(queue)
         reasons = " | ".join(sorted(d.reason for d in dead))
-        for expected in ("content type 'text/plain'", "over the 4096-byte", "unknown task"):
+        for expected in ("wrong content type: 'text/plain'", "over the 4096-byte", "unknown task"):
             assert expected in reasons
         assert "malformed JSON" in reasons
         assert reasons.count("invalid headers: a header name or value is not valid UTF-8") == 2
@@ -464,7 +481,7 @@ def test_quorum_queues_count_deliveries_and_dead_letter_a_poison_task(
         ran.append(what)
 
     def quorum() -> RabbitMQBroker:
-        return RabbitMQBroker(URL, queue_type="quorum", delivery_limit=3)
+        return RabbitMQBroker(URL, queue_type="quorum", delivery_limit=30)
 
     try:
         crashy = encode(note.envelope(("crashy",)))
@@ -491,7 +508,7 @@ def test_quorum_queues_count_deliveries_and_dead_letter_a_poison_task(
                     durable=True,
                     arguments={
                         "x-queue-type": "quorum",
-                        "x-delivery-limit": 4,
+                        "x-delivery-limit": 31,
                         "x-dead-letter-exchange": "conveyor.dead",
                     },
                 )

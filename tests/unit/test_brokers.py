@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import multiprocessing
+import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -259,6 +260,70 @@ def test_requeue_without_counting_keeps_the_count(broker: Broker) -> None:
     broker.requeue([d], count_delivery=False)
     [again] = broker.fetch([Q], 1)
     assert again.delivery_count == 1 and not again.redelivered
+    assert again.lost == 0
+
+
+@pytest.mark.parametrize("delay", [0.0, 0.05])
+def test_a_counted_requeue_is_a_lost_run_and_an_uncounted_one_is_not(
+    broker: Broker, delay: float
+) -> None:
+    """`lost` counts the runs given back as lost (the poison limit of a prefork worker reads
+    it), now or through a delay, and nothing else moves it."""
+    publish(broker, b"x")
+    [d] = broker.fetch([Q], 1)
+    assert d.lost == 0
+    broker.requeue([d], delay=delay)
+    [d] = fetch_until(broker)
+    assert (d.delivery_count, d.lost) == (2, 1)
+    broker.requeue([d], delay=delay, count_delivery=False)
+    [d] = fetch_until(broker)
+    assert (d.delivery_count, d.lost) == (2, 1)
+    broker.requeue([d], delay=delay)
+    [d] = fetch_until(broker)
+    assert (d.delivery_count, d.lost) == (3, 2)
+
+
+def test_an_expired_lease_counts_a_delivery_but_no_lost_run(make_broker: MakeBroker) -> None:
+    """A worker that died holding a message was not seen to lose a run of it."""
+    broker = make_broker(visibility_timeout=0.05)
+    publish(broker, b"x")
+    assert len(broker.fetch([Q], 1)) == 1
+    [again] = fetch_until(broker)
+    assert (again.delivery_count, again.lost) == (2, 0)
+
+
+def test_a_sqlite_file_from_before_lost_runs_is_upgraded_in_place(tmp_path: Path) -> None:
+    """Files written before the `lost` column existed get it, and their messages keep flowing."""
+    path = tmp_path / "old.db"
+    with sqlite3.connect(path) as conn:
+        conn.execute(
+            "CREATE TABLE conveyor_messages (id INTEGER PRIMARY KEY, queue TEXT NOT NULL, "
+            "priority INTEGER NOT NULL, visible_at REAL NOT NULL DEFAULT 0, lease INTEGER, "
+            "deliveries INTEGER NOT NULL DEFAULT 0, body BLOB NOT NULL)"
+        )
+        conn.execute(
+            "CREATE TABLE conveyor_delayed (id INTEGER PRIMARY KEY, queue TEXT NOT NULL, "
+            "priority INTEGER NOT NULL, due_at REAL NOT NULL, "
+            "deliveries INTEGER NOT NULL DEFAULT 0, body BLOB NOT NULL)"
+        )
+        conn.execute(
+            "INSERT INTO conveyor_messages (queue, priority, deliveries, body) VALUES (?, 0, 1, ?)",
+            (Q, b"old"),
+        )
+    broker = SQLiteBroker(f"sqlite:///{path}")
+    try:
+        [d] = broker.fetch([Q], 1)
+        assert (bytes(d.body), d.delivery_count, d.lost) == (b"old", 2, 0)
+        broker.requeue([d], delay=0.01)
+        [d] = fetch_until(broker)
+        assert (d.delivery_count, d.lost) == (3, 1)
+    finally:
+        broker.close()
+    again = SQLiteBroker(f"sqlite:///{path}")  # a second open finds the column there
+    try:
+        assert stats_of(again) == (0, 0, 1, 0)
+    finally:
+        again.close()
 
 
 def test_requeued_message_keeps_its_place(broker: Broker) -> None:

@@ -25,6 +25,10 @@ class Pool(abc.ABC):
     #: they run (solo; asyncio, for a coroutine that blocks): the broker's connection must then
     #: keep a thread of its own, or its heartbeats would stop.
     loop_free: bool = True
+    #: True when each task runs in a process the worker watches (prefork): a task can kill only
+    #: its own process, and the worker sees that run die and counts it (`Delivery.lost`). The
+    #: worker's own death is then never a task's doing, and its redeliveries count no lost run.
+    isolates_tasks: bool = False
 
     def __init__(self, concurrency: int) -> None:
         self.concurrency = concurrency

@@ -112,6 +112,8 @@ class _Child:
 class PreforkPool(Pool):
     """`concurrency` child processes, one task at a time each."""
 
+    isolates_tasks = True
+
     def __init__(
         self,
         concurrency: int,

@@ -1,0 +1,52 @@
+"""The app of the held-messages test (`conveyor worker held_app:app`).
+
+`held.step` notes each run in the PostgreSQL ledger (see `ledger.py`) with its delivery count;
+`held.warm` does nothing, quickly, so that the pool learns its tasks are short and raises its
+look-ahead (and the broker's prefetch); `held.block` holds a child until the test releases it,
+so that the worker holds the messages behind it without starting them. The test sends
+these names from an app of its own.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import psycopg
+from ledger import DSN_ENV, record
+
+from conveyor import Conveyor
+
+app = Conveyor("held")
+DIR = Path(os.environ.get("HELD_DIR", "."))
+
+
+@app.resource(
+    name="held.ledger",
+    check=lambda conn: not conn.closed and not conn.broken,
+    close=lambda conn: conn.close(),
+)
+def ledger() -> psycopg.Connection[tuple[Any, ...]]:
+    """This process's own connection to the ledger."""
+    return psycopg.connect(os.environ[DSN_ENV], autocommit=True)
+
+
+@app.task(name="held.step", bind=True, ignore_result=True)
+def step(self: Any, n: int) -> None:
+    """Note this run."""
+    record(ledger(), self.request.id, self.request.delivery_count)
+
+
+@app.task(name="held.warm", ignore_result=True)
+def warm(n: int) -> None:
+    """Nothing: a short task."""
+
+
+@app.task(name="held.block", ignore_result=True)
+def block(n: int) -> None:
+    """Say it started, then wait for the test's release file (the task's own wait)."""
+    (DIR / f"started-{n}").touch()
+    while not (DIR / f"release-{n}").exists():
+        time.sleep(0.01)
