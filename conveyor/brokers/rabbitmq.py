@@ -82,6 +82,34 @@ install()
 _live: weakref.WeakSet[RabbitMQBroker] = weakref.WeakSet()
 
 
+class _Held:
+    """The connection a broker's own thread serves, known apart from the broker object."""
+
+    connection: aiormq.abc.AbstractConnection | None = None
+
+
+def _close_dropped(loop: asyncio.AbstractEventLoop, thread: threading.Thread, held: _Held) -> None:
+    """A broker garbage-collected without `close()`: close its connection and stop its thread,
+    so that neither outlives it (the socket would pass for a user's own connection to the next
+    prefork worker in the process, and the thread would run forever)."""
+    if loop.is_closed() or not thread.is_alive():
+        return
+    future = asyncio.run_coroutine_threadsafe(_shut_dropped(held.connection), loop)
+    future.add_done_callback(lambda _: loop.call_soon_threadsafe(loop.stop))
+    if threading.current_thread() is not thread:
+        with contextlib.suppress(Exception):
+            future.result(3)
+        thread.join(1)
+        if not loop.is_running():
+            loop.close()
+
+
+async def _shut_dropped(connection: aiormq.abc.AbstractConnection | None) -> None:
+    if connection is not None:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(connection.close(), 2)
+
+
 def _forget_after_fork() -> None:
     for broker in list(_live):
         broker._reset()
@@ -137,6 +165,11 @@ class RabbitMQBroker(Broker):
 
     def _reset(self) -> None:
         """Forget connection state (a new process, or after close)."""
+        finalizer: weakref.finalize[Any, Any] | None = getattr(self, "_finalizer", None)
+        if finalizer is not None:
+            finalizer.detach()
+        self._finalizer: weakref.finalize[Any, Any] | None = None
+        self._held = _Held()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         # Set while attached to a worker's event loop: the ident of the thread running it.
@@ -171,6 +204,9 @@ class RabbitMQBroker(Broker):
                 )
                 thread.start()
                 self._loop, self._thread = loop, thread
+                # Dropped without close(), the broker still closes its connection and thread.
+                self._finalizer = weakref.finalize(self, _close_dropped, loop, thread, self._held)
+                self._finalizer.atexit = False
             loop = self._loop
         return asyncio.run_coroutine_threadsafe(_as_coroutine(coroutine), loop)
 
@@ -229,7 +265,7 @@ class RabbitMQBroker(Broker):
                 if "heartbeat=" not in url:
                     url += ("&" if "?" in url else "?") + "heartbeat=30"
                 try:
-                    self._connection = await aiormq.connect(url)
+                    self._connection = self._held.connection = await aiormq.connect(url)
                 except (OSError, aiormq.exceptions.AMQPError) as exc:
                     raise BrokerError(
                         f"cannot connect to RabbitMQ at {self.display_url}: {redact_text(str(exc))}"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import subprocess
@@ -28,10 +29,11 @@ from pamqp.frame import marshal, unmarshal
 from pamqp.header import ContentHeader
 
 from conveyor import Conveyor, Worker
-from conveyor.brokers.base import Outgoing
+from conveyor.brokers.base import Outgoing, own_endpoints
 from conveyor.brokers.rabbitmq import RabbitMQBroker
 from conveyor.errors import BrokerError, ConfigurationError, PublishError
 from conveyor.message import encode
+from conveyor.worker.pools._children import inherited_connections
 
 pytestmark = pytest.mark.integration
 
@@ -95,6 +97,20 @@ def test_a_run_given_back_as_lost_is_counted_in_the_message_with_its_priority(
     (third,) = poll(lambda: broker.fetch([queue], 1) or None, what="the copy")
     assert (third.body, third.delivery_count, third.lost) == (b"x", 2, 1)
     broker.ack([third])
+
+
+def test_a_broker_dropped_without_close_closes_its_connection_and_thread(queue: str) -> None:
+    """Otherwise its socket outlives it, and the next prefork worker in the process takes it
+    for a connection of the user's (the warning about sockets its children would inherit)."""
+    before = inherited_connections(own_endpoints())
+    dropped = RabbitMQBroker(URL)
+    dropped.publish([Outgoing(queue, b"x")])
+    thread = dropped._thread
+    assert thread is not None and thread.is_alive()
+    del dropped
+    gc.collect()
+    assert not thread.is_alive()
+    assert inherited_connections(own_endpoints()) == before
 
 
 def test_an_unroutable_message_raises(broker: RabbitMQBroker, queue: str) -> None:
