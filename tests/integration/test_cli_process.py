@@ -46,7 +46,7 @@ def test_python_m_conveyor_help() -> None:
     proc = run("--help")
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("Usage: python -m conveyor [OPTIONS] COMMAND [ARGS]...")
-    for command in ("worker", "send", "status", "purge", "demo"):
+    for command in ("worker", "send", "status", "purge", "dead-letters", "requeue", "demo"):
         assert f"\n  {command} " in proc.stdout
     assert proc.stderr == ""
 

@@ -741,6 +741,79 @@ def test_status_and_purge_through_the_cli(
     )
 
 
+REQUEUE_APP = """
+from conveyor import Conveyor
+
+app = Conveyor("shop", broker="{url}", default_queue="{queue}")
+"""
+POISON = "poison message: the process running it died in 3 runs (poison limit 3)"
+
+
+def test_dead_letters_and_requeue_through_the_cli(queue: str, tmp_path: Path, poll: Poll) -> None:
+    """Poison messages listed, sent back by id and then all, and run again as first deliveries
+    (with their lost runs counted still, the worker would dead-letter them again at once)."""
+    (tmp_path / "requeueapp.py").write_text(REQUEUE_APP.format(url=URL, queue=queue))
+    app = Conveyor("shop", broker=URL, results=f"sqlite:///{tmp_path}/r.db", default_queue=queue)
+
+    @app.task(name="shop.count", bind=True)
+    def count(self: Any, n: int) -> list[int]:
+        return [n, self.request.delivery_count]
+
+    def conveyor(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "conveyor", *args],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+            env={**os.environ, "COLUMNS": "250"},
+        )
+
+    try:
+        sent = [count.delay(n) for n in range(3)]
+        worker = RabbitMQBroker(URL)
+        try:
+            for _ in range(3):
+                worker.requeue(_take(worker, queue, 3, poll))
+            dying = _take(worker, queue, 3, poll)
+            assert all(d.lost == 3 for d in dying)
+            worker.dead_letter([(d, POISON) for d in dying])
+        finally:
+            worker.close()
+        poll(lambda: _depths(queue) == (0, 3), what="the dead letters")
+
+        listing = conveyor("dead-letters", "requeueapp:app", "--queue", queue)
+        assert listing.returncode == 0, listing.stderr
+        rows = [line for line in listing.stdout.splitlines() if queue in line and "│" in line]
+        assert len(rows) == 3 and all("shop.count" in row and POISON in row for row in rows)
+        assert {r.id for r in sent} == {row.split("│")[5].strip() for row in rows}
+
+        one = conveyor("requeue", "requeueapp:app", "-Q", queue, "--id", sent[1].id, "--yes")
+        assert (one.returncode, one.stdout) == (0, f"requeued 1 dead letter to {queue}\n")
+        assert _depths(queue) == (1, 2)
+        typo = conveyor("requeue", "requeueapp:app", "-Q", f"{queue}-typo", "--yes")
+        assert typo.returncode == 1
+        assert typo.stderr == (
+            f"Error: no queue '{queue}-typo' on amqp://guest:***@127.0.0.1:5672/; known queues: "
+            f"{queue} (the app's own, and those holding messages)\n"
+        )
+        rest = conveyor("requeue", "requeueapp:app", "-Q", queue, "--reason", "poison", "-y")
+        assert (rest.returncode, rest.stdout) == (0, f"requeued 2 dead letters to {queue}\n")
+        assert _depths(queue) == (3, 0)
+
+        stats = Worker(app, pool="threads", concurrency=1, until_empty=True).run()
+        assert (stats.succeeded, stats.dead_lettered) == (3, 0)
+        assert [r.get(timeout=5) for r in sent] == [[0, 1], [1, 1], [2, 1]]
+    finally:
+        app.close()
+    probe = RabbitMQBroker(URL)
+    try:
+        assert not probe.exists(f"{queue}-typo")  # looking created nothing
+    finally:
+        probe.close()
+
+
 @pytest.mark.parametrize("pool", ["solo", "asyncio", "prefork"])
 def test_a_task_sends_another_task_from_every_pool(queue: str, tmp_path: Path, pool: str) -> None:
     """The worker's broker runs on its event loop; a task that blocks there to send (solo and
