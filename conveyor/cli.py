@@ -200,6 +200,7 @@ def status(app_path: str) -> None:
 def purge(app_path: str, queue: str, dead: bool, yes: bool) -> None:
     """Delete every waiting message of a queue (messages being run are left alone)."""
     app = load_app(app_path)
+    _check_queue(app, queue)
     what = f"the dead letters of {queue!r}" if dead else f"every waiting message in {queue!r}"
     if not yes:
         click.confirm(f"Delete {what}?", abort=True)

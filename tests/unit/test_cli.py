@@ -817,6 +817,38 @@ def test_purge_requires_a_queue(project: Project) -> None:
     assert_clear_error(cli("purge", path, "--yes"), "'--queue'")
 
 
+def test_purge_of_a_queue_that_does_not_exist_names_the_known_ones(project: Project) -> None:
+    """A typo used to print "purged 0 messages" and exit 0."""
+    path, app = project.app()
+    _fill(app, path.partition(":")[0])
+    for extra in (["--yes"], ["--dead", "--yes"], []):  # refused before any question
+        result = cli("purge", path, "--queue", "defualt", *extra)
+        line = assert_clear_error(result, "no queue 'defualt'", "known queues: default, other")
+        assert project.broker in line
+        assert "Delete" not in result.output
+    assert counts(app) == {"default": (3, 1, 1, 0), "other": (1, 0, 0, 0)}
+
+
+def test_purge_of_an_apps_queue_that_is_still_empty(project: Project) -> None:
+    """The app's own queues exist as far as conveyor is concerned, messages or not."""
+    module = project.write(
+        f"""
+        from conveyor import Conveyor
+
+        app = Conveyor("t", broker={project.broker!r})
+
+
+        @app.task(queue="images")
+        def resize(path):
+            return path
+        """
+    )
+    for queue in ("images", "default"):
+        result = cli("purge", f"{module}:app", "--queue", queue, "--yes")
+        assert result.exit_code == 0, result.output
+        assert result.stdout == f"purged 0 messages from {queue}\n"
+
+
 # dead letters and requeue
 
 RECORDING_APP = """
