@@ -18,7 +18,7 @@ from conveyor.brokers.base import DeadLetter
 from conveyor.errors import ConveyorError
 from conveyor.redact import redact_text, redact_url
 from conveyor.settings import LOG_LEVELS, parse_size
-from conveyor.worker.pools import POOLS
+from conveyor.worker.pools import POOLS, check_concurrency
 
 if TYPE_CHECKING:
     from rich.table import Table
@@ -103,6 +103,8 @@ def worker(
     from conveyor.worker import Worker
 
     app = load_app(app_path)
+    if concurrency is not None:
+        check_concurrency(pool or app.settings.pool, concurrency)
     log.setup(loglevel or app.settings.log_level)
     names = [q.strip() for q in queues.split(",") if q.strip()] if queues else None
     running = Worker(

@@ -1114,14 +1114,33 @@ def test_worker_until_empty_runs_the_queued_tasks(project: Project, pool: str) -
     add, boom = app.tasks[f"{module}.add"], app.tasks[f"{module}.boom"]
     results = [add.delay(n, 10) for n in range(5)]
     failed = boom.delay()
-    result = cli("worker", path, "--until-empty", "--pool", pool, "--concurrency", "2")
+    concurrency = "1" if pool == "solo" else "2"
+    result = cli("worker", path, "--until-empty", "--pool", pool, "--concurrency", concurrency)
     assert result.exit_code == 0, result.output
     assert "Traceback" not in result.stdout
     assert [r.get(timeout=0) for r in results] == [10, 11, 12, 13, 14]
     assert failed.state == "FAILURE"
     assert counts(app) == {}
-    assert f"pool {pool} x{1 if pool == 'solo' else 2}" in result.stderr
+    assert f"pool {pool} x{concurrency}" in result.stderr
     assert "worker stopped: 5 succeeded, 1 failed" in result.stderr
+
+
+@pytest.mark.parametrize("pool", [["--pool", "solo"], ["-P", "solo"], []])
+def test_worker_refuses_solo_with_a_concurrency_above_one(
+    project: Project, pool: list[str]
+) -> None:
+    """It used to run one task at a time without a word; the app's own pool setting counts."""
+    path, app = project.app(pool="solo")
+    add = app.tasks[f"{path.partition(':')[0]}.add"]
+    add.delay(1)
+    result = cli("worker", path, *pool, "-c", "4", "--until-empty")
+    assert_clear_error(result, "the solo pool runs one task at a time", "threads", "prefork")
+    assert counts(app) == {"default": (1, 0, 0, 0)}  # nothing ran
+    # Without -c the solo pool runs, one at a time, whatever the default concurrency.
+    result = cli("worker", path, *pool, "--until-empty")
+    assert result.exit_code == 0, result.output
+    assert "pool solo x1" in result.stderr
+    assert counts(app) == {}
 
 
 def test_worker_consumes_only_the_queues_given(project: Project) -> None:
