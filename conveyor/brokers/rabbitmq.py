@@ -46,6 +46,7 @@ from pamqp.commands import Basic
 from pamqp.frame import marshal as _frame
 from pamqp.header import ContentHeader
 
+from conveyor.brokers import _aiormq_logs
 from conveyor.brokers._pamqp_text import has_raw_text, install
 from conveyor.brokers.base import Broker, DeadLetter, Delivery, Outgoing, QueueStats, connects
 from conveyor.errors import BrokerError, ConfigurationError, PublishError
@@ -81,6 +82,7 @@ QUEUE_TYPES = ("classic", "quorum")
 
 log = logging.getLogger("conveyor.worker")
 install()
+_aiormq_logs.install()
 _live: weakref.WeakSet[RabbitMQBroker] = weakref.WeakSet()
 
 
@@ -267,7 +269,10 @@ class RabbitMQBroker(Broker):
                 if "heartbeat=" not in url:
                     url += ("&" if "?" in url else "?") + "heartbeat=30"
                 try:
-                    self._connection = self._held.connection = await aiormq.connect(url)
+                    # A failure is reported in the BrokerError below, not also by aiormq.
+                    with _aiormq_logs.quiet_connect():
+                        connection = await aiormq.connect(url)
+                    self._connection = self._held.connection = connection
                 except (OSError, aiormq.exceptions.AMQPError) as exc:
                     raise BrokerError(
                         f"cannot connect to RabbitMQ at {self.display_url}: {redact_text(str(exc))}"

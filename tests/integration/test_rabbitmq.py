@@ -11,6 +11,7 @@ import contextlib
 import gc
 import logging
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -320,6 +321,34 @@ def test_a_wrong_password_never_shows() -> None:
         assert "s3cret-value" not in str(caught.value)
     finally:
         broker.close()
+
+
+def test_aiormq_logs_a_failed_connect_only_when_it_is_not_conveyors(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """conveyor reports its own failed connects in its error, so aiormq's record of one is
+    dropped (it printed bare beside the error); aiormq's records of the user's own connections
+    are left alone."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        url = f"amqp://guest:guest@127.0.0.1:{probe.getsockname()[1]}/"
+    caplog.set_level(logging.DEBUG, logger="aiormq")
+    broker = RabbitMQBroker(url)
+    try:
+        with pytest.raises(BrokerError, match="cannot connect to RabbitMQ"):
+            broker.publish([Outgoing("nowhere", b"x")])
+    finally:
+        broker.close()
+    ours = [r for r in caplog.records if r.name == "aiormq.connection" and r.levelno >= 30]
+    assert ours == []
+
+    async def users_own() -> None:
+        await aiormq.connect(url)
+
+    with pytest.raises(aiormq.exceptions.AMQPConnectionError):
+        asyncio.run(users_own())
+    theirs = [r.getMessage() for r in caplog.records if r.name == "aiormq.connection"]
+    assert any(m.startswith("error when creating transport") for m in theirs), theirs
 
 
 def test_worker_runs_tasks_and_dead_letters_bad_input(queue: str) -> None:
