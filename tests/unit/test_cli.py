@@ -13,6 +13,7 @@ import io
 import logging
 import os
 import re
+import shlex
 import sqlite3
 import sys
 import textwrap
@@ -32,7 +33,7 @@ from click.testing import Result as CliResult
 from conveyor import Conveyor, Worker, log
 from conveyor.brokers import Outgoing, QueueStats
 from conveyor.cli import main
-from conveyor.message import Envelope, decode
+from conveyor.message import Envelope, decode, encode
 from conveyor.redact import RedactingFilter, redact_text, redact_url
 
 Poll = Callable[..., Any]
@@ -1102,6 +1103,58 @@ def test_requeue_of_an_empty_queue_and_without_a_queue(project: Project) -> None
     assert result.exit_code == 0, result.output
     assert result.stdout == "no dead letters in images: nothing to requeue\n"
     assert_clear_error(cli("requeue", path, "--yes"), "'--queue'")
+
+
+def test_the_documented_dead_letter_commands_run(project: Project) -> None:
+    """Every `dead-letters`, `requeue` and `purge` example of docs/brokers.md, against an app
+    with the documented queues and a dead letter of the documented task id."""
+    docs = (Path(__file__).resolve().parents[2] / "docs" / "brokers.md").read_text()
+    section = docs.partition("## Managing queues")[2].partition("\n## ")[0]
+    module = project.write(
+        f"""
+        from conveyor import Conveyor
+
+        app = Conveyor("shop", broker={project.broker!r})
+
+
+        @app.task(name="shop.tasks.resize", queue="images")
+        def resize(path, width):
+            return path
+        """
+    )
+    app = importlib.import_module(module).app
+    task_id = re.search(r"--id ([0-9a-f]{32})", section)
+    assert task_id is not None
+    body = encode(Envelope(id=task_id[1], task="shop.tasks.resize", queue="images", args=("a", 1)))
+
+    def dead_letter() -> None:
+        """The documented dead letter, dead again whatever the last command did."""
+        if not app.broker.dead_letters("images"):
+            app.broker.purge("images")
+            app.broker.publish([Outgoing("images", body)])
+            app.broker.dead_letter([(d, POISON) for d in app.broker.fetch(["images"], 1)])
+
+    ran = set()
+    for line in section.splitlines():
+        if not line.removeprefix("$ ").startswith("conveyor "):
+            continue
+        words = shlex.split(line.removeprefix("$ "))
+        if words[1] not in ("dead-letters", "requeue", "purge"):
+            continue
+        dead_letter()
+        args = [f"{module}:app" if w == "shop.tasks:app" else w for w in words[1:]]
+        result = cli(*args, input="y\n")
+        if "imgaes" in args:
+            documented = section.partition(line + "\n")[2].splitlines()[0]
+            assert (
+                result.stderr == documented.replace("sqlite:///conveyor.db", project.broker) + "\n"
+            )
+            assert result.exit_code == 1
+        else:
+            assert result.exit_code == 0, (line, result.output)
+            assert "Error" not in result.output
+        ran.add(words[1])
+    assert ran == {"dead-letters", "requeue", "purge"}
 
 
 # worker
