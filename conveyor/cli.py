@@ -5,21 +5,30 @@ from __future__ import annotations
 import functools
 import math
 import sys
+import time
 from collections.abc import Callable
-from typing import Any, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 import click
 import msgspec
 
 from conveyor import log
-from conveyor.app import load_app
+from conveyor.app import Conveyor, load_app
+from conveyor.brokers.base import DeadLetter
 from conveyor.errors import ConveyorError
 from conveyor.redact import redact_text, redact_url
 from conveyor.settings import LOG_LEVELS, parse_size
-from conveyor.worker.pools import POOLS
+from conveyor.worker.pools import POOLS, check_concurrency
+
+if TYPE_CHECKING:
+    from rich.table import Table
+
+    from conveyor.deadletters import Described
 
 P = ParamSpec("P")
 R = TypeVar("R")
+#: Dead letters from which `requeue` shows a progress bar.
+PROGRESS_FROM = 200
 
 
 def _clear_errors(fn: Callable[P, R]) -> Callable[P, R]:
@@ -94,6 +103,8 @@ def worker(
     from conveyor.worker import Worker
 
     app = load_app(app_path)
+    if concurrency is not None:
+        check_concurrency(pool or app.settings.pool, concurrency)
     log.setup(loglevel or app.settings.log_level)
     names = [q.strip() for q in queues.split(",") if q.strip()] if queues else None
     running = Worker(
@@ -167,10 +178,7 @@ def status(app_path: str) -> None:
     table = Table(title=f"{app.name} on {redact_url(app.broker.display_url)}")
     for column in ("queue", "ready", "delayed", "in flight", "dead-lettered"):
         table.add_column(column, justify="left" if column == "queue" else "right")
-    # The app's own queues are listed even when empty; others once the broker holds messages.
-    known = {app.settings.default_queue} | {task.queue for task in app.tasks.values()}
-    names = sorted(known | {s.queue for s in app.broker.stats()})
-    for s in app.broker.stats(names):
+    for s in app.broker.stats(_queues(app)):
         counts = (f"{n:,}" for n in (s.ready, s.delayed, s.in_flight, s.dead))
         table.add_row(Text(s.queue), *counts)  # Text: a queue name is never read as markup
     console.print(table)
@@ -194,12 +202,103 @@ def status(app_path: str) -> None:
 def purge(app_path: str, queue: str, dead: bool, yes: bool) -> None:
     """Delete every waiting message of a queue (messages being run are left alone)."""
     app = load_app(app_path)
+    _check_queue(app, queue)
     what = f"the dead letters of {queue!r}" if dead else f"every waiting message in {queue!r}"
     if not yes:
         click.confirm(f"Delete {what}?", abort=True)
     count = app.broker.purge(queue, dead=dead)
     noun = "message" if count == 1 else "messages"
     click.echo(f"purged {count:,} {noun} from {queue}{' (dead letters)' if dead else ''}")
+
+
+@main.command("dead-letters")
+@click.argument("app_path", metavar="APP")
+@click.option("--queue", "-Q", help="Only this queue (default: every queue of the app).")
+@click.option("--reason", help="Only dead letters whose reason contains TEXT (any case).")
+@click.option(
+    "--limit",
+    "-n",
+    default=50,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Show at most N, newest first.",
+)
+@_clear_errors
+def dead_letters(app_path: str, queue: str | None, reason: str | None, limit: int) -> None:
+    """List dead letters with their reasons: queue, time, deliveries, task name and id."""
+    from rich.console import Console
+
+    from conveyor.deadletters import Selection, describe
+
+    app = load_app(app_path)
+    if queue is not None:
+        _check_queue(app, queue)
+    names = [queue] if queue is not None else _queues(app)
+    dead = {s.queue: s.dead for s in app.broker.stats(names)}
+    selection = Selection(reason)
+    letters = []
+    for name in names:
+        if dead.get(name):
+            # A filter must look at every dead letter; without one the newest `limit` do.
+            wanted = limit if selection.everything else dead[name]
+            letters += [d for d in app.broker.dead_letters(name, wanted) if selection(d)]
+    total = sum(dead.values()) if selection.everything else len(letters)
+    where = ", ".join(names)
+    if not letters:
+        matching = f" with a reason containing {reason!r}" if reason else ""
+        click.echo(f"no dead letters{matching} in {where}")
+        return
+    letters.sort(key=lambda d: d.died_at, reverse=True)
+    shown = [describe(d) for d in letters[:limit]]
+    table = _dead_letter_table(shown)
+    table.title = f"dead letters of {app.name} on {redact_url(app.broker.display_url)}"
+    table.caption = f"{len(shown):,} of {total:,} shown, newest first"
+    Console().print(table)
+
+
+@main.command()
+@click.argument("app_path", metavar="APP")
+@click.option("--queue", "-Q", required=True, help="The queue whose dead letters go back.")
+@click.option("--reason", help="Only dead letters whose reason contains TEXT (any case).")
+@click.option(
+    "--id",
+    "ids",
+    multiple=True,
+    metavar="ID",
+    help="Only the dead letter of this task id (repeat for more).",
+)
+@click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
+@_clear_errors
+def requeue(app_path: str, queue: str, reason: str | None, ids: tuple[str, ...], yes: bool) -> None:
+    """Send dead letters back to their queue to run again, as new messages (delivery count 1)."""
+    from conveyor.deadletters import Selection, describe
+
+    app = load_app(app_path)
+    _check_queue(app, queue)
+    selection = Selection(reason, frozenset(ids))
+    [stats] = app.broker.stats([queue])
+    count, missing = stats.dead, set()
+    if not selection.everything:
+        chosen = [d for d in app.broker.dead_letters(queue, max(stats.dead, 1)) if selection(d)]
+        count, missing = len(chosen), set(ids) - {describe(d).id for d in chosen}
+    if missing:
+        # All or nothing: requeuing the rest would leave the caller guessing what happened.
+        listed = ", ".join(sorted(missing))
+        also = f" with a reason containing {reason!r}" if reason else ""
+        raise click.ClickException(
+            f"no dead letter{also} in {queue} has the task id {listed}; nothing was requeued "
+            f"(conveyor dead-letters {app_path} --queue {queue} lists them)"
+        )
+    if not count:
+        matching = f" with a reason containing {reason!r}" if reason else ""
+        click.echo(f"no dead letters{matching} in {queue}: nothing to requeue")
+        return
+    noun = "dead letter" if count == 1 else "dead letters"
+    if not yes:
+        click.confirm(f"Send {count:,} {noun} of {queue!r} back to run again?", abort=True)
+    moved = _requeue_with_progress(app, queue, None if selection.everything else selection, count)
+    noun = "dead letter" if moved == 1 else "dead letters"
+    click.echo(f"requeued {moved:,} {noun} to {queue}")
 
 
 @main.command()
@@ -213,6 +312,75 @@ def demo(tasks: int, concurrency: int) -> None:
     from conveyor.demo import run
 
     run(Console(), tasks=tasks, concurrency=concurrency)
+
+
+def _queues(app: Conveyor) -> list[str]:
+    """The app's own queues (listed even when empty), and others the broker holds messages of."""
+    known = {app.settings.default_queue} | {task.queue for task in app.tasks.values()}
+    return sorted(known | {s.queue for s in app.broker.stats()})
+
+
+def _check_queue(app: Conveyor, queue: str) -> None:
+    """Refuse a queue that is neither the app's nor known to the broker (a typo, usually)."""
+    known = _queues(app)
+    if queue in known or app.broker.exists(queue):
+        return
+    raise click.ClickException(
+        f"no queue {queue!r} on {redact_url(app.broker.display_url)}; known queues: "
+        f"{', '.join(known)} (the app's own, and those holding messages)"
+    )
+
+
+def _dead_letter_table(shown: list[Described]) -> Table:
+    """A table of dead letters; everything in it is `Text`, so nothing is read as markup."""
+    from rich.table import Table
+    from rich.text import Text
+
+    from conveyor.deadletters import preview
+    from conveyor.reasons import DeadLetterReason
+
+    table = Table()
+    table.add_column("queue", overflow="fold")
+    table.add_column("died at")
+    table.add_column("deliveries", justify="right")
+    table.add_column("task", overflow="fold")
+    # Whole, never cut short: the id is what `requeue --id` takes.
+    table.add_column("id", overflow="fold")
+    table.add_column("reason", overflow="fold")
+    for item in shown:
+        letter = item.letter
+        died = "-"
+        if letter.died_at > 0:
+            died = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(letter.died_at))
+        if item.problem is None:
+            task, task_id = Text(item.task or ""), Text(item.id or "")
+        else:
+            # Still listed and requeueable: a worker will dead-letter it again.
+            why = DeadLetterReason.of(item.problem)
+            note = f"not an envelope ({why.value if why else item.problem})"
+            task = Text(f"{note}: {preview(letter.body)}", style="italic")
+            task_id = Text("-")
+        reason = Text(redact_text(letter.reason))
+        category = DeadLetterReason.of(letter.reason)
+        if category is not None:
+            reason.stylize("bold", 0, len(category.value))
+        table.add_row(Text(letter.queue), died, f"{letter.delivery_count:,}", task, task_id, reason)
+    return table
+
+
+def _requeue_with_progress(
+    app: Conveyor, queue: str, select: Callable[[DeadLetter], bool] | None, count: int
+) -> int:
+    """Requeue, with a progress bar on stderr when there are many."""
+    if count < PROGRESS_FROM:
+        return app.broker.requeue_dead(queue, select)
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    columns = (TextColumn("requeuing"), BarColumn(), MofNCompleteColumn())
+    with Progress(*columns, console=Console(stderr=True)) as progress:
+        bar = progress.add_task("requeue", total=count)
+        return app.broker.requeue_dead(queue, select, progress=lambda n: progress.advance(bar, n))
 
 
 def _json(text: str, what: str) -> Any:

@@ -92,6 +92,8 @@ class DeadLetter:
     reason: str
     delivery_count: int
     died_at: float
+    #: The message's priority, which a requeue keeps (0 where the broker did not record one).
+    priority: int = 0
 
     @property
     def category(self) -> DeadLetterReason | None:
@@ -233,6 +235,28 @@ class Broker(abc.ABC):
     @abc.abstractmethod
     def dead_letters(self, queue: str, limit: int = 100) -> list[DeadLetter]:
         """The most recent dead letters of a queue, newest first."""
+
+    @abc.abstractmethod
+    def requeue_dead(
+        self,
+        queue: str,
+        select: Callable[[DeadLetter], bool] | None = None,
+        *,
+        progress: Callable[[int], None] | None = None,
+    ) -> int:
+        """Send the dead letters of `queue` that `select` accepts (all, without it) back to
+        `queue` to run again; returns how many went back.
+
+        Each goes back as a fresh message with its body and priority: delivery count 1, no lost
+        runs, so the poison limit starts over. None is lost: a dead letter leaves the dead
+        letters only once its copy is stored in the queue (a crash in between can leave it in
+        both). `progress(n)` is called as each batch of `n` has gone back.
+        """
+
+    @abc.abstractmethod
+    def exists(self, queue: str) -> bool:
+        """True when the broker holds the queue: messages or dead letters of it in an embedded
+        broker, the queue itself on a server. Creates nothing."""
 
     def on_reply(self, callback: Callable[[bytes], None]) -> str:
         """Receive replies to messages sent with the returned `reply_to` address, calling

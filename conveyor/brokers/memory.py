@@ -106,7 +106,8 @@ class MemoryBroker(Broker):
             for d, reason in items:
                 msg = self._leased.pop(d.receipt, None)
                 if msg is not None:
-                    dead = DeadLetter(d.queue, d.body, reason, msg.deliveries, self.clock())
+                    now = self.clock()
+                    dead = DeadLetter(d.queue, d.body, reason, msg.deliveries, now, msg.priority)
                     self._dead.setdefault(d.queue, []).append(dead)
 
     def extend(self, deliveries: Sequence[Delivery], seconds: float) -> None:
@@ -155,6 +156,43 @@ class MemoryBroker(Broker):
         """Newest dead letters first."""
         with self._lock:
             return list(reversed(self._dead.get(queue, [])))[:limit]
+
+    def requeue_dead(
+        self,
+        queue: str,
+        select: Callable[[DeadLetter], bool] | None = None,
+        *,
+        progress: Callable[[int], None] | None = None,
+    ) -> int:
+        """Move the selected dead letters back to the queue as new messages, oldest first."""
+        with self._lock:
+            kept: list[DeadLetter] = []
+            moved = 0
+            for dead in self._dead.get(queue, []):
+                if select is not None and not select(dead):
+                    kept.append(dead)
+                    continue
+                sort_key = (-dead.priority, next(self._seq))
+                msg = _Message(sort_key, queue, dead.body, dead.priority)
+                heapq.heappush(self._ready.setdefault(queue, []), msg)
+                moved += 1
+            if kept:
+                self._dead[queue] = kept
+            else:
+                self._dead.pop(queue, None)
+        if progress is not None and moved:
+            progress(moved)
+        return moved
+
+    def exists(self, queue: str) -> bool:
+        """True while the queue holds anything: ready, delayed, leased or dead."""
+        with self._lock:
+            return (
+                bool(self._ready.get(queue))
+                or bool(self._dead.get(queue))
+                or any(m.queue == queue for _, _, m in self._delayed)
+                or any(m.queue == queue for m in self._leased.values())
+            )
 
     def _promote(self, now: float) -> None:
         """Make due delayed messages and expired leases ready again (lock held)."""

@@ -46,6 +46,7 @@ from pamqp.commands import Basic
 from pamqp.frame import marshal as _frame
 from pamqp.header import ContentHeader
 
+from conveyor.brokers import _aiormq_logs
 from conveyor.brokers._pamqp_text import has_raw_text, install
 from conveyor.brokers.base import Broker, DeadLetter, Delivery, Outgoing, QueueStats, connects
 from conveyor.errors import BrokerError, ConfigurationError, PublishError
@@ -74,11 +75,14 @@ CALL_TIMEOUT_S = 60.0
 # Publishing: messages whose frames are written in one go, and unconfirmed messages at most.
 CHUNK = 256
 WINDOW = 4096
+# Dead letters a requeue gets, then publishes together, at a time.
+REQUEUE_BATCH = 500
 
 QUEUE_TYPES = ("classic", "quorum")
 
 log = logging.getLogger("conveyor.worker")
 install()
+_aiormq_logs.install()
 _live: weakref.WeakSet[RabbitMQBroker] = weakref.WeakSet()
 
 
@@ -265,7 +269,10 @@ class RabbitMQBroker(Broker):
                 if "heartbeat=" not in url:
                     url += ("&" if "?" in url else "?") + "heartbeat=30"
                 try:
-                    self._connection = self._held.connection = await aiormq.connect(url)
+                    # A failure is reported in the BrokerError below, not also by aiormq.
+                    with _aiormq_logs.quiet_connect():
+                        connection = await aiormq.connect(url)
+                    self._connection = self._held.connection = connection
                 except (OSError, aiormq.exceptions.AMQPError) as exc:
                     raise BrokerError(
                         f"cannot connect to RabbitMQ at {self.display_url}: {redact_text(str(exc))}"
@@ -722,7 +729,9 @@ class RabbitMQBroker(Broker):
                 DELIVERIES: delivery.delivery_count,
                 DIED_AT: str(time.time()),
             }
-            properties = Basic.Properties(delivery_mode=2, headers=headers)
+            # The priority goes along, so that a requeue restores it.
+            priority = delivery.priority or None
+            properties = Basic.Properties(delivery_mode=2, headers=headers, priority=priority)
             await _send(channel, [(DEAD_EXCHANGE, delivery.queue, delivery.body, properties)])
             self._settle(channel, acks=[delivery.receipt[1]])
 
@@ -784,20 +793,86 @@ class RabbitMQBroker(Broker):
                 message = await channel.basic_get(f"{queue}.dead")
                 if message.delivery_tag is None:
                     break
-                headers = message.header.properties.headers or {}
-                died_at = headers.get(DIED_AT)
-                out.append(
-                    DeadLetter(
-                        queue,
-                        message.body,
-                        str(headers.get(REASON, "")),
-                        _int(headers.get(DELIVERIES)) or 1,
-                        float(died_at) if isinstance(died_at, str | int | float) else 0.0,
-                    )
-                )
+                out.append(_letter(queue, message))
         finally:
             await channel.close()
         return out
+
+    def requeue_dead(
+        self,
+        queue: str,
+        select: Callable[[DeadLetter], bool] | None = None,
+        *,
+        progress: Callable[[int], None] | None = None,
+    ) -> int:
+        """Publish the selected dead letters back to the queue as new messages, each confirmed
+        by RabbitMQ before its dead letter is acknowledged (removed)."""
+        if self._blocked():
+            return self._beside().requeue_dead(queue, select, progress=progress)
+        # A channel of its own: dead letters not selected stay unacknowledged on it, so the
+        # next get moves on, and go back to `Q.dead` in their places when it closes.
+        getter = self._run(self._getter(queue))
+        moved = 0
+        try:
+            while True:
+                count, more = self._run(self._requeue_dead(getter, queue, select))
+                moved += count
+                if progress is not None and count:
+                    progress(count)
+                if not more:
+                    return moved
+        finally:
+            with contextlib.suppress(BrokerError):
+                self._run(_close_channel(getter))
+
+    async def _getter(self, queue: str) -> aiormq.abc.AbstractChannel:
+        await self._declare(queue)
+        assert self._connection is not None
+        return await self._connection.channel()
+
+    async def _requeue_dead(
+        self,
+        getter: aiormq.abc.AbstractChannel,
+        queue: str,
+        select: Callable[[DeadLetter], bool] | None,
+    ) -> tuple[int, bool]:
+        """One batch: get up to `REQUEUE_BATCH` dead letters, publish the selected ones (with
+        confirms, fresh headers: no delivery or lost-run counts) and then ack them. Returns how
+        many went back, and whether `Q.dead` may hold more."""
+        chosen: list[tuple[int, DeadLetter]] = []
+        more = True
+        for _ in range(REQUEUE_BATCH):
+            message = await getter.basic_get(f"{queue}.dead")
+            if message.delivery_tag is None:
+                more = False
+                break
+            letter = _letter(queue, message)
+            if select is None or select(letter):
+                chosen.append((message.delivery_tag, letter))
+        if chosen:
+            await self._publish([Outgoing(queue, d.body, d.priority) for _, d in chosen])
+            for tag, _ in chosen:
+                await getter.basic_ack(tag, wait=False)
+        return len(chosen), more
+
+    def exists(self, queue: str) -> bool:
+        """True when RabbitMQ has the queue (a passive declare: nothing is created)."""
+        if self._blocked():
+            return self._beside().exists(queue)
+        return self._run(self._exists(queue))
+
+    async def _exists(self, queue: str) -> bool:
+        await self._chan()
+        assert self._connection is not None
+        # A channel of its own: RabbitMQ closes the channel of a passive declare that fails.
+        channel = await self._connection.channel()
+        try:
+            await channel.queue_declare(queue, passive=True)
+        except aiormq.exceptions.ChannelNotFoundEntity:
+            return False
+        finally:
+            await _close_channel(channel)
+        return True
 
     def close(self) -> None:
         """Close the connection and stop the broker's event-loop thread."""
@@ -966,6 +1041,26 @@ def _value(text: str) -> str:
 
 def _arguments(arguments: dict[str, Any]) -> str:
     return ", ".join(f"{k}={v}" for k, v in sorted(arguments.items()))
+
+
+def _letter(queue: str, message: aiormq.abc.DeliveredMessage) -> DeadLetter:
+    """A dead letter of `queue` as read from `Q.dead`, reason and counts from its headers."""
+    properties = message.header.properties
+    headers = properties.headers or {}
+    died_at = headers.get(DIED_AT)
+    return DeadLetter(
+        queue,
+        message.body,
+        str(headers.get(REASON, "")),
+        _int(headers.get(DELIVERIES)) or 1,
+        float(died_at) if isinstance(died_at, str | int | float) else 0.0,
+        int(properties.priority or 0),
+    )
+
+
+async def _close_channel(channel: aiormq.abc.AbstractChannel) -> None:
+    if not channel.is_closed:
+        await channel.close()
 
 
 def _bucket(delay: float) -> int:

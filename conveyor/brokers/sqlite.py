@@ -21,7 +21,7 @@ import logging
 import random
 import sqlite3
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from conveyor._sqlite import Database, path_from_url
 from conveyor.brokers.base import Broker, DeadLetter, Delivery, Outgoing, QueueStats
@@ -29,6 +29,8 @@ from conveyor.message import DEFAULT_MAX_SIZE, oversize
 from conveyor.reasons import DeadLetterReason as Why
 
 log = logging.getLogger("conveyor.worker")
+# Dead letters read at a time by `requeue_dead`.
+REQUEUE_CHUNK = 500
 
 SCHEMA = (
     """CREATE TABLE IF NOT EXISTS conveyor_messages (
@@ -60,8 +62,11 @@ SCHEMA = (
         reason TEXT NOT NULL,
         deliveries INTEGER NOT NULL,
         died_at REAL NOT NULL,
-        body BLOB NOT NULL)""",
+        body BLOB NOT NULL,
+        priority INTEGER NOT NULL DEFAULT 0)""",
     "CREATE INDEX IF NOT EXISTS conveyor_dead_queue ON conveyor_dead (queue, id)",
+    # Files made before dead letters kept their priority get it here (a requeue restores it).
+    "ALTER TABLE conveyor_dead ADD COLUMN priority INTEGER NOT NULL DEFAULT 0",
 )
 
 _CLAIM = """
@@ -200,8 +205,9 @@ class SQLiteBroker(Broker):
             for delivery, reason in items:
                 rid, lease = delivery.receipt
                 moved = conn.execute(
-                    "INSERT INTO conveyor_dead (queue, reason, deliveries, died_at, body) "
-                    "SELECT queue, ?, deliveries, ?, body FROM conveyor_messages "
+                    "INSERT INTO conveyor_dead "
+                    "(queue, reason, deliveries, died_at, body, priority) "
+                    "SELECT queue, ?, deliveries, ?, body, priority FROM conveyor_messages "
                     "WHERE id = ? AND lease = ?",
                     (reason, now, rid, lease),
                 ).rowcount
@@ -225,8 +231,8 @@ class SQLiteBroker(Broker):
             log.warning("dead-lettered a message on %s: %s", queue, reason)
             self.refused += 1
             conn.execute(
-                "INSERT INTO conveyor_dead (queue, reason, deliveries, died_at, body) "
-                "SELECT queue, ?, deliveries, ?, body FROM conveyor_messages "
+                "INSERT INTO conveyor_dead (queue, reason, deliveries, died_at, body, priority) "
+                "SELECT queue, ?, deliveries, ?, body, priority FROM conveyor_messages "
                 "WHERE id = ? AND lease = ?",
                 (reason, now, rid, lease),
             )
@@ -290,13 +296,62 @@ class SQLiteBroker(Broker):
         rows = (
             self._producer_db.connection()
             .execute(
-                "SELECT queue, CAST(body AS BLOB), reason, deliveries, died_at FROM conveyor_dead "
-                "WHERE queue = ? ORDER BY id DESC LIMIT ?",
+                "SELECT queue, CAST(body AS BLOB), reason, deliveries, died_at, priority "
+                "FROM conveyor_dead WHERE queue = ? ORDER BY id DESC LIMIT ?",
                 (queue, limit),
             )
             .fetchall()
         )
         return [DeadLetter(*row) for row in rows]
+
+    def requeue_dead(
+        self,
+        queue: str,
+        select: Callable[[DeadLetter], bool] | None = None,
+        *,
+        progress: Callable[[int], None] | None = None,
+    ) -> int:
+        """Move the selected dead letters back to the queue, oldest first, in one transaction:
+        each becomes a new ready row (no deliveries, no lost runs) with its body and priority."""
+        moved = 0
+        last = 0
+        with self._producer_db.transaction() as conn:
+            while True:
+                # In chunks, so a large dead-letter table never sits in memory at once.
+                rows = conn.execute(
+                    "SELECT id, queue, CAST(body AS BLOB), reason, deliveries, died_at, priority "
+                    "FROM conveyor_dead WHERE queue = ? AND id > ? ORDER BY id LIMIT ?",
+                    (queue, last, REQUEUE_CHUNK),
+                ).fetchall()
+                if not rows:
+                    break
+                last = rows[-1][0]
+                letters = ((row[0], DeadLetter(*row[1:])) for row in rows)
+                chosen = [(rid,) for rid, dead in letters if select is None or select(dead)]
+                conn.executemany(
+                    "INSERT INTO conveyor_messages (queue, priority, body) "
+                    "SELECT queue, priority, body FROM conveyor_dead WHERE id = ?",
+                    chosen,
+                )
+                conn.executemany("DELETE FROM conveyor_dead WHERE id = ?", chosen)
+                moved += len(chosen)
+                if progress is not None and chosen:
+                    progress(len(chosen))
+        return moved
+
+    def exists(self, queue: str) -> bool:
+        """True when any table holds a row of the queue: ready, leased, delayed or dead."""
+        row = (
+            self._producer_db.connection()
+            .execute(
+                "SELECT EXISTS (SELECT 1 FROM conveyor_messages WHERE queue = ?) "
+                "OR EXISTS (SELECT 1 FROM conveyor_delayed WHERE queue = ?) "
+                "OR EXISTS (SELECT 1 FROM conveyor_dead WHERE queue = ?)",
+                (queue, queue, queue),
+            )
+            .fetchone()
+        )
+        return bool(row[0])
 
     def close(self) -> None:
         """Close this process's connections (once; later calls do nothing)."""

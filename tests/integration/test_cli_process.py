@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from importlib.metadata import version
@@ -10,6 +11,7 @@ from pathlib import Path
 from uuid import uuid4
 
 import pytest
+from conftest import require_rabbitmq
 
 pytestmark = pytest.mark.integration
 
@@ -46,7 +48,7 @@ def test_python_m_conveyor_help() -> None:
     proc = run("--help")
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("Usage: python -m conveyor [OPTIONS] COMMAND [ARGS]...")
-    for command in ("worker", "send", "status", "purge", "demo"):
+    for command in ("worker", "send", "status", "purge", "dead-letters", "requeue", "demo"):
         assert f"\n  {command} " in proc.stdout
     assert proc.stderr == ""
 
@@ -101,3 +103,48 @@ def test_send_wait_nan_does_not_hang(tmp_path: Path) -> None:
     errors = [line for line in proc.stderr.splitlines() if line.startswith("Error: ")]
     assert len(errors) == 1, proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+RABBITMQ_APP = """
+from conveyor import Conveyor
+
+app = Conveyor("t", broker="{url}")
+"""
+
+
+def _free_port() -> int:
+    """A local port nothing listens on (bound and released at once)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def _status_of(tmp_path: Path, url: str) -> subprocess.CompletedProcess[str]:
+    module = f"rabbit_{uuid4().hex[:8]}"
+    (tmp_path / f"{module}.py").write_text(RABBITMQ_APP.format(url=url))
+    return run("status", f"{module}:app", cwd=tmp_path, timeout=30)
+
+
+def test_an_unreachable_rabbitmq_is_one_line_on_stderr(tmp_path: Path) -> None:
+    """aiormq logs the failed connect itself, and with no logging configured Python printed
+    that record bare above conveyor's own error: `error when creating transport: ...`."""
+    port = _free_port()
+    proc = _status_of(tmp_path, f"amqp://guest:hunter2@127.0.0.1:{port}/")
+    assert proc.returncode == 1
+    assert proc.stdout == ""
+    [line] = proc.stderr.splitlines()
+    assert line.startswith(
+        f"Error: cannot connect to RabbitMQ at amqp://guest:***@127.0.0.1:{port}/"
+    )
+    assert "hunter2" not in proc.stderr
+
+
+def test_a_wrong_rabbitmq_password_is_one_line_on_stderr(tmp_path: Path) -> None:
+    require_rabbitmq()
+    proc = _status_of(tmp_path, "amqp://guest:wrong-hunter2@127.0.0.1:5672/")
+    assert proc.returncode == 1
+    assert proc.stdout == ""
+    [line] = proc.stderr.splitlines()
+    assert line.startswith("Error: cannot connect to RabbitMQ at amqp://guest:***@127.0.0.1:5672/")
+    assert "ACCESS_REFUSED" in line
+    assert "hunter2" not in proc.stderr

@@ -11,6 +11,7 @@ import contextlib
 import gc
 import logging
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -141,6 +142,128 @@ def test_dead_letters_keep_their_reason(broker: RabbitMQBroker, queue: str, poll
     assert broker.purge(queue, dead=True) == 1
 
 
+def _dead_letters_of(queue: str, items: list[tuple[bytes, int, str]], poll: Poll) -> None:
+    """Publish (body, priority) pairs, give each back once as a lost run, then dead-letter
+    each with its reason: dead letters whose headers carry counts. A broker of its own does
+    it, so that the test's broker is not consuming the queue."""
+    worker = RabbitMQBroker(URL)
+    try:
+        worker.publish([Outgoing(queue, body, priority) for body, priority, _ in items])
+        worker.requeue(_take(worker, queue, len(items), poll))
+        again = _take(worker, queue, len(items), poll)
+        assert all((d.delivery_count, d.lost) == (2, 1) for d in again)
+        reasons = {body: reason for body, _, reason in items}
+        worker.dead_letter([(d, reasons[d.body]) for d in again])
+    finally:
+        worker.close()
+    poll(lambda: _depths(queue) == (0, len(items)), what="the dead letters")
+
+
+def _take(broker: RabbitMQBroker, queue: str, count: int, poll: Poll) -> list[Any]:
+    """Fetch exactly `count` deliveries."""
+    broker.reserve(count)
+    got: list[Any] = []
+
+    def more() -> bool:
+        got.extend(broker.fetch([queue], count - len(got)))
+        return len(got) == count
+
+    poll(more, timeout=20, what=f"{count} deliveries")
+    return got
+
+
+def _depths(queue: str) -> tuple[int, int]:
+    """Ready and dead messages of `queue`, asked by a broker that consumes nothing."""
+    observer = RabbitMQBroker(URL)
+    try:
+        (stats,) = observer.stats([queue])
+        return stats.ready, stats.dead
+    finally:
+        observer.close()
+
+
+def test_requeue_dead_sends_fresh_copies_and_keeps_the_rest_in_order(
+    broker: RabbitMQBroker, queue: str, poll: Poll
+) -> None:
+    """Selected dead letters come back with no delivery or lost-run counts and their priority;
+    the others stay in the dead-letter queue, in their order."""
+    items = [
+        (b"a", 2, "poison message: 1"),
+        (b"b", 0, "unknown task: 2"),
+        (b"c", 7, "poison message: 3"),
+        (b"d", 0, "bad arguments: 4"),
+    ]
+    _dead_letters_of(queue, items, poll)
+    assert sorted((d.body, d.priority) for d in broker.dead_letters(queue))[2] == (b"c", 7)
+    progress: list[int] = []
+
+    moved = broker.requeue_dead(
+        queue, lambda d: d.reason.startswith("poison message"), progress=progress.append
+    )
+
+    assert moved == 2 and sum(progress) == 2
+    assert _depths(queue) == (2, 2)
+    assert [d.body for d in broker.dead_letters(queue)] == [b"b", b"d"]
+    got = _take(broker, queue, 2, poll)
+    assert [(d.body, d.priority) for d in got] == [(b"c", 7), (b"a", 2)]
+    assert all((d.delivery_count, d.lost, d.redelivered) == (1, 0, False) for d in got)
+    broker.ack(got)
+    assert broker.requeue_dead(queue) == 2
+    assert sorted(d.body for d in _take(broker, queue, 2, poll)) == [b"b", b"d"]
+    assert _depths(queue)[1] == 0
+
+
+def test_requeue_dead_of_more_than_one_batch(
+    broker: RabbitMQBroker, queue: str, poll: Poll
+) -> None:
+    count = 1100  # over two of requeue_dead's batches
+    worker = RabbitMQBroker(URL)
+    try:
+        worker.publish([Outgoing(queue, b"%d" % n) for n in range(count)])
+        worker.dead_letter([(d, "r: x") for d in _take(worker, queue, count, poll)])
+    finally:
+        worker.close()
+    poll(lambda: _depths(queue) == (0, count), what="the dead letters")
+    progress: list[int] = []
+    even = broker.requeue_dead(queue, lambda d: int(d.body) % 2 == 0, progress=progress.append)
+    assert even == count // 2 and sum(progress) == even and len(progress) >= 2
+    assert _depths(queue) == (count // 2, count // 2)
+    assert {int(d.body) % 2 for d in broker.dead_letters(queue, count)} == {1}
+
+
+def test_nothing_is_lost_when_the_requeued_copy_is_not_confirmed(
+    broker: RabbitMQBroker, queue: str, poll: Poll
+) -> None:
+    """A copy RabbitMQ refuses (here: no route to the queue) leaves its dead letter where it
+    was: the dead letter is acknowledged only after its copy is confirmed."""
+    _dead_letters_of(queue, [(b"x", 0, "r: 1"), (b"y", 0, "r: 2")], poll)
+    assert broker.exists(queue)  # declares nothing, but connects: the unbinding comes after
+
+    async def unbind() -> None:
+        connection = await aiormq.connect(URL)
+        channel = await connection.channel()
+        await channel.queue_unbind(queue, "conveyor", routing_key=queue)
+        await connection.close()
+
+    broker._declared.add(queue)  # as if this broker had declared it before the unbinding
+    asyncio.run(unbind())
+    with pytest.raises(PublishError, match="NO_ROUTE"):
+        broker.requeue_dead(queue)
+    poll(lambda: _depths(queue) == (0, 2), what="the dead letters back")
+    assert [d.body for d in broker.dead_letters(queue)] == [b"x", b"y"]
+
+
+def test_exists_is_a_passive_declare_that_creates_nothing(
+    broker: RabbitMQBroker, queue: str
+) -> None:
+    assert not broker.exists(queue)
+    assert not broker.exists(queue)  # still not: the first look created nothing
+    broker.publish([Outgoing(queue, b"x")])
+    assert broker.exists(queue)
+    assert broker.purge(queue) == 1
+    assert broker.exists(queue)  # an empty queue is still there
+
+
 def test_a_lost_delivery_is_counted(queue: str, poll: Poll) -> None:
     first = RabbitMQBroker(URL)
     first.publish([Outgoing(queue, b"crashy")])
@@ -198,6 +321,34 @@ def test_a_wrong_password_never_shows() -> None:
         assert "s3cret-value" not in str(caught.value)
     finally:
         broker.close()
+
+
+def test_aiormq_logs_a_failed_connect_only_when_it_is_not_conveyors(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """conveyor reports its own failed connects in its error, so aiormq's record of one is
+    dropped (it printed bare beside the error); aiormq's records of the user's own connections
+    are left alone."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        url = f"amqp://guest:guest@127.0.0.1:{probe.getsockname()[1]}/"
+    caplog.set_level(logging.DEBUG, logger="aiormq")
+    broker = RabbitMQBroker(url)
+    try:
+        with pytest.raises(BrokerError, match="cannot connect to RabbitMQ"):
+            broker.publish([Outgoing("nowhere", b"x")])
+    finally:
+        broker.close()
+    ours = [r for r in caplog.records if r.name == "aiormq.connection" and r.levelno >= 30]
+    assert ours == []
+
+    async def users_own() -> None:
+        await aiormq.connect(url)
+
+    with pytest.raises(aiormq.exceptions.AMQPConnectionError):
+        asyncio.run(users_own())
+    theirs = [r.getMessage() for r in caplog.records if r.name == "aiormq.connection"]
+    assert any(m.startswith("error when creating transport") for m in theirs), theirs
 
 
 def test_worker_runs_tasks_and_dead_letters_bad_input(queue: str) -> None:
@@ -617,6 +768,79 @@ def test_status_and_purge_through_the_cli(
     assert conveyor("purge", "shopapp:app", "-Q", queue, "--dead", "-y").strip() == (
         f"purged 1 message from {queue} (dead letters)"
     )
+
+
+REQUEUE_APP = """
+from conveyor import Conveyor
+
+app = Conveyor("shop", broker="{url}", default_queue="{queue}")
+"""
+POISON = "poison message: the process running it died in 3 runs (poison limit 3)"
+
+
+def test_dead_letters_and_requeue_through_the_cli(queue: str, tmp_path: Path, poll: Poll) -> None:
+    """Poison messages listed, sent back by id and then all, and run again as first deliveries
+    (with their lost runs counted still, the worker would dead-letter them again at once)."""
+    (tmp_path / "requeueapp.py").write_text(REQUEUE_APP.format(url=URL, queue=queue))
+    app = Conveyor("shop", broker=URL, results=f"sqlite:///{tmp_path}/r.db", default_queue=queue)
+
+    @app.task(name="shop.count", bind=True)
+    def count(self: Any, n: int) -> list[int]:
+        return [n, self.request.delivery_count]
+
+    def conveyor(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "conveyor", *args],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+            env={**os.environ, "COLUMNS": "250"},
+        )
+
+    try:
+        sent = [count.delay(n) for n in range(3)]
+        worker = RabbitMQBroker(URL)
+        try:
+            for _ in range(3):
+                worker.requeue(_take(worker, queue, 3, poll))
+            dying = _take(worker, queue, 3, poll)
+            assert all(d.lost == 3 for d in dying)
+            worker.dead_letter([(d, POISON) for d in dying])
+        finally:
+            worker.close()
+        poll(lambda: _depths(queue) == (0, 3), what="the dead letters")
+
+        listing = conveyor("dead-letters", "requeueapp:app", "--queue", queue)
+        assert listing.returncode == 0, listing.stderr
+        rows = [line for line in listing.stdout.splitlines() if queue in line and "│" in line]
+        assert len(rows) == 3 and all("shop.count" in row and POISON in row for row in rows)
+        assert {r.id for r in sent} == {row.split("│")[5].strip() for row in rows}
+
+        one = conveyor("requeue", "requeueapp:app", "-Q", queue, "--id", sent[1].id, "--yes")
+        assert (one.returncode, one.stdout) == (0, f"requeued 1 dead letter to {queue}\n")
+        assert _depths(queue) == (1, 2)
+        typo = conveyor("requeue", "requeueapp:app", "-Q", f"{queue}-typo", "--yes")
+        assert typo.returncode == 1
+        assert typo.stderr == (
+            f"Error: no queue '{queue}-typo' on amqp://guest:***@127.0.0.1:5672/; known queues: "
+            f"{queue} (the app's own, and those holding messages)\n"
+        )
+        rest = conveyor("requeue", "requeueapp:app", "-Q", queue, "--reason", "poison", "-y")
+        assert (rest.returncode, rest.stdout) == (0, f"requeued 2 dead letters to {queue}\n")
+        assert _depths(queue) == (3, 0)
+
+        stats = Worker(app, pool="threads", concurrency=1, until_empty=True).run()
+        assert (stats.succeeded, stats.dead_lettered) == (3, 0)
+        assert [r.get(timeout=5) for r in sent] == [[0, 1], [1, 1], [2, 1]]
+    finally:
+        app.close()
+    probe = RabbitMQBroker(URL)
+    try:
+        assert not probe.exists(f"{queue}-typo")  # looking created nothing
+    finally:
+        probe.close()
 
 
 @pytest.mark.parametrize("pool", ["solo", "asyncio", "prefork"])

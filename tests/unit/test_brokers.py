@@ -405,6 +405,126 @@ def test_dead_letters_of_another_queue_are_separate(broker: Broker) -> None:
     assert len(broker.dead_letters("other")) == 1
 
 
+# sending dead letters back
+
+
+def dead_letter_all(broker: Broker, reasons: dict[bytes, str], queue: str = Q) -> None:
+    """Fetch every message of `queue` and dead-letter each with its body's reason."""
+    deliveries = broker.fetch([queue], 100)
+    broker.dead_letter([(d, reasons[bytes(d.body)]) for d in deliveries])
+
+
+def test_requeue_dead_sends_every_dead_letter_back_as_a_fresh_message(broker: Broker) -> None:
+    """Counts start over (delivery 1, no lost runs, so the poison limit does not dead-letter it
+    again at once); body and priority are kept."""
+    publish(broker, b"low", priority=1)
+    publish(broker, b"high", priority=7)
+    publish(broker, b"crashy")
+    broker.requeue(broker.fetch([Q], 10))  # lost runs: deliveries 2, lost 1 from here
+    again = broker.fetch([Q], 10)
+    assert all((d.delivery_count, d.lost) == (2, 1) for d in again)
+    broker.dead_letter([(d, "poison message: x") for d in again])
+    assert [d.delivery_count for d in broker.dead_letters(Q)] == [2, 2, 2]
+    assert {bytes(d.body): d.priority for d in broker.dead_letters(Q)}[b"high"] == 7
+    assert stats_of(broker) == (0, 0, 0, 3)
+
+    assert broker.requeue_dead(Q) == 3
+
+    assert stats_of(broker) == (3, 0, 0, 0)
+    assert broker.dead_letters(Q) == []
+    got = broker.fetch([Q], 10)
+    assert bodies(got)[0] == b"high"  # the priority came back with it
+    assert sorted(bodies(got)) == [b"crashy", b"high", b"low"]
+    assert all((d.delivery_count, d.lost, d.redelivered) == (1, 0, False) for d in got)
+    assert broker.ack(got) == 3
+    assert stats_of(broker) == (0, 0, 0, 0)
+
+
+def test_requeue_dead_takes_only_what_select_accepts(broker: Broker) -> None:
+    publish(broker, b"a", b"b", b"c", b"d")
+    reasons = {b"a": "poison message: 1", b"b": "unknown task: 2", b"c": "poison message: 3"}
+    dead_letter_all(broker, {**reasons, b"d": "bad arguments: 4"})
+    seen: list[bytes] = []
+    progress: list[int] = []
+
+    def poison(letter: DeadLetter) -> bool:
+        seen.append(bytes(letter.body))
+        return letter.reason.startswith("poison message")
+
+    assert broker.requeue_dead(Q, poison, progress=progress.append) == 2
+    assert sorted(seen) == [b"a", b"b", b"c", b"d"]  # every dead letter was offered once
+    assert sum(progress) == 2
+    assert sorted(bodies(broker.fetch([Q], 10))) == [b"a", b"c"]
+    # The others stay, in their order (newest first).
+    assert [bytes(d.body) for d in broker.dead_letters(Q)] == [b"d", b"b"]
+    assert stats_of(broker) == (0, 0, 2, 2)
+
+
+def test_requeue_dead_leaves_other_queues_alone(broker: Broker) -> None:
+    publish(broker, b"mine")
+    publish(broker, b"theirs", queue="other")
+    dead_letter_all(broker, {b"mine": "r: 1"})
+    dead_letter_all(broker, {b"theirs": "r: 2"}, queue="other")
+    assert broker.requeue_dead("never-used") == 0
+    assert broker.requeue_dead(Q, lambda letter: False) == 0
+    assert broker.requeue_dead(Q) == 1
+    assert broker.requeue_dead(Q) == 0  # nothing left to send
+    assert stats_of(broker) == (1, 0, 0, 0)
+    assert stats_of(broker, "other") == (0, 0, 0, 1)
+
+
+def test_requeue_dead_reports_progress_in_batches_of_a_large_table(broker: Broker) -> None:
+    """Many dead letters (more than one of SQLite's chunks) all go back, none twice."""
+    count = 1234
+    broker.publish([Outgoing(Q, b"%d" % n) for n in range(count)])
+    broker.dead_letter([(d, "r: x") for d in broker.fetch([Q], count)])
+    progress: list[int] = []
+    assert broker.requeue_dead(Q, progress=progress.append) == count
+    assert sum(progress) == count
+    assert sorted(bodies(broker.fetch([Q], count + 1))) == sorted(b"%d" % n for n in range(count))
+
+
+def test_a_queue_exists_while_it_holds_anything(broker: Broker) -> None:
+    assert not broker.exists(Q)
+    publish(broker, b"later", deliver_at=time.time() + 3600)
+    assert broker.exists(Q) and not broker.exists("other")
+    assert broker.purge(Q) == 1
+    assert not broker.exists(Q)
+    publish(broker, b"x")
+    assert broker.exists(Q)
+    [d] = broker.fetch([Q], 1)
+    assert broker.exists(Q)  # leased
+    broker.dead_letter([(d, "r: x")])
+    assert broker.exists(Q)  # dead
+    broker.purge(Q, dead=True)
+    assert not broker.exists(Q)
+
+
+def test_a_sqlite_file_from_before_dead_priorities_is_upgraded_in_place(tmp_path: Path) -> None:
+    """Dead letters written before `conveyor_dead` had a priority column list and go back."""
+    path = tmp_path / "old.db"
+    with sqlite3.connect(path) as conn:
+        conn.execute(
+            "CREATE TABLE conveyor_dead (id INTEGER PRIMARY KEY, queue TEXT NOT NULL, "
+            "reason TEXT NOT NULL, deliveries INTEGER NOT NULL, died_at REAL NOT NULL, "
+            "body BLOB NOT NULL)"
+        )
+        conn.execute(
+            "INSERT INTO conveyor_dead (queue, reason, deliveries, died_at, body) "
+            "VALUES (?, 'poison message: old', 4, 1.0, ?)",
+            (Q, b"old"),
+        )
+    broker = SQLiteBroker(f"sqlite:///{path}")
+    try:
+        [letter] = broker.dead_letters(Q)
+        assert (bytes(letter.body), letter.delivery_count, letter.priority) == (b"old", 4, 0)
+        assert broker.requeue_dead(Q) == 1
+        [d] = broker.fetch([Q], 1)
+        assert (bytes(d.body), d.delivery_count, d.lost) == (b"old", 1, 0)
+    finally:
+        broker.close()
+
+
 # stats and purge
 
 

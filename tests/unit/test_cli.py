@@ -13,6 +13,7 @@ import io
 import logging
 import os
 import re
+import shlex
 import sqlite3
 import sys
 import textwrap
@@ -30,9 +31,9 @@ from click.testing import CliRunner
 from click.testing import Result as CliResult
 
 from conveyor import Conveyor, Worker, log
-from conveyor.brokers import QueueStats
+from conveyor.brokers import Outgoing, QueueStats
 from conveyor.cli import main
-from conveyor.message import Envelope, decode
+from conveyor.message import Envelope, decode, encode
 from conveyor.redact import RedactingFilter, redact_text, redact_url
 
 Poll = Callable[..., Any]
@@ -817,6 +818,345 @@ def test_purge_requires_a_queue(project: Project) -> None:
     assert_clear_error(cli("purge", path, "--yes"), "'--queue'")
 
 
+def test_purge_of_a_queue_that_does_not_exist_names_the_known_ones(project: Project) -> None:
+    """A typo used to print "purged 0 messages" and exit 0."""
+    path, app = project.app()
+    _fill(app, path.partition(":")[0])
+    for extra in (["--yes"], ["--dead", "--yes"], []):  # refused before any question
+        result = cli("purge", path, "--queue", "defualt", *extra)
+        line = assert_clear_error(result, "no queue 'defualt'", "known queues: default, other")
+        assert project.broker in line
+        assert "Delete" not in result.output
+    assert counts(app) == {"default": (3, 1, 1, 0), "other": (1, 0, 0, 0)}
+
+
+def test_purge_of_an_apps_queue_that_is_still_empty(project: Project) -> None:
+    """The app's own queues exist as far as conveyor is concerned, messages or not."""
+    module = project.write(
+        f"""
+        from conveyor import Conveyor
+
+        app = Conveyor("t", broker={project.broker!r})
+
+
+        @app.task(queue="images")
+        def resize(path):
+            return path
+        """
+    )
+    for queue in ("images", "default"):
+        result = cli("purge", f"{module}:app", "--queue", queue, "--yes")
+        assert result.exit_code == 0, result.output
+        assert result.stdout == f"purged 0 messages from {queue}\n"
+
+
+# dead letters and requeue
+
+RECORDING_APP = """
+from conveyor import Conveyor
+
+app = Conveyor("t", broker={broker!r})
+
+
+@app.task(bind=True)
+def record(self, n):
+    return [n, self.request.delivery_count, self.request.redelivered]
+
+
+@app.task(queue="images")
+def resize(path):
+    return path
+"""
+
+
+def recording_app(project: Project) -> tuple[str, Conveyor, str]:
+    """An app whose task `record` returns its argument, delivery count and redelivered flag;
+    its CLI path, the app, and the task's name."""
+    module = project.write(RECORDING_APP.format(broker=project.broker))
+    return f"{module}:app", importlib.import_module(module).app, f"{module}.record"
+
+
+def kill_runs(app: Conveyor, count: int, reason: str, queue: str = "default") -> None:
+    """Give every message of `queue` back as a lost run until it has `count` of them, then
+    dead-letter each with `reason`: what a worker does to a task that keeps killing it."""
+    for _ in range(count):
+        app.broker.requeue(app.broker.fetch([queue], 1000))
+    deliveries = app.broker.fetch([queue], 1000)
+    assert all(d.lost == count for d in deliveries)
+    app.broker.dead_letter([(d, reason) for d in deliveries])
+
+
+POISON = "poison message: the process running it died in 3 runs (poison limit 3)"
+
+
+def test_dead_letters_lists_queue_time_deliveries_task_id_and_reason(project: Project) -> None:
+    path, app, name = recording_app(project)
+    sent = [app.tasks[name].delay(n) for n in range(2)]
+    kill_runs(app, 3, POISON)
+    resize = app.tasks[path.partition(":")[0] + ".resize"].delay("a.png")
+    app.broker.dead_letter(
+        [(d, "unknown task: no task [bold]x") for d in app.broker.fetch(["images"], 1)]
+    )
+
+    result = cli("dead-letters", path)
+
+    assert result.exit_code == 0, result.output
+    rows = table_rows(result.stdout)
+    assert rows[0] == ["queue", "died at", "deliveries", "task", "id", "reason"]
+    by_id = {row[4]: row for row in rows[1:]}
+    assert set(by_id) == {r.id for r in sent} | {resize.id}
+    for r in sent:
+        queue, died, deliveries, task, _, reason = by_id[r.id]
+        assert (queue, deliveries, task, reason) == ("default", "4", name, POISON)
+        assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d", died), died
+    # Markup in a reason is shown as it is, never interpreted.
+    assert by_id[resize.id][5] == "unknown task: no task [bold]x"
+    assert "3 of 3 shown, newest first" in result.stdout
+
+
+def test_dead_letters_says_which_bodies_are_not_envelopes(project: Project) -> None:
+    """Listed and escaped, the password of a URL in it masked, and markup kept literal."""
+    path, app = project.app()
+    body = b"[red]oops[/red] amqp://u:hunter2@h/ \x00\xff" + b"x" * 200
+    app.broker.publish([Outgoing("default", body), Outgoing("default", b'{"v":1}')])
+    deliveries = app.broker.fetch(["default"], 2)
+    app.broker.dead_letter([(d, "malformed JSON: what") for d in deliveries])
+
+    result = cli("dead-letters", path, "--queue", "default")
+
+    assert result.exit_code == 0, result.output
+    assert "hunter2" not in result.output
+    cells = {row[3] for row in table_rows(result.stdout)[1:]}
+    assert cells == {
+        "not an envelope (undecodable message): [red]oops[/red] amqp://u:***@h/ \\x00\\xff...",
+        'not an envelope (invalid envelope): {"v":1}',
+    }
+    assert all(row[4] == "-" for row in table_rows(result.stdout)[1:])
+
+
+def test_dead_letters_reason_filter_and_limit(project: Project) -> None:
+    path, app, name = recording_app(project)
+    for n in range(3):
+        app.tasks[name].delay(n)
+    [first, *rest] = app.broker.fetch(["default"], 3)
+    app.broker.dead_letter([(first, "unknown task: gone")])
+    app.broker.dead_letter([(d, POISON) for d in rest])
+
+    result = cli("dead-letters", path, "--reason", "POISON MESSAGE", "--limit", "1")
+    assert result.exit_code == 0, result.output
+    [_, row] = table_rows(result.stdout)
+    assert row[5] == POISON
+    assert "1 of 2 shown, newest first" in result.stdout
+
+    result = cli("dead-letters", path, "-n", "2")
+    assert len(table_rows(result.stdout)) == 3
+    assert "2 of 3 shown" in result.stdout
+
+    result = cli("dead-letters", path, "--reason", "no such reason")
+    assert result.exit_code == 0, result.output
+    assert (
+        result.stdout
+        == "no dead letters with a reason containing 'no such reason' in default, images\n"
+    )
+
+
+def test_dead_letters_of_an_app_without_any(project: Project) -> None:
+    path, _, _ = recording_app(project)
+    result = cli("dead-letters", path)
+    assert result.exit_code == 0, result.output
+    assert result.stdout == "no dead letters in default, images\n"
+
+
+@pytest.mark.parametrize("command", ["dead-letters", "requeue"])
+def test_dead_letters_and_requeue_of_a_queue_that_does_not_exist(
+    project: Project, command: str
+) -> None:
+    path, app, name = recording_app(project)
+    app.tasks[name].apply_async((1,), queue="emails")
+    result = cli(command, path, "--queue", "imgaes", "--yes" if command == "requeue" else "-n1")
+    assert_clear_error(result, "no queue 'imgaes'", "known queues: default, emails, images")
+
+
+def test_requeue_sends_a_queue_back_and_the_tasks_run_again_with_fresh_counts(
+    project: Project,
+) -> None:
+    """Dead-lettered after three lost runs, they would be dead-lettered again at once if the
+    counts came back with them: they run, as first deliveries."""
+    path, app, name = recording_app(project)
+    sent = [app.tasks[name].delay(n) for n in range(3)]
+    kill_runs(app, 3, POISON)
+    assert counts(app) == {"default": (0, 0, 0, 3)}
+
+    result = cli("requeue", path, "--queue", "default", "--yes")
+
+    assert result.exit_code == 0, result.output
+    assert result.stdout == "requeued 3 dead letters to default\n"
+    assert counts(app) == {"default": (3, 0, 0, 0)}
+    stats = Worker(app, pool="threads", concurrency=1, until_empty=True).run()
+    assert (stats.succeeded, stats.dead_lettered) == (3, 0)
+    assert [r.get(timeout=0) for r in sent] == [[0, 1, False], [1, 1, False], [2, 1, False]]
+    assert counts(app) == {}
+
+
+def test_requeue_asks_first_and_no_changes_nothing(project: Project) -> None:
+    path, app, name = recording_app(project)
+    app.tasks[name].delay(1)
+    kill_runs(app, 1, POISON)
+    result = cli("requeue", path, "--queue", "default", input="n\n")
+    assert result.exit_code != 0
+    assert "Send 1 dead letter of 'default' back to run again? [y/N]" in result.output
+    assert "Aborted!" in result.output and "requeued" not in result.output
+    assert counts(app) == {"default": (0, 0, 0, 1)}
+    result = cli("requeue", path, "-Q", "default", input="y\n")
+    assert result.exit_code == 0, result.output
+    assert "requeued 1 dead letter to default" in result.stdout
+    assert counts(app) == {"default": (1, 0, 0, 0)}
+
+
+def test_requeue_by_reason(project: Project) -> None:
+    path, app, name = recording_app(project)
+    sent = [app.tasks[name].delay(n) for n in range(3)]
+    deliveries = {decode(d.body).id: d for d in app.broker.fetch(["default"], 3)}
+    app.broker.dead_letter([(deliveries[sent[0].id], "unknown task: gone")])
+    app.broker.dead_letter([(deliveries[r.id], POISON) for r in sent[1:]])
+
+    result = cli("requeue", path, "-Q", "default", "--reason", "Poison", "--yes")
+
+    assert result.exit_code == 0, result.output
+    assert result.stdout == "requeued 2 dead letters to default\n"
+    assert {fetch_one(app).id, fetch_one(app).id} == {sent[1].id, sent[2].id}
+    [left] = app.broker.dead_letters("default")
+    assert left.reason == "unknown task: gone"
+    result = cli("requeue", path, "-Q", "default", "--reason", "poison", "--yes")
+    assert result.exit_code == 0, result.output
+    assert result.stdout == (
+        "no dead letters with a reason containing 'poison' in default: nothing to requeue\n"
+    )
+
+
+def test_requeue_by_task_id(project: Project) -> None:
+    path, app, name = recording_app(project)
+    sent = [app.tasks[name].delay(n) for n in range(4)]
+    kill_runs(app, 1, POISON)
+
+    result = cli("requeue", path, "-Q", "default", "--id", sent[0].id, "--id", sent[2].id, "-y")
+
+    assert result.exit_code == 0, result.output
+    assert result.stdout == "requeued 2 dead letters to default\n"
+    assert {fetch_one(app).id, fetch_one(app).id} == {sent[0].id, sent[2].id}
+    assert {decode(d.body).id for d in app.broker.dead_letters("default")} == {
+        sent[1].id,
+        sent[3].id,
+    }
+
+
+def test_requeue_of_an_id_that_matches_nothing_changes_nothing(project: Project) -> None:
+    path, app, name = recording_app(project)
+    sent = [app.tasks[name].delay(n) for n in range(2)]
+    kill_runs(app, 1, POISON)
+    for ids in (["nope"], [sent[0].id, "nope", "gone"]):
+        args = [arg for i in ids for arg in ("--id", i)]
+        result = cli("requeue", path, "-Q", "default", *args, "--yes")
+        line = assert_clear_error(result, "nothing was requeued")
+        assert "has the task id gone, nope" in line or "has the task id nope" in line
+        assert sent[0].id not in line
+        assert counts(app) == {"default": (0, 0, 0, 2)}
+    # An id that is there, but whose reason does not match, is not found either.
+    result = cli("requeue", path, "-Q", "default", "--id", sent[0].id, "--reason", "bad args", "-y")
+    assert_clear_error(
+        result, f"reason containing 'bad args' in default has the task id {sent[0].id}"
+    )
+    assert counts(app) == {"default": (0, 0, 0, 2)}
+
+
+def test_requeue_of_a_body_that_is_not_an_envelope(project: Project) -> None:
+    """It goes back like any other; the worker dead-letters it again, as a first delivery."""
+    path, app = project.app()
+    app.broker.publish([Outgoing("default", b"not json")])
+    stats = Worker(app, pool="threads", concurrency=1, until_empty=True).run()
+    assert stats.dead_lettered == 1
+    result = cli("requeue", path, "-Q", "default", "--yes")
+    assert result.exit_code == 0, result.output
+    assert result.stdout == "requeued 1 dead letter to default\n"
+    assert counts(app) == {"default": (1, 0, 0, 0)}
+    stats = Worker(app, pool="threads", concurrency=1, until_empty=True).run()
+    assert stats.dead_lettered == 1
+    [letter] = app.broker.dead_letters("default")
+    assert (bytes(letter.body), letter.delivery_count) == (b"not json", 1)
+    assert letter.reason.startswith("malformed JSON: ")
+
+
+def test_requeue_of_many_shows_a_progress_bar(project: Project) -> None:
+    path, app, name = recording_app(project)
+    app.tasks[name].map([(n,) for n in range(250)])
+    kill_runs(app, 1, POISON)
+    result = cli("requeue", path, "-Q", "default", "--yes")
+    assert result.exit_code == 0, result.output
+    assert result.stdout == "requeued 250 dead letters to default\n"
+    assert "requeuing" in result.stderr and "250/250" in result.stderr
+    assert counts(app) == {"default": (250, 0, 0, 0)}
+
+
+def test_requeue_of_an_empty_queue_and_without_a_queue(project: Project) -> None:
+    path, _, _ = recording_app(project)
+    result = cli("requeue", path, "-Q", "images", "--yes")
+    assert result.exit_code == 0, result.output
+    assert result.stdout == "no dead letters in images: nothing to requeue\n"
+    assert_clear_error(cli("requeue", path, "--yes"), "'--queue'")
+
+
+def test_the_documented_dead_letter_commands_run(project: Project) -> None:
+    """Every `dead-letters`, `requeue` and `purge` example of docs/brokers.md, against an app
+    with the documented queues and a dead letter of the documented task id."""
+    docs = (Path(__file__).resolve().parents[2] / "docs" / "brokers.md").read_text()
+    section = docs.partition("## Managing queues")[2].partition("\n## ")[0]
+    module = project.write(
+        f"""
+        from conveyor import Conveyor
+
+        app = Conveyor("shop", broker={project.broker!r})
+
+
+        @app.task(name="shop.tasks.resize", queue="images")
+        def resize(path, width):
+            return path
+        """
+    )
+    app = importlib.import_module(module).app
+    task_id = re.search(r"--id ([0-9a-f]{32})", section)
+    assert task_id is not None
+    body = encode(Envelope(id=task_id[1], task="shop.tasks.resize", queue="images", args=("a", 1)))
+
+    def dead_letter() -> None:
+        """The documented dead letter, dead again whatever the last command did."""
+        if not app.broker.dead_letters("images"):
+            app.broker.purge("images")
+            app.broker.publish([Outgoing("images", body)])
+            app.broker.dead_letter([(d, POISON) for d in app.broker.fetch(["images"], 1)])
+
+    ran = set()
+    for line in section.splitlines():
+        if not line.removeprefix("$ ").startswith("conveyor "):
+            continue
+        words = shlex.split(line.removeprefix("$ "))
+        if words[1] not in ("dead-letters", "requeue", "purge"):
+            continue
+        dead_letter()
+        args = [f"{module}:app" if w == "shop.tasks:app" else w for w in words[1:]]
+        result = cli(*args, input="y\n")
+        if "imgaes" in args:
+            documented = section.partition(line + "\n")[2].splitlines()[0]
+            assert (
+                result.stderr == documented.replace("sqlite:///conveyor.db", project.broker) + "\n"
+            )
+            assert result.exit_code == 1
+        else:
+            assert result.exit_code == 0, (line, result.output)
+            assert "Error" not in result.output
+        ran.add(words[1])
+    assert ran == {"dead-letters", "requeue", "purge"}
+
+
 # worker
 
 
@@ -827,14 +1167,33 @@ def test_worker_until_empty_runs_the_queued_tasks(project: Project, pool: str) -
     add, boom = app.tasks[f"{module}.add"], app.tasks[f"{module}.boom"]
     results = [add.delay(n, 10) for n in range(5)]
     failed = boom.delay()
-    result = cli("worker", path, "--until-empty", "--pool", pool, "--concurrency", "2")
+    concurrency = "1" if pool == "solo" else "2"
+    result = cli("worker", path, "--until-empty", "--pool", pool, "--concurrency", concurrency)
     assert result.exit_code == 0, result.output
     assert "Traceback" not in result.stdout
     assert [r.get(timeout=0) for r in results] == [10, 11, 12, 13, 14]
     assert failed.state == "FAILURE"
     assert counts(app) == {}
-    assert f"pool {pool} x{1 if pool == 'solo' else 2}" in result.stderr
+    assert f"pool {pool} x{concurrency}" in result.stderr
     assert "worker stopped: 5 succeeded, 1 failed" in result.stderr
+
+
+@pytest.mark.parametrize("pool", [["--pool", "solo"], ["-P", "solo"], []])
+def test_worker_refuses_solo_with_a_concurrency_above_one(
+    project: Project, pool: list[str]
+) -> None:
+    """It used to run one task at a time without a word; the app's own pool setting counts."""
+    path, app = project.app(pool="solo")
+    add = app.tasks[f"{path.partition(':')[0]}.add"]
+    add.delay(1)
+    result = cli("worker", path, *pool, "-c", "4", "--until-empty")
+    assert_clear_error(result, "the solo pool runs one task at a time", "threads", "prefork")
+    assert counts(app) == {"default": (1, 0, 0, 0)}  # nothing ran
+    # Without -c the solo pool runs, one at a time, whatever the default concurrency.
+    result = cli("worker", path, *pool, "--until-empty")
+    assert result.exit_code == 0, result.output
+    assert "pool solo x1" in result.stderr
+    assert counts(app) == {}
 
 
 def test_worker_consumes_only_the_queues_given(project: Project) -> None:
@@ -904,7 +1263,7 @@ def test_version_and_help() -> None:
     assert result.stdout == f"conveyor, version {version('conveyor')}\n"
     result = cli("--help")
     assert result.exit_code == 0
-    for command in ("worker", "send", "status", "purge", "demo"):
+    for command in ("worker", "send", "status", "purge", "dead-letters", "requeue", "demo"):
         assert re.search(rf"^\s+{command}\s", result.stdout, re.MULTILINE), result.stdout
 
 

@@ -14,6 +14,16 @@ if TYPE_CHECKING:
 POOLS = ("prefork", "threads", "asyncio", "solo")
 
 
+def check_concurrency(name: str, concurrency: int) -> None:
+    """Refuse a number of tasks at once that the pool called `name` cannot run."""
+    if name == "solo" and concurrency > 1:
+        raise ConfigurationError(
+            f"the solo pool runs one task at a time, on the worker's own thread, so it cannot "
+            f"run {concurrency} at once: use the threads pool (blocking I/O) or prefork (CPU) "
+            "for more, or a concurrency of 1"
+        )
+
+
 def create(
     name: str,
     concurrency: int,
