@@ -20,6 +20,7 @@ import msgspec
 from conveyor.errors import DecodeError, EncodeError
 from conveyor.reasons import DeadLetterReason as Why
 from conveyor.signing import NO_KEY, PREFIX, Signer
+from conveyor.values import encoder as _value_encoder
 
 VERSION = 1
 DEFAULT_MAX_SIZE = 16 * 1024 * 1024
@@ -101,8 +102,8 @@ def encode(
         if _has_non_finite(envelope.args) or _has_non_finite(envelope.kwargs):
             # JSON has no NaN or infinity; the encoder would silently send null instead.
             raise ValueError("NaN and infinite floats have no JSON form")
-        data = _encoder.encode(envelope)
-    except (TypeError, ValueError, OverflowError, RecursionError) as exc:
+        data = _value_encoder.encode(envelope)
+    except (TypeError, ValueError, OverflowError, RecursionError, NotImplementedError) as exc:
         raise EncodeError(
             f"task {envelope.task}: arguments cannot be encoded as JSON ({exc}); "
             "pass JSON-compatible values: str, int, float, bool, None, lists and dicts"

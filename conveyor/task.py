@@ -8,16 +8,17 @@ import functools
 import inspect
 import random
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Annotated, Any, Generic, ParamSpec, TypeVar
 
 import msgspec
 
-from conveyor.errors import ArgumentError, ConfigurationError, Retry
+from conveyor.errors import ArgumentError, ConfigurationError, EncodeError, Retry
 from conveyor.message import MAX_PRIORITY, Envelope, new_id
 from conveyor.results.handle import Result
 from conveyor.settings import unknown_name_message
+from conveyor.values import Types, check_arguments
 
 if TYPE_CHECKING:
     from conveyor.app import Conveyor
@@ -140,6 +141,8 @@ class Task(Generic[P, R]):
                 raise ConfigurationError(f"task {name} has bind=True but takes no `self` argument")
             signature = signature.replace(parameters=params[1:])
         self.signature = signature
+        #: The annotations its arguments and return value are converted by (conveyor.values).
+        self.types = Types(fn, signature)
         functools.update_wrapper(self, fn)
 
     def __repr__(self) -> str:
@@ -155,7 +158,7 @@ class Task(Generic[P, R]):
                 current_request.reset(token)
         return self.run(args, kwargs)  # type: ignore[no-any-return]
 
-    def run(self, args: Sequence[Any], kwargs: dict[str, Any]) -> Any:
+    def run(self, args: Sequence[Any], kwargs: Mapping[str, Any]) -> Any:
         """Call the function (with the task first when bound)."""
         if self.options.bind:
             return self.fn(self, *args, **kwargs)
@@ -263,9 +266,11 @@ class Task(Generic[P, R]):
         """Build (and check) the envelope for one invocation."""
         kwargs = kwargs or {}
         try:
-            self.signature.bind(*args, **kwargs)
-        except TypeError as exc:
+            check_arguments(self.types, args, kwargs)
+        except ArgumentError as exc:
             raise ArgumentError(f"task {self.name}: {exc}") from None
+        except EncodeError as exc:
+            raise EncodeError(f"task {self.name}: {exc}") from None
         now = time.time()
         if countdown is not None and eta is not None:
             raise ConfigurationError("pass countdown or eta, not both")
@@ -316,7 +321,7 @@ class Task(Generic[P, R]):
 
     def _result(self, task_id: str) -> Result[R]:
         store = None if self.options.ignore_result else self.app.results
-        return Result(task_id, store, self.name)
+        return Result(task_id, store, self.name, self.types.returns)
 
 
 def _check_send_options(

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from typing import Any, Generic, TypeVar, cast
 
-import msgspec
-
 from conveyor.errors import ConfigurationError, ResultTimeout, TaskFailed
 from conveyor.results.base import READY_STATES, ResultRecord, ResultStore, State
+from conveyor.values import decode_result
 
 R = TypeVar("R")
 
@@ -15,12 +14,15 @@ R = TypeVar("R")
 class Result(Generic[R]):
     """A task's id and a way to read its state and outcome from the result store."""
 
-    __slots__ = ("_store", "id", "task")
+    __slots__ = ("_returns", "_store", "id", "task")
 
-    def __init__(self, task_id: str, store: ResultStore | None, task: str = "") -> None:
+    def __init__(
+        self, task_id: str, store: ResultStore | None, task: str = "", returns: Any = None
+    ) -> None:
         self.id = task_id
         self.task = task
         self._store = store
+        self._returns = returns  # the task's return annotation: `get()` converts to it
 
     def __repr__(self) -> str:
         return f"<Result {self.task} {self.id}>"
@@ -71,5 +73,5 @@ class Result(Generic[R]):
                 record.error_message or "",
                 record.traceback or "",
             )
-        value: Any = msgspec.json.decode(record.value)
+        value: Any = decode_result(record.value, self._returns)
         return cast(R, value)

@@ -504,9 +504,12 @@ class Consumer:
             )
             self._reject(delivery, reason, envelope, UnknownTaskError.__name__)
             return None
+        job = Job(delivery, envelope, task, started_at=now)
         try:
-            task.signature.bind(*envelope.args, **envelope.kwargs)
-        except TypeError as exc:
+            # Converted here, where a misfit can still be dead-lettered; a pool on this
+            # process's threads runs with these, a prefork child converts its own.
+            job.arguments()
+        except ArgumentError as exc:
             reason = Why.BAD_ARGUMENTS(f"they do not fit task {task.name}: {exc}")
             self._reject(delivery, reason, envelope, ArgumentError.__name__)
             return None
@@ -521,7 +524,6 @@ class Consumer:
             # Delivered early (a broker's delay buckets are coarse): delay it again for the rest.
             self._pending.delay.append((delivery, envelope.eta - now))
             return None
-        job = Job(delivery, envelope, task, started_at=now)
         if not task.options.ignore_result:
             self._record(envelope, State.STARTED, started_at=now)
         return job

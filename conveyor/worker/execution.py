@@ -13,7 +13,7 @@ import os
 import threading
 import time
 import traceback
-from collections.abc import Awaitable, Iterator
+from collections.abc import Awaitable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -24,9 +24,9 @@ from conveyor.brokers import Delivery
 from conveyor.errors import EncodeError, Retry, SoftTimeLimitExceeded, TimeLimitExceeded
 from conveyor.message import Envelope
 from conveyor.task import Request, Task, current_request
+from conveyor.values import Types, convert_arguments, encode_result
 from conveyor.worker.limits import Watchdog
 
-_encoder = msgspec.json.Encoder()
 _local = threading.local()
 _watchdog = Watchdog()
 _LIMITS = (SoftTimeLimitExceeded.__name__, TimeLimitExceeded.__name__)
@@ -57,6 +57,15 @@ class Job:
     envelope: Envelope
     task: Task[Any, Any]
     started_at: float = 0.0
+    #: The arguments converted to the task's annotations, once converted (see `arguments`).
+    converted: tuple[Sequence[Any], Mapping[str, Any]] | None = None
+
+    def arguments(self) -> tuple[Sequence[Any], Mapping[str, Any]]:
+        """The arguments to call the task with: as received, converted by its annotations."""
+        if self.converted is None:
+            env = self.envelope
+            self.converted = convert_arguments(self.task.types, env.args, env.kwargs)
+        return self.converted
 
 
 @dataclass(slots=True)
@@ -106,13 +115,13 @@ class _Run:
 
     outcome: Outcome
 
+    def __init__(self, types: Types) -> None:
+        self.types = types
+
     def succeed(self, value: Any) -> None:
         try:
-            raw = msgspec.Raw(_encoder.encode(value))
-        except (TypeError, ValueError, OverflowError) as exc:
-            error = EncodeError(
-                f"the return value ({type(value).__name__}) cannot be encoded as JSON: {exc}"
-            )
+            raw = msgspec.Raw(encode_result(value, self.types))
+        except EncodeError as error:
             self.outcome = Outcome.failure(error, with_traceback=False)
             return
         self.outcome = Outcome(Kind.SUCCESS, raw, finished_at=time.time())
@@ -120,7 +129,7 @@ class _Run:
 
 @contextmanager
 def _capture(job: Job) -> Iterator[_Run]:
-    run = _Run()
+    run = _Run(job.task.types)
     token = current_request.set(request_for(job))
     try:
         yield run
@@ -149,10 +158,10 @@ def execute(job: Job, *, hard_limit: bool = True, soft_limit: bool = True) -> Ou
     else: a prefork child raises the soft one with a signal, and the worker kills the child at
     the hard one.
     """
-    task, env = job.task, job.envelope
+    task = job.task
     if task.is_async:
         with _capture(job) as run:
-            coroutine = _limited(job, task.run(env.args, env.kwargs))
+            coroutine = _limited(job, task.run(*job.arguments()))
             run.succeed(_thread_loop().run_until_complete(coroutine))
         return run.outcome
     soft, hard = task.options.soft_time_limit, task.options.time_limit
@@ -162,13 +171,13 @@ def execute(job: Job, *, hard_limit: bool = True, soft_limit: bool = True) -> Ou
         soft = None
     if soft is None and hard is None:
         with _capture(job) as run:
-            run.succeed(task.run(env.args, env.kwargs))
+            run.succeed(task.run(*job.arguments()))
         return run.outcome
     outcome: Outcome | None = None
     try:
         _watchdog.watch(soft, hard)
         with _capture(job) as run:
-            run.succeed(task.run(env.args, env.kwargs))
+            run.succeed(task.run(*job.arguments()))
         outcome = run.outcome
         _watchdog.unwatch()
     except (SoftTimeLimitExceeded, TimeLimitExceeded) as exc:
@@ -188,7 +197,7 @@ async def execute_async(job: Job) -> Outcome:
     if not job.task.is_async:
         return execute(job)
     with _capture(job) as run:
-        run.succeed(await _limited(job, job.task.run(job.envelope.args, job.envelope.kwargs)))
+        run.succeed(await _limited(job, job.task.run(*job.arguments())))
     return run.outcome
 
 

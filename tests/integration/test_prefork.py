@@ -12,6 +12,7 @@ deletes it afterwards. Without a server the RabbitMQ cases skip locally and fail
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import logging
 import os
 import random
@@ -33,9 +34,10 @@ from conftest import (
     start_worker,
     wait_for,
 )
+from values_cases import EVERYTHING, Everything, same
 
 from conveyor import Conveyor, DeadLetterReason, SoftTimeLimitExceeded, Task, Worker, WorkerStats
-from conveyor.errors import TimeLimitExceeded
+from conveyor.errors import EncodeError, TaskFailed, TimeLimitExceeded
 from conveyor.message import decode
 from conveyor.results import ResultRecord, State
 from conveyor.worker.pools.prefork import PreforkPool
@@ -195,6 +197,51 @@ def test_tasks_run_in_children_that_hold_no_socket(make_app: MakeApp) -> None:
     assert 1 <= len(pids) <= 2, "2 children, kept while they work"
     assert all(sockets == 0 for _, sockets in answers), "a child holds a socket (the broker's?)"
     assert (stats.received, stats.succeeded, stats.lost) == (20, 20, 0)
+    assert waiting(app) == 0
+
+
+def test_children_convert_annotated_arguments_and_results_exactly(make_app: MakeApp) -> None:
+    """The child decodes the message itself: it converts the arguments to their annotations,
+    and its result comes back as the return annotation says."""
+    app = make_app()
+
+    @app.task
+    def keep(everything: Everything, when: dt.datetime) -> tuple[Everything, dt.datetime, int]:
+        assert isinstance(everything, Everything) and isinstance(when, dt.datetime)
+        return everything, when, os.getpid()
+
+    result = keep.delay(EVERYTHING, EVERYTHING.when)
+    stats = run_until_empty(app)
+    everything, when, pid = result.get(timeout=5)
+    assert pid != os.getpid(), "it ran in a child"
+    assert same(everything, EVERYTHING) and same(when, EVERYTHING.when)
+    assert stats.succeeded == 1
+
+
+@pytest.mark.parametrize(
+    "value",
+    [{1, 2}, float("nan"), b"abc", dt.datetime(2026, 1, 1, tzinfo=dt.UTC)],
+    ids=["set", "nan", "bytes", "datetime"],
+)
+def test_what_json_would_change_fails_the_task_instead_of_being_stored_changed(
+    make_app: MakeApp, value: Any
+) -> None:
+    """Before: `{1, 2}` was stored as `[1, 2]`, NaN as null, bytes as base64 text, a datetime
+    as a string, all as SUCCESS."""
+    app = make_app()
+
+    @app.task
+    def give(kind):  # type: ignore[no-untyped-def]
+        return value
+
+    result = give.delay("x")
+    run_until_empty(app)
+    with pytest.raises(TaskFailed) as failed:
+        result.get(timeout=5)
+    assert failed.value.type_name == "EncodeError" and "the return value" in failed.value.message
+    for argument in (b"abc", {1: "a"}):
+        with pytest.raises(EncodeError, match="argument 'kind'"):
+            give.delay(argument)
     assert waiting(app) == 0
 
 

@@ -27,11 +27,14 @@ import pytest
 import stores
 from click.testing import CliRunner
 from conftest import delete_rabbitmq_queues, run_bounded, start_worker
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from stores import StoreSetup
+from values_cases import EVERYTHING, JSONISH, Everything, same
 
 from conveyor import Conveyor, State, Worker, WorkerStats
 from conveyor.cli import main
-from conveyor.errors import ConfigurationError, ResultError, TaskFailed
+from conveyor.errors import ConfigurationError, EncodeError, ResultError, TaskFailed
 from conveyor.results import ResultRecord, ResultStore
 from conveyor.task import Task
 
@@ -511,3 +514,39 @@ def test_a_forked_child_uses_the_store_and_the_parent_keeps_it(harness: Harness)
     harness.run()
     waiting.join(WAIT_S)
     assert returned == [6]
+
+
+# values: exactly as sent, through each broker and store, or refused at the sender
+
+
+def test_every_value_arrives_and_returns_exactly_or_is_refused(harness: Harness) -> None:
+    @harness.task()
+    def echo(x):  # type: ignore[no-untyped-def]
+        return x
+
+    @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(values=st.lists(JSONISH, min_size=1, max_size=10))
+    def through(values: list[Any]) -> None:
+        sent = []
+        for value in values:
+            try:
+                sent.append((value, echo.delay(value)))
+            except EncodeError:
+                continue
+        harness.run()
+        for value, result in sent:
+            got = result.get(timeout=WAIT_S)
+            assert same(got, value), (value, got)
+
+    through()
+
+
+def test_annotated_values_arrive_and_return_as_their_types(harness: Harness) -> None:
+    @harness.task()
+    def keep(everything: Everything) -> Everything:
+        return everything
+
+    result = keep.delay(EVERYTHING)
+    harness.run()
+    got = result.get(timeout=WAIT_S)
+    assert same(got, EVERYTHING)
