@@ -138,7 +138,8 @@ def test_sigterm_finishes_running_tasks_and_loses_none(
     cwd, app = project
     n = 40
     results = app.tasks["faults.work"].map([(i, 0.3) for i in range(n)])
-    worker = start_worker(cwd, "--concurrency", "4", "--shutdown-grace", "30", pool=pool)
+    concurrency = "1" if pool == "solo" else "4"  # solo runs one at a time, and says so
+    worker = start_worker(cwd, "--concurrency", concurrency, "--shutdown-grace", "30", pool=pool)
     # The solo pool runs tasks on the loop's own thread: it must still hear the signal.
     poll(lambda: len(ledger_rows(cwd, "start")) >= 3, timeout=60, what="tasks to start")
     worker.send_signal(signal.SIGTERM)
