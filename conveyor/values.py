@@ -242,15 +242,21 @@ def _element(kind: inspect._ParameterKind, hint: Any) -> Any:
     return hint
 
 
-def check_arguments(types: Types, args: Sequence[Any], kwargs: Mapping[str, Any]) -> None:
-    """Refuse at the sender what would not arrive as sent (`EncodeError`) or does not fit the
-    signature or an annotation (`ArgumentError`)."""
-    shape = types.shape
-    if not shape.fits(args, kwargs):
+def _require_fit(types: Types, args: Sequence[Any], kwargs: Mapping[str, Any]) -> None:
+    """`ArgumentError` unless the call fits the signature, in `Signature.bind`'s words."""
+    if not types.shape.fits(args, kwargs):
         try:
             types.signature.bind(*args, **kwargs)
         except TypeError as exc:
             raise ArgumentError(str(exc)) from None
+        raise ArgumentError("the arguments do not fit the task's signature")  # pragma: no cover
+
+
+def check_arguments(types: Types, args: Sequence[Any], kwargs: Mapping[str, Any]) -> None:
+    """Refuse at the sender what would not arrive as sent (`EncodeError`) or does not fit the
+    signature or an annotation (`ArgumentError`)."""
+    shape = types.shape
+    _require_fit(types, args, kwargs)
     params = types.params
     for name, hint in params.items():
         value = shape.value(name, args, kwargs)
@@ -306,12 +312,7 @@ def convert_arguments(
     arguments come back as they are.
     """
     shape = types.shape
-    if not shape.fits(args, kwargs):
-        try:
-            types.signature.bind(*args, **kwargs)
-        except TypeError as exc:
-            raise ArgumentError(str(exc)) from None
-        raise ArgumentError("the arguments do not fit the task's signature")  # pragma: no cover
+    _require_fit(types, args, kwargs)
     params = types.params
     if not params:
         return args, kwargs
