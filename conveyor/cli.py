@@ -78,6 +78,11 @@ def main() -> None:
     type=click.Choice(LOG_LEVELS, case_sensitive=False),
     help="Log level (default: the app's log_level, INFO).",
 )
+@click.option(
+    "--log-config",
+    metavar="PATH",
+    help="A logging.config.dictConfig dictionary as JSON, instead of conveyor's logging.",
+)
 @_clear_errors
 def worker(
     app_path: str,
@@ -89,12 +94,16 @@ def worker(
     max_tasks_per_child: int | None,
     max_memory_per_child: int | None,
     loglevel: str | None,
+    log_config: str | None,
 ) -> None:
     """Run a worker for APP."""
     from conveyor.worker import Worker
 
     app = load_app(app_path)
-    log.setup(loglevel or app.settings.log_level)
+    # After the import: handlers the app's module put on the root logger are the user's choice.
+    log.setup(
+        loglevel or app.settings.log_level, config=log_config, level_given=loglevel is not None
+    )
     names = [q.strip() for q in queues.split(",") if q.strip()] if queues else None
     running = Worker(
         app,

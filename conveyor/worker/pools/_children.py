@@ -23,7 +23,6 @@ reports their outcomes.
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import selectors
 import signal
@@ -40,8 +39,10 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
+from conveyor import log
 from conveyor.brokers.base import Delivery
 from conveyor.errors import SoftTimeLimitExceeded
+from conveyor.log import LogSpec
 from conveyor.message import decode
 from conveyor.worker.execution import Job, Kind, Outcome, execute
 
@@ -158,7 +159,8 @@ class ZygoteSpec(msgspec.Struct, frozen=True):
     app: str
     sys_path: list[str]
     control: int
-    log_level: str | None
+    log_spec: LogSpec | None
+    """How the worker configured logging (None: it did not, so neither does the zygote)."""
     max_tasks: int | None
     max_memory: int | None
     max_message_size: int
@@ -175,13 +177,11 @@ def start_fresh_zygote(
     keeps the returned socket to it. Only that socket's other end crosses into the new process:
     the worker's broker connections are closed at the `exec`."""
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    logger = logging.getLogger("conveyor")
-    configured = any(getattr(h, "_conveyor", False) for h in logger.handlers)
     spec = ZygoteSpec(
         app=app_path,
         sys_path=list(sys.path),
         control=theirs.fileno(),
-        log_level=logging.getLevelName(logger.level) if configured else None,
+        log_spec=log.applied(),
         max_tasks=options.max_tasks,
         max_memory=options.max_memory,
         max_message_size=options.max_message_size,
