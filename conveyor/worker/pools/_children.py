@@ -96,6 +96,7 @@ class Done(msgspec.Struct, array_like=True, tag=3):
             self.countdown,
             self.max_retries,
             self.finished_at,
+            self.took,
         )
 
 
@@ -402,14 +403,12 @@ def _serve(app: Conveyor, options: ChildOptions, tasks: int, results: int) -> in
             for message in frames.feed(data):
                 if not isinstance(message, Run):
                     continue
-                began = time.perf_counter()
                 outcome = _run(app, options, message)
-                took = time.perf_counter() - began
                 done += 1
                 retire = _retirement(options, done)
                 # Reported before the next job starts: if that one kills this process, the
                 # worker knows exactly which job it was (and that this one finished).
-                _write(results, frame(_done(message.job, outcome, retire, took)))
+                _write(results, frame(_done(message.job, outcome, retire)))
                 if retire is not None:
                     return 0
     except BrokenPipeError:  # the worker is gone
@@ -464,7 +463,7 @@ def _with_soft_limit(job: Job, soft: float) -> Outcome:
     return outcome
 
 
-def _done(job: int, outcome: Outcome, retire: str | None, took: float) -> Done:
+def _done(job: int, outcome: Outcome, retire: str | None) -> Done:
     value = None if outcome.value is None else bytes(outcome.value)
     return Done(
         job,
@@ -477,7 +476,7 @@ def _done(job: int, outcome: Outcome, retire: str | None, took: float) -> Done:
         outcome.max_retries,
         outcome.finished_at,
         retire,
-        took,
+        outcome.took,
     )
 
 
