@@ -55,6 +55,17 @@ class TaskLog:
     def finished(self, name: str, task_id: str, outcome: str, took: float) -> None:
         """Note a finished task: `outcome` is one of `OUTCOMES`, `took` its run time in
         seconds."""
+        if self._summarizing:
+            # The hot path while many finish: a clock read and a count. Whether INFO is still
+            # on is asked once per interval, in `_summarize`, not for every task.
+            now = self._clock()
+            if now - self._since >= SUMMARY_EVERY_S:
+                self._summarize(now)
+            if self._summarizing:
+                key = (name, outcome)
+                self._counts[key] = self._counts.get(key, 0) + 1
+                return
+            # The interval was quiet: back to lines, starting with this task.
         mode = self.mode
         if mode == "quiet" or not log.isEnabledFor(logging.INFO):
             return
@@ -63,22 +74,15 @@ class TaskLog:
                 _succeeded(name, task_id, took)
             return
         now = self._clock()
-        if not self._summarizing:
-            if now - self._second >= 1.0:
-                self._second, self._lines = now, 0
-            self._lines += 1
-            if self._lines <= LINES_PER_S:
-                if outcome == "succeeded":
-                    _succeeded(name, task_id, took)
-                return
-            self._summarizing, self._since = True, now
-        elif now - self._since >= SUMMARY_EVERY_S:
-            self._summarize(now)
-            if not self._summarizing:  # the interval was quiet: this task gets its line
-                self.finished(name, task_id, outcome, took)
-                return
-        key = (name, outcome)
-        self._counts[key] = self._counts.get(key, 0) + 1
+        if now - self._second >= 1.0:
+            self._second, self._lines = now, 0
+        self._lines += 1
+        if self._lines <= LINES_PER_S:
+            if outcome == "succeeded":
+                _succeeded(name, task_id, took)
+            return
+        self._summarizing, self._since = True, now
+        self._counts[(name, outcome)] = 1
 
     def tick(self) -> None:
         """Log the summary if its interval is over (the consumer calls this every second, so a
@@ -97,9 +101,10 @@ class TaskLog:
         elapsed = max(now - self._since, 1e-3)
         self._since = now
         total = sum(counts.values())
-        if total / elapsed < LINES_PER_S / 2:
+        enabled = log.isEnabledFor(logging.INFO)
+        if total / elapsed < LINES_PER_S / 2 or not enabled:
             self._summarizing, self._second, self._lines = False, -1.0, 0
-        if total == 0:
+        if total == 0 or not enabled:
             return
         by_name: dict[str, dict[str, int]] = {}
         for (name, outcome), count in counts.items():
