@@ -36,6 +36,7 @@ SCENARIOS = {
     "load_memory": ("bench.load_memory", "worker memory idle and after 100,000 tasks"),
     "mix": ("bench.mix", "1% of tasks sleep 1 s: do short tasks wait behind them?"),
     "results": ("bench.results_roundtrip", "result round trips for every result store"),
+    "logging": ("bench.logging_cost", "conveyor's default logging against --quiet-tasks"),
 }
 
 
