@@ -386,3 +386,115 @@ def test_the_children_of_a_fresh_zygote_log_the_same_way(project: Path, config: 
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+# the page docs/logging.md: its files, commands and outputs, run as written
+
+PAGE = Path(__file__).resolve().parents[2] / "docs" / "logging.md"
+MARKED = re.compile(
+    r"<!-- (?P<kind>file|run|output):? ?(?P<what>[^>]*?) ?-->\n```\w*\n(?P<body>.*?)```", re.S
+)
+
+
+def page_blocks(kind: str) -> list[tuple[str, str]]:
+    """(what, body) of each block of the page marked `<!-- KIND: WHAT -->`."""
+    text = PAGE.read_text()
+    return [(m["what"], m["body"]) for m in MARKED.finditer(text) if m["kind"] == kind]
+
+
+class Normal:
+    """Lines with what differs between runs made comparable: times, task ids and run times
+    become placeholders, and process ids labels in order of appearance (so "the task ran in
+    another process than the worker" is still compared)."""
+
+    def __init__(self) -> None:
+        self.pids: dict[str, str] = {}
+
+    def pid(self, pid: object) -> str:
+        return self.pids.setdefault(str(pid), f"<pid {len(self.pids) + 1}>")
+
+    def text(self, line: str) -> str:
+        line = re.sub(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}", "<time>", line)
+        line = re.sub(r"\[(\d+)/", lambda m: f"[{self.pid(m[1])}/", line)
+        line = re.sub(r"01a23b7c…|[0-9a-f]{32}", "<id>", line)
+        line = re.sub(r"in \d+\.\d+m?s\b", "in <duration>", line)
+        return re.sub(r"pool prefork x\d+", "pool prefork x<n>", line)
+
+    def json(self, line: str) -> dict[str, object]:
+        entry: dict[str, object] = json.loads(line)
+        entry["time"] = "<time>"
+        entry["pid"] = self.pid(entry["pid"])
+        if entry["task_id"] is not None:
+            entry["task_id"] = "<id>"
+        entry["message"] = self.text(str(entry["message"]))
+        return entry
+
+
+def test_the_pages_examples_run_as_written(tmp_path: Path) -> None:
+    for name, body in page_blocks("file"):
+        (tmp_path / name).write_text(body)
+    outputs = dict(page_blocks("output"))
+    runs = page_blocks("run")
+    assert len(runs) == 2 and len(outputs) == 2
+    for _, body in runs:
+        for command in body.splitlines():
+            args = command.split()
+            assert args[0] == "conveyor"
+            if args[1] == "worker":
+                args.append("--until-empty")
+            proc = subprocess.run(
+                [sys.executable, "-m", "conveyor", *args[1:]],
+                cwd=tmp_path,
+                env=environment(tmp_path),
+                capture_output=True,
+                text=True,
+                timeout=TIMEOUT_S,
+                check=False,
+            )
+            assert proc.returncode == 0, proc.stderr
+            if command not in outputs:
+                continue
+            expected = outputs[command].splitlines()
+            got = proc.stderr.splitlines()[: len(expected)]
+            if command.endswith("logging.json"):
+                ours, theirs = Normal(), Normal()
+                assert [theirs.json(x) for x in got] == [ours.json(x) for x in expected]
+            else:
+                ours, theirs = Normal(), Normal()
+                assert [theirs.text(x) for x in got] == [ours.text(x) for x in expected]
+
+
+def test_the_pages_broken_log_config(tmp_path: Path) -> None:
+    (shown,) = [x for x in PAGE.read_text().splitlines() if "Error: --log-config" in x]
+    path = re.search(r"'(/[^']+)'", shown)
+    assert path is not None
+    if Path(path[1]).parent.exists():
+        pytest.skip(f"{Path(path[1]).parent} exists on this machine")
+    (tmp_path / "tasks.py").write_text(textwrap.dedent(TASKS))
+    config = {
+        "version": 1,
+        "handlers": {"file": {"class": "logging.FileHandler", "filename": path[1]}},
+    }
+    (tmp_path / "logging.json").write_text(json.dumps(config))
+    proc = worker(tmp_path, "--log-config", "logging.json")
+    assert proc.returncode == 1
+    assert proc.stderr == shown.strip() + "\n"
+
+
+def test_the_pages_benchmark_figures_are_the_saved_ones() -> None:
+    """The table under `<!-- bench: logging -->` shows the figures bench/logging_cost.py saved."""
+    text = PAGE.read_text()
+    table = text[text.index("<!-- bench: logging -->") :].split("\n\n")[0].splitlines()[3:]
+    shown = {row.split("|")[1].strip(): [c.strip() for c in row.split("|")[2:5]] for row in table}
+    saved = json.loads((PAGE.parent / "bench-data" / "logging.json").read_text())
+    extra_ns = saved["hot_path"]["summarizing_ns"] - saved["hot_path"]["quiet_ns"]
+    assert shown == {
+        saved["labels"][variant]: [
+            f"{f['ratio']:.2f}",
+            f"{f['paired']:.2f}",
+            f"{extra_ns * f['quiet'] / 1e7:.2f}%",
+        ]
+        for variant, f in saved["figures"].items()
+    }
+    assert f"{saved['tasks']:,} no-op tasks, {saved['repeat']} rounds" in " ".join(text.split())
+    assert f"about {extra_ns / 1000:.2f} µs a task" in " ".join(text.split())
