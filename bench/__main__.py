@@ -37,6 +37,7 @@ SCENARIOS = {
     "mix": ("bench.mix", "1% of tasks sleep 1 s: do short tasks wait behind them?"),
     "results": ("bench.results_roundtrip", "result round trips for every result store"),
     "values": ("bench.values", "what the checks that keep values exact cost per send and run"),
+    "logging": ("bench.logging_cost", "conveyor's default logging against --quiet-tasks"),
 }
 
 

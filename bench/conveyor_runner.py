@@ -16,6 +16,9 @@ temporary directory (WAL adds -wal and -shm files beside it) and measures two ra
     as Huey's consumer does inside its timed window) to its return.
 
 Results go to the broker's SQLite file (the default), so every task costs result writes as well.
+Logging is what `conveyor worker` sets up by default (`conveyor.log.setup("INFO")`, on stderr),
+with its default `task_log` (a line per task while few finish, summaries while many do) unless
+``--task-log`` says otherwise; the JSON line counts the lines it wrote about tasks.
 A run counts only if every task succeeded exactly once: the workers' counts must equal N, and the
 queue must end empty with no dead letters. Otherwise the runner exits non-zero and prints nothing.
 
@@ -27,6 +30,7 @@ from __future__ import annotations
 import argparse
 import importlib.metadata
 import json
+import logging
 import os
 import sqlite3
 import sys
@@ -36,7 +40,7 @@ import time
 from dataclasses import asdict
 from typing import Any
 
-from conveyor import Conveyor, Task, Worker, WorkerStats
+from conveyor import Conveyor, Task, Worker, WorkerStats, log
 
 # An explicit name, because the default (module.function) differs between the ways this module is
 # loaded: "conveyor_runner" as a script or in spawned children, "bench.conveyor_runner" when
@@ -61,12 +65,35 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--worker-type", choices=("thread", "process"), default="thread")
     parser.add_argument("--dir", default=None, help="where to create the temporary database")
     parser.add_argument("--timeout", type=float, default=600.0, help="give up after this long")
+    parser.add_argument(
+        "--task-log",
+        choices=("auto", "each", "quiet"),
+        default=None,
+        help="the worker's task_log (default: the setting's, auto)",
+    )
     return parser.parse_args()
+
+
+class TaskLines(logging.Handler):
+    """Counts what the worker logged about finished tasks: per-task lines and summaries."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lines = 0
+        self.summaries = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.getMessage().startswith("task "):
+            self.lines += 1
+        else:
+            self.summaries += 1
 
 
 def process_in_threads(app: Conveyor, args: argparse.Namespace) -> tuple[float, WorkerStats]:
     """Drain the queue with one worker of `args.workers` threads in this process."""
-    worker = Worker(app, pool="threads", concurrency=args.workers, until_empty=True)
+    worker = Worker(
+        app, pool="threads", concurrency=args.workers, until_empty=True, task_log=args.task_log
+    )
     # A warm shutdown at the deadline ends run() with fewer successes than tasks, which fails.
     deadline = threading.Timer(args.timeout, worker.stop)
     deadline.daemon = True
@@ -81,7 +108,9 @@ def process_in_threads(app: Conveyor, args: argparse.Namespace) -> tuple[float, 
 
 def process_in_prefork(app: Conveyor, args: argparse.Namespace) -> tuple[float, WorkerStats]:
     """Drain the queue with one prefork worker of `args.workers` child processes."""
-    worker = Worker(app, pool="prefork", concurrency=args.workers, until_empty=True)
+    worker = Worker(
+        app, pool="prefork", concurrency=args.workers, until_empty=True, task_log=args.task_log
+    )
     deadline = threading.Timer(args.timeout, worker.stop)
     deadline.daemon = True
     deadline.start()
@@ -143,10 +172,13 @@ def run(args: argparse.Namespace, path: str) -> dict[str, Any]:
     if len(sent) != n or ready.ready != n:
         raise RuntimeError(f"expected {n} queued tasks, found {ready.ready}")
 
+    counted = TaskLines()
+    logging.getLogger("conveyor.worker.tasklog").addHandler(counted)
     if args.worker_type == "thread":
         process_s, stats = process_in_threads(app, args)
     else:
         process_s, stats = process_in_prefork(app, args)
+    logging.getLogger("conveyor.worker.tasklog").removeHandler(counted)
     check(app, task.queue, n, stats)
     # Read after the timed part, so no extra connection is open while it runs.
     synchronous = synchronous_levels(app)
@@ -169,6 +201,7 @@ def run(args: argparse.Namespace, path: str) -> dict[str, Any]:
         "worker_type": args.worker_type,
         "enqueue_per_s": round(n / enqueue_s, 1),
         "process_per_s": round(n / process_s, 1),
+        "logged": {"task_lines": counted.lines, "summaries": counted.summaries},
         "settings": {
             "broker": "embedded SQLite",
             "results": (
@@ -178,6 +211,7 @@ def run(args: argparse.Namespace, path: str) -> dict[str, Any]:
             "worker": worker,
             "sqlite": {"journal_mode": journal_mode, "synchronous": synchronous},
             "visibility_timeout": settings.visibility_timeout,
+            "logging": {"level": "INFO", "task_log": args.task_log or settings.task_log},
             # CONVEYOR_* variables change settings silently; list them so a report shows them.
             "environment": {k: v for k, v in os.environ.items() if k.startswith("CONVEYOR_")},
             "python": sys.version.split()[0],
@@ -187,6 +221,7 @@ def run(args: argparse.Namespace, path: str) -> dict[str, Any]:
 
 def main() -> int:
     args = parse_args()
+    log.setup("INFO")  # as `conveyor worker` does by default
     with tempfile.TemporaryDirectory(prefix="conveyor-bench-", dir=args.dir) as tmp:
         result = run(args, os.path.join(tmp, "conveyor.db"))
     print(json.dumps(result), flush=True)

@@ -19,6 +19,7 @@ import datetime as dt
 import json
 import os
 import platform
+import re
 import shlex
 import sqlite3
 import statistics
@@ -45,6 +46,8 @@ VARIANT_LABELS = {"threads": "2 threads", "processes": "2 processes"}
 FIGURES = {"enqueue_per_s": "enqueue", "process_per_s": "processing"}
 WORKERS = 2
 TARGET = 2.0
+# A line of conveyor's own format at INFO: `2025-06-01 12:00:00,123 INFO    [pid/thread] ...`.
+INFO_LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} INFO ")
 """conveyor must reach at least this multiple of Huey's rate on every figure."""
 
 console = Console()
@@ -121,9 +124,11 @@ def run_peer(peer: str, variant: str, args: argparse.Namespace) -> dict[str, Any
         raise BenchError(
             f"{peer} ({variant}) failed with exit code {done.returncode}:\n{done.stderr.strip()}"
         )
-    if done.stderr.strip():
-        # Runners are quiet when all is well; anything here (a warning, say) belongs in view.
-        console.print(f"[yellow]{peer} ({variant}) stderr:[/]\n{done.stderr.rstrip()}")
+    # Runners are quiet when all is well but for conveyor's INFO lines (its default logging,
+    # which the run includes); anything else (a warning, say) belongs in view.
+    noteworthy = [line for line in done.stderr.splitlines() if not INFO_LINE.match(line)]
+    if "".join(noteworthy).strip():
+        console.print(f"[yellow]{peer} ({variant}) stderr:[/]\n" + "\n".join(noteworthy))
     lines = done.stdout.strip().splitlines()
     try:
         result: dict[str, Any] = json.loads(lines[-1])
@@ -314,7 +319,8 @@ def report(results: Results, args: argparse.Namespace, variants: list[str]) -> s
         "  processes. conveyor: `Worker(pool='threads', concurrency=2, until_empty=True)`, or",
         "  `Worker(pool='prefork', concurrency=2, until_empty=True)` (its default pool: a worker",
         "  process and two children), timed from `run()`, which forks the children, until it",
-        "  returns.",
+        "  returns. Its logging is `conveyor worker`'s default: INFO on stderr, a line per task",
+        "  while at most 10 finish a second and a summary every 5 s above that.",
         "  Huey: its consumer, timed from `Consumer.start()` (which forks its processes) until",
         "  the last task's `complete` signal.",
         "- A run counts only if every task ran exactly once and the queue ended empty; the runners",

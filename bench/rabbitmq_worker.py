@@ -65,6 +65,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -159,14 +160,18 @@ class Peer:
     """Consumers on `queue` once every worker process consumes."""
 
 
-def make_peer(mode: str, queue: str, pool: str, until_empty: bool) -> Peer:
-    """The worker command and broker objects for `mode` on `queue`."""
+def make_peer(
+    mode: str, queue: str, pool: str, until_empty: bool, conveyor_args: Sequence[str] = ()
+) -> Peer:
+    """The worker command and broker objects for `mode` on `queue` (`conveyor_args` go to
+    `conveyor worker`'s command line: bench/logging_cost.py adds --quiet-tasks)."""
     bin_dir = Path(sys.executable).parent  # the bench venv's own console scripts
     if mode == "conveyor":
         from conveyor.brokers.rabbitmq import BUCKETS_MS
 
         command = [str(bin_dir / "conveyor"), "worker", "bench_app:app", "--pool", pool]
         command += ["-c", str(SLOTS), *(["--until-empty"] if until_empty else [])]
+        command += conveyor_args
         side = [f"{queue}.dead", *(f"{queue}.delay.{ms}" for ms in BUCKETS_MS)]
         return Peer(mode, queue, CONVEYOR_APP, command, side, [], 1)
     if mode.startswith("dramatiq-t"):
@@ -312,6 +317,13 @@ def memory_kib(pids: list[int]) -> tuple[int, int]:
     return pss, rss
 
 
+def task_lines(log: str) -> dict[str, int]:
+    """What conveyor's worker logged about finished tasks: per-task lines and summaries."""
+    lines = [line for line in log.splitlines() if " conveyor.worker.tasklog: " in line]
+    summaries = sum(" tasks finished in the last " in line for line in lines)
+    return {"task_lines": len(lines) - summaries, "summaries": summaries}
+
+
 def log_text(workdir: Path) -> str:
     return (workdir / "worker.log").read_text(errors="replace")
 
@@ -369,6 +381,7 @@ async def throughput(
         }
         if peer.mode == "conveyor":
             code = await wait_exit(worker, STOP_TIMEOUT_S)
+            result["logged"] = task_lines(log_text(workdir))
         else:
             quiet_since = time.monotonic()
             while time.monotonic() - quiet_since < SETTLE_S:
@@ -476,10 +489,12 @@ async def delete(peer: Peer) -> None:
         await probe.delete([peer.queue, *peer.side_queues], peer.exchanges)
 
 
-def measure(mode: str, measurement: str, n: int, pool: str) -> dict[str, Any]:
+def measure(
+    mode: str, measurement: str, n: int, pool: str, conveyor_args: Sequence[str] = ()
+) -> dict[str, Any]:
     """One measurement of one peer, in this process; raises BenchError unless it checks out."""
     queue = f"bench-worker-{mode}-{uuid.uuid4().hex[:8]}"
-    peer = make_peer(mode, queue, pool, until_empty=measurement != "memory")
+    peer = make_peer(mode, queue, pool, measurement != "memory", conveyor_args)
     worker = None
     with tempfile.TemporaryDirectory(prefix="bench-worker-") as tmp:
         workdir = Path(tmp)
@@ -522,7 +537,9 @@ def run_one(args: argparse.Namespace) -> int:
     # SIGTERM from the harness (its timeout) unwinds through `finally`: no worker or queue left.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
-        result = measure(args.one, args.measure, args.tasks, args.conveyor_pool)
+        result = measure(
+            args.one, args.measure, args.tasks, args.conveyor_pool, args.conveyor_arg or ()
+        )
     except BenchError as exc:
         print(f"{args.one} ({args.measure}): {exc}", file=sys.stderr)
         return 1
@@ -593,6 +610,7 @@ def main() -> int:
     parser.add_argument(
         "--measure", choices=("throughput", "memory", "probe"), help=argparse.SUPPRESS
     )
+    parser.add_argument("--conveyor-arg", action="append", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.tasks < 100 or args.repeat < 1:
         parser.error("--tasks must be at least 100 and --repeat at least 1")

@@ -87,6 +87,17 @@ def main() -> None:
     type=click.Choice(LOG_LEVELS, case_sensitive=False),
     help="Log level (default: the app's log_level, INFO).",
 )
+@click.option(
+    "--log-config",
+    metavar="PATH",
+    help="A logging.config.dictConfig dictionary as JSON, instead of conveyor's logging.",
+)
+@click.option(
+    "--log-each-task", is_flag=True, help="Log a line for every task that succeeds, however many."
+)
+@click.option(
+    "--quiet-tasks", is_flag=True, help="Log nothing about tasks that succeed (failures still)."
+)
 @_clear_errors
 def worker(
     app_path: str,
@@ -98,14 +109,26 @@ def worker(
     max_tasks_per_child: int | None,
     max_memory_per_child: int | None,
     loglevel: str | None,
+    log_config: str | None,
+    log_each_task: bool,
+    quiet_tasks: bool,
 ) -> None:
-    """Run a worker for APP."""
+    """Run a worker for APP.
+
+    At INFO it logs a line for each task that succeeds while at most 10 finish a second, and a
+    summary every 5 s above that (docs/logging.md).
+    """
     from conveyor.worker import Worker
 
+    if log_each_task and quiet_tasks:
+        raise click.UsageError("--log-each-task and --quiet-tasks exclude each other: choose one")
     app = load_app(app_path)
     if concurrency is not None:
         check_concurrency(pool or app.settings.pool, concurrency)
-    log.setup(loglevel or app.settings.log_level)
+    # After the import: handlers the app's module put on the root logger are the user's choice.
+    log.setup(
+        loglevel or app.settings.log_level, config=log_config, level_given=loglevel is not None
+    )
     names = [q.strip() for q in queues.split(",") if q.strip()] if queues else None
     running = Worker(
         app,
@@ -116,6 +139,7 @@ def worker(
         shutdown_grace=shutdown_grace,
         max_tasks_per_child=max_tasks_per_child,
         max_memory_per_child=max_memory_per_child,
+        task_log="each" if log_each_task else "quiet" if quiet_tasks else None,
     )
     running.run()
     if running.failure is not None:

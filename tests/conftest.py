@@ -4,16 +4,18 @@ local RabbitMQ (skipped locally when absent, a failure in CI)."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any, TypeVar
 
 import pytest
 
-from conveyor import Conveyor, Worker, WorkerStats
+from conveyor import Conveyor, Worker, WorkerStats, log
 from conveyor.testing import memory_app
 
 T = TypeVar("T")
@@ -117,3 +119,24 @@ def run_bounded(
     if errors:
         raise AssertionError(f"the worker raised {errors[0]!r}") from errors[0]
     return worker.stats
+
+
+@contextmanager
+def fresh_root_logger() -> Iterator[None]:
+    """The root logger as a new process has it (no handlers) while the block runs, then as it was.
+
+    pytest's capture handlers sit on the root logger during a test, and `conveyor.log.setup`
+    would take them for the user's own configuration; what the block installs (a handler on a
+    CliRunner's stderr, which closes) is closed and removed afterwards.
+    """
+    root = logging.getLogger()
+    handlers, level, applied = root.handlers[:], root.level, log._applied
+    root.handlers.clear()
+    try:
+        yield
+    finally:
+        for handler in root.handlers:
+            handler.close()
+        root.handlers[:] = handlers
+        root.setLevel(level)
+        log._applied = applied

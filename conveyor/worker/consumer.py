@@ -40,6 +40,7 @@ from conveyor.results import ResultRecord, State
 from conveyor.task import resolve
 from conveyor.worker.execution import Job, Kind, Outcome
 from conveyor.worker.pools.base import Pool
+from conveyor.worker.tasklog import TaskLog
 
 log = logging.getLogger("conveyor.worker")
 
@@ -142,6 +143,7 @@ class Consumer:
         stats: WorkerStats,
         *,
         until_empty: bool = False,
+        task_log: TaskLog | None = None,
     ) -> None:
         self.app = app
         self.pool = pool
@@ -149,6 +151,7 @@ class Consumer:
         self.queues = list(queues)
         self.stats = stats
         self.until_empty = until_empty
+        self.task_log = task_log or TaskLog()
         self.broker = app.broker
         self.store = app.results
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}"
@@ -183,10 +186,14 @@ class Consumer:
         self.pool.on_capacity = self._reserve
         self._reserve()
         renewer = asyncio.create_task(self._renew_leases())
+        reporter = asyncio.create_task(self._report())
         try:
             await self._consume()
         finally:
             renewer.cancel()
+            reporter.cancel()
+            with self._lock:
+                self.task_log.flush()
             if self._native:
                 await self.broker.detach()
             self._io.shutdown(wait=True)
@@ -428,6 +435,13 @@ class Consumer:
                     await self._call(self.broker.extend, running, timeout)
                 except Exception as exc:
                     log.error("could not renew %d leases: %s", len(running), exc)
+
+    async def _report(self) -> None:
+        """Let the task log put out a summary that is due even when no task finishes."""
+        while True:
+            await asyncio.sleep(1.0)
+            with self._lock:
+                self.task_log.tick()
 
     # dispatch
 
@@ -672,10 +686,12 @@ class Consumer:
             else:  # acknowledged before it ran (at most once): nothing to give back
                 log.error("task %s[%s] lost: %s", env.task, env.id, outcome.error_message)
                 self._record(env, State.FAILURE, outcome=outcome, started_at=job.started_at)
+            self.task_log.finished(env.task, env.id, "lost", outcome.took)
         elif outcome.kind is Kind.SUCCESS:
             self.stats.succeeded += 1
             self._record(env, State.SUCCESS, outcome=outcome, started_at=job.started_at)
             pending.acks += ack
+            self.task_log.finished(env.task, env.id, "succeeded", outcome.took)
         elif outcome.kind is Kind.RETRY and env.retries < self._max_retries(job, outcome):
             delay = task.retry_delay(env.retries, outcome.countdown)
             retry = env.retried(time.time() + delay if delay > 0 else None)
@@ -689,6 +705,7 @@ class Consumer:
             pending.publish.append(Outgoing(retry.queue, body, retry.priority, retry.eta, reply_to))
             self._record(env, State.RETRY, outcome=outcome, started_at=job.started_at)
             pending.acks += ack
+            self.task_log.finished(env.task, env.id, "retried", outcome.took)
         else:
             self.stats.failed += 1
             gave_up = outcome.kind is Kind.RETRY
@@ -701,6 +718,7 @@ class Consumer:
                 env.task, env.id, _error(outcome), outcome.traceback,
             )  # fmt: skip
             self._record(env, State.FAILURE, outcome=outcome, started_at=job.started_at)
+            self.task_log.finished(env.task, env.id, "failed", outcome.took)
             if not gave_up:
                 pending.acks += ack
             elif task.options.acks_late:

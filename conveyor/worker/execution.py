@@ -80,6 +80,8 @@ class Outcome:
     countdown: float | None = None
     max_retries: int | None = None
     finished_at: float = 0.0
+    took: float = 0.0
+    """Seconds the task ran, measured where it ran."""
 
     @classmethod
     def failure(cls, exc: BaseException, *, with_traceback: bool = True) -> Outcome:
@@ -131,6 +133,7 @@ class _Run:
 def _capture(job: Job) -> Iterator[_Run]:
     run = _Run(job.task.types)
     token = current_request.set(request_for(job))
+    began = time.perf_counter()
     try:
         yield run
     except Retry as retry:
@@ -143,6 +146,7 @@ def _capture(job: Job) -> Iterator[_Run]:
         run.outcome = Outcome.failure(exc)
     finally:
         current_request.reset(token)
+    run.outcome.took = time.perf_counter() - began
 
 
 def _retry_outcome(exc: BaseException, countdown: float | None, max_retries: int | None) -> Outcome:

@@ -17,6 +17,7 @@ from conveyor.app import Conveyor
 from conveyor.redact import redact_url
 from conveyor.worker import pools
 from conveyor.worker.consumer import Consumer, WorkerStats
+from conveyor.worker.tasklog import TaskLog, TaskLogMode
 
 log = logging.getLogger("conveyor.worker")
 
@@ -35,6 +36,7 @@ class Worker:
         shutdown_grace: float | None = None,
         max_tasks_per_child: int | None = None,
         max_memory_per_child: int | None = None,
+        task_log: TaskLogMode | None = None,
     ) -> None:
         settings = app.settings
         self.app = app
@@ -45,6 +47,7 @@ class Worker:
         self.max_tasks_per_child = max_tasks_per_child or settings.max_tasks_per_child
         self.max_memory_per_child = max_memory_per_child or settings.max_memory_per_child
         self.shutdown_grace = settings.shutdown_grace if shutdown_grace is None else shutdown_grace
+        self.task_log: TaskLogMode = task_log or settings.task_log
         self.stats = WorkerStats()
         self.started = threading.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -73,7 +76,12 @@ class Worker:
             max_memory_per_child=self.max_memory_per_child,
         )
         consumer = self._consumer = Consumer(
-            self.app, pool, self.queues, self.stats, until_empty=self.until_empty
+            self.app,
+            pool,
+            self.queues,
+            self.stats,
+            until_empty=self.until_empty,
+            task_log=TaskLog(self.task_log),
         )
         log.info(
             "worker for %s starting: broker %s, queues %s, pool %s x%d",

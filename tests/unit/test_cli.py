@@ -6,6 +6,7 @@ cannot hide an import problem, and every app uses an embedded SQLite broker in t
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import importlib
@@ -29,6 +30,7 @@ import msgspec
 import pytest
 from click.testing import CliRunner
 from click.testing import Result as CliResult
+from conftest import fresh_root_logger
 
 from conveyor import Conveyor, Worker, log
 from conveyor.brokers import Outgoing, QueueStats
@@ -121,7 +123,7 @@ def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Project
 
 @pytest.fixture(autouse=True)
 def _restore_conveyor_logger() -> Iterator[None]:
-    """`worker` installs a handler on CliRunner's stderr and `demo` silences the logger: undo."""
+    """`demo` silences the `conveyor` logger and `-l` sets its level: undo."""
     logger = logging.getLogger("conveyor")
     handlers, level, propagate = logger.handlers[:], logger.level, logger.propagate
     yield
@@ -131,8 +133,13 @@ def _restore_conveyor_logger() -> Iterator[None]:
 
 
 def cli(*args: object, input: str | None = None) -> CliResult:
-    """Run `conveyor ARGS...` in-process; stdout and stderr are kept apart."""
-    return CliRunner().invoke(main, [str(a) for a in args], input=input, prog_name="conveyor")
+    """Run `conveyor ARGS...` in-process; stdout and stderr are kept apart.
+
+    `worker` (the one command that configures logging) runs with a fresh root logger.
+    """
+    fresh = fresh_root_logger() if args[:1] == ("worker",) else contextlib.nullcontext()
+    with fresh:
+        return CliRunner().invoke(main, [str(a) for a in args], input=input, prog_name="conveyor")
 
 
 def _is_usage_hint(line: str) -> bool:
@@ -710,8 +717,9 @@ def test_redacting_filter_leaves_other_records_alone() -> None:
 
 
 def test_log_setup_masks_passwords_on_stderr(capsys: pytest.CaptureFixture[str]) -> None:
-    log.setup("INFO")
-    logging.getLogger("conveyor.test").warning("lost %s", "amqp://guest:hunter2@rabbit:5672//")
+    with fresh_root_logger():
+        log.setup("INFO")
+        logging.getLogger("conveyor.test").warning("lost %s", "amqp://guest:hunter2@rabbit:5672//")
     err = capsys.readouterr().err
     assert "lost amqp://guest:***@rabbit:5672//" in err
     assert "hunter2" not in err

@@ -23,7 +23,6 @@ reports their outcomes.
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import selectors
 import signal
@@ -40,8 +39,10 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
+from conveyor import log
 from conveyor.brokers.base import Delivery
 from conveyor.errors import SoftTimeLimitExceeded
+from conveyor.log import LogSpec
 from conveyor.message import decode
 from conveyor.worker.execution import Job, Kind, Outcome, execute
 
@@ -95,6 +96,7 @@ class Done(msgspec.Struct, array_like=True, tag=3):
             self.countdown,
             self.max_retries,
             self.finished_at,
+            self.took,
         )
 
 
@@ -158,7 +160,8 @@ class ZygoteSpec(msgspec.Struct, frozen=True):
     app: str
     sys_path: list[str]
     control: int
-    log_level: str | None
+    log_spec: LogSpec | None
+    """How the worker configured logging (None: it did not, so neither does the zygote)."""
     max_tasks: int | None
     max_memory: int | None
     max_message_size: int
@@ -175,13 +178,11 @@ def start_fresh_zygote(
     keeps the returned socket to it. Only that socket's other end crosses into the new process:
     the worker's broker connections are closed at the `exec`."""
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    logger = logging.getLogger("conveyor")
-    configured = any(getattr(h, "_conveyor", False) for h in logger.handlers)
     spec = ZygoteSpec(
         app=app_path,
         sys_path=list(sys.path),
         control=theirs.fileno(),
-        log_level=logging.getLevelName(logger.level) if configured else None,
+        log_spec=log.applied(),
         max_tasks=options.max_tasks,
         max_memory=options.max_memory,
         max_message_size=options.max_message_size,
@@ -402,14 +403,12 @@ def _serve(app: Conveyor, options: ChildOptions, tasks: int, results: int) -> in
             for message in frames.feed(data):
                 if not isinstance(message, Run):
                     continue
-                began = time.perf_counter()
                 outcome = _run(app, options, message)
-                took = time.perf_counter() - began
                 done += 1
                 retire = _retirement(options, done)
                 # Reported before the next job starts: if that one kills this process, the
                 # worker knows exactly which job it was (and that this one finished).
-                _write(results, frame(_done(message.job, outcome, retire, took)))
+                _write(results, frame(_done(message.job, outcome, retire)))
                 if retire is not None:
                     return 0
     except BrokenPipeError:  # the worker is gone
@@ -464,7 +463,7 @@ def _with_soft_limit(job: Job, soft: float) -> Outcome:
     return outcome
 
 
-def _done(job: int, outcome: Outcome, retire: str | None, took: float) -> Done:
+def _done(job: int, outcome: Outcome, retire: str | None) -> Done:
     value = None if outcome.value is None else bytes(outcome.value)
     return Done(
         job,
@@ -477,7 +476,7 @@ def _done(job: int, outcome: Outcome, retire: str | None, took: float) -> Done:
         outcome.max_retries,
         outcome.finished_at,
         retire,
-        took,
+        outcome.took,
     )
 
 

@@ -31,11 +31,14 @@ def main(argv: list[str]) -> int:
     control = socket.socket(fileno=spec.control)
     try:
         sys.path[:] = spec.sys_path
-        if spec.log_level is not None:
-            log.setup(spec.log_level)
         from conveyor.app import load_app
 
         app = load_app(spec.app)
+        # After the import, as in the worker: handlers the app's module put on the root logger
+        # are the user's configuration there, so they must be here too.
+        if spec.log_spec is not None:
+            how = spec.log_spec
+            log.setup(how.level, config=how.config, level_given=how.level_given)
     except BaseException as exc:  # whatever stops the import, the worker hears why
         reason = redact_text(f"{type(exc).__name__}: {exc}")[:MAX_REASON]
         control.send(b"E" + reason.encode(errors="replace"))
