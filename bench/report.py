@@ -473,6 +473,25 @@ def values(s: Summary, f: dict[str, Any]) -> None:
     )
 
 
+def logging_cost(s: Summary, f: dict[str, Any]) -> None:
+    rows = [
+        f"| {f['labels'][name]} | {v['default']:,.0f} | {v['quiet']:,.0f} | {v['ratio']:.3f} |"
+        for name, v in f["figures"].items()
+    ]
+    s.section(
+        "## What default logging costs",
+        "",
+        "The worker's default logging (a line per task while few finish, summaries above that)",
+        f"against `--quiet-tasks`, same run, {f['repeat']} rounds of {f['tasks']:,} no-op tasks:",
+        "",
+        "| Worker | Default, tasks/s | Quiet, tasks/s | Default ÷ quiet |",
+        "|---|---:|---:|---:|",
+        *rows,
+        "",
+        "Details: [benchmarks-logging.md](benchmarks-logging.md).",
+    )
+
+
 RENDERERS: dict[str, Callable[[Summary, dict[str, Any]], None]] = {
     "embedded": embedded,
     "enqueue": enqueue,
@@ -483,6 +502,7 @@ RENDERERS: dict[str, Callable[[Summary, dict[str, Any]], None]] = {
     "mix": mix,
     "results": results,
     "values": values,
+    "logging": logging_cost,
 }
 
 
