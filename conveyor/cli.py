@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 import sys
 from collections.abc import Callable
 from typing import Any, ParamSpec, TypeVar
@@ -12,7 +13,7 @@ import click
 import msgspec
 
 from conveyor import log
-from conveyor.app import load_app
+from conveyor.app import Conveyor, load_app, origin_outside_cwd
 from conveyor.errors import ConveyorError
 from conveyor.redact import redact_text, redact_url
 from conveyor.settings import LOG_LEVELS, parse_size
@@ -33,6 +34,25 @@ def _clear_errors(fn: Callable[P, R]) -> Callable[P, R]:
             raise click.ClickException(redact_text(str(exc))) from None
 
     return wrapper
+
+
+def _load_app(path: str) -> Conveyor:
+    """`load_app`, saying on stderr when the module came from outside the current directory.
+
+    A line on stderr rather than a log record: `send`, `status` and `purge` set up no logging,
+    the line must show at any `--loglevel`, and stdout stays for what scripts read (the task id
+    `send` prints). It names the file because a same-named module in another project (an
+    editable install's source tree, PYTHONPATH) means another `conveyor.db` and another queue.
+    """
+    app = load_app(path)
+    origin = origin_outside_cwd(app)
+    if origin is not None:
+        click.echo(
+            f"conveyor: {path} is loaded from {origin}, outside the current directory "
+            f"{os.getcwd()}",
+            err=True,
+        )
+    return app
 
 
 class _Size(click.ParamType[int, Any]):
@@ -93,7 +113,7 @@ def worker(
     """Run a worker for APP."""
     from conveyor.worker import Worker
 
-    app = load_app(app_path)
+    app = _load_app(app_path)
     log.setup(loglevel or app.settings.log_level)
     names = [q.strip() for q in queues.split(",") if q.strip()] if queues else None
     running = Worker(
@@ -135,7 +155,7 @@ def send(
     """Send TASK with ARGS, each a JSON value: conveyor send shop:app shop.resize '"a.png"' 100."""
     if wait is not None and not math.isfinite(wait):
         raise click.ClickException("--wait takes a number of seconds")
-    app = load_app(app_path)
+    app = _load_app(app_path)
     task = app.get_task(task_name)
     if wait is not None and (app.results is None or task.options.ignore_result):
         # Refuse before sending: retrying the command would otherwise send the task twice.
@@ -158,7 +178,7 @@ def send(
 @_clear_errors
 def status(app_path: str) -> None:
     """Show APP's queues: ready, delayed, in flight and dead-lettered messages."""
-    app = load_app(app_path)
+    app = _load_app(app_path)
     from rich.console import Console  # here, not at the top: a worker never loads rich
     from rich.table import Table
     from rich.text import Text
@@ -193,7 +213,7 @@ def status(app_path: str) -> None:
 @_clear_errors
 def purge(app_path: str, queue: str, dead: bool, yes: bool) -> None:
     """Delete every waiting message of a queue (messages being run are left alone)."""
-    app = load_app(app_path)
+    app = _load_app(app_path)
     what = f"the dead letters of {queue!r}" if dead else f"every waiting message in {queue!r}"
     if not yes:
         click.confirm(f"Delete {what}?", abort=True)
