@@ -32,6 +32,7 @@ pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[2]
 README = ROOT / "README.md"
+CELERY = ROOT / "docs" / "coming-from-celery.md"
 DEPLOYING = ROOT / "docs" / "deploying.md"
 PAGES = sorted(
     (p for p in [README, *(ROOT / "docs").glob("*.md")] if "<!-- test:" in p.read_text()),
@@ -93,7 +94,7 @@ def test_documented_commands_run(
         run_page(page, tmp_path)
 
 
-@pytest.mark.parametrize("page", [README, DEPLOYING], ids=lambda p: p.name)
+@pytest.mark.parametrize("page", [README, CELERY, DEPLOYING], ids=lambda p: p.name)
 def test_the_pages_that_promise_runnable_commands_have_them(page: Path) -> None:
     kinds = {b.kind for b in blocks(page)}
     assert "run" in kinds, f"{page.name} has no block marked <!-- test: run -->"
@@ -374,3 +375,30 @@ def test_the_container_image_runs_as_a_virtual_environment(deployed: Path, tmp_p
             worker.kill()
             worker.wait()
     assert "is loaded from" not in log.read_text()  # the app came from WORKDIR, not elsewhere
+
+
+# Links.
+
+LINK = re.compile(r"\]\((?!https?:|mailto:)(?P<path>[^)#\s]*)(?:#(?P<anchor>[^)\s]+))?\)")
+
+
+def anchors(page: Path) -> set[str]:
+    """GitHub's anchors for a page's headings: lower case, punctuation dropped, spaces to -."""
+    found = set()
+    fenced = False
+    for line in page.read_text().splitlines():
+        if line.startswith(("```", "~~~")):
+            fenced = not fenced
+        elif line.startswith("#") and not fenced:
+            heading = line.lstrip("#").strip().lower()
+            found.add(re.sub(r"[^\w\- ]", "", heading).replace(" ", "-"))
+    return found
+
+
+@pytest.mark.parametrize("page", [README, CELERY, DEPLOYING], ids=lambda p: p.name)
+def test_links_lead_to_pages_and_headings_that_exist(page: Path) -> None:
+    for link in LINK.finditer(page.read_text()):
+        target = (page.parent / link["path"]).resolve() if link["path"] else page
+        assert target.exists(), f"{page.name}: {link[0]} leads nowhere"
+        if link["anchor"]:
+            assert link["anchor"] in anchors(target), f"{page.name}: no heading for {link[0]}"
