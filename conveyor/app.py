@@ -7,6 +7,7 @@ import os
 import sys
 import threading
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any, Final, ParamSpec, TypeVar, overload
 
 from conveyor import brokers, results
@@ -274,14 +275,18 @@ def _default_name(fn: Callable[..., Any]) -> str:
 
 
 def load_app(path: str) -> Conveyor:
-    """Import `module:attribute` (the current directory is importable, as for uvicorn)."""
+    """Import `module:attribute`, looking in the current directory first (as uvicorn does).
+
+    A module elsewhere on `sys.path` (an installed package, or an editable install's source
+    tree) is found only when the current directory has none of that name; `origin_outside_cwd`
+    tells the caller when that happened.
+    """
     module_name, sep, attribute = path.partition(":")
     if not sep or not module_name or not attribute:
         raise ConfigurationError(
             f"app path {path!r} must look like module:attribute, e.g. shop:app"
         )
-    if os.getcwd() not in sys.path and "" not in sys.path:
-        sys.path.insert(0, os.getcwd())
+    _put_cwd_first()
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
@@ -303,6 +308,37 @@ def load_app(path: str) -> Conveyor:
         raise ConfigurationError(f"{path!r} is a {type(app).__name__}, not a Conveyor app")
     app.import_path = path
     return app
+
+
+def origin_outside_cwd(app: Conveyor) -> Path | None:
+    """The file `load_app` imported `app`'s module from, if it lies outside the current directory.
+
+    None when the file is under the current directory, or when the app was not loaded by path
+    or its module has no file. A module found elsewhere is usually an installed package, which
+    is fine, but it can also be a same-named file in another project: then relative paths, such
+    as the default `sqlite:///conveyor.db`, point to a different queue than the sender's.
+    """
+    if app.import_path is None:
+        return None
+    module = sys.modules.get(app.import_path.partition(":")[0])
+    filename = getattr(module, "__file__", None)
+    if not filename:
+        return None
+    # Not resolved: a symlink placed in the current directory is where the user meant to look.
+    origin = Path(os.path.abspath(filename))
+    return None if origin.is_relative_to(os.getcwd()) else origin
+
+
+def _put_cwd_first() -> None:
+    """Make the current directory the first place imports look, whatever else is on sys.path.
+
+    A console script's sys.path starts with its own bin directory, not the current directory, and
+    an editable install or PYTHONPATH can list another project's directory before it: without
+    this, `tasks:app` could silently import another project's tasks.py.
+    """
+    cwd = os.getcwd()
+    if sys.path[:1] not in ([cwd], [""]):
+        sys.path.insert(0, cwd)
 
 
 def import_path_of(app: Conveyor) -> str | None:

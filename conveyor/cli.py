@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -13,7 +14,7 @@ import click
 import msgspec
 
 from conveyor import log
-from conveyor.app import Conveyor, load_app
+from conveyor.app import Conveyor, load_app, origin_outside_cwd
 from conveyor.brokers.base import DeadLetter
 from conveyor.errors import ConveyorError
 from conveyor.redact import redact_text, redact_url
@@ -42,6 +43,25 @@ def _clear_errors(fn: Callable[P, R]) -> Callable[P, R]:
             raise click.ClickException(redact_text(str(exc))) from None
 
     return wrapper
+
+
+def _load_app(path: str) -> Conveyor:
+    """`load_app`, saying on stderr when the module came from outside the current directory.
+
+    A line on stderr rather than a log record: `send`, `status` and `purge` set up no logging,
+    the line must show at any `--loglevel`, and stdout stays for what scripts read (the task id
+    `send` prints). It names the file because a same-named module in another project (an
+    editable install's source tree, PYTHONPATH) means another `conveyor.db` and another queue.
+    """
+    app = load_app(path)
+    origin = origin_outside_cwd(app)
+    if origin is not None:
+        click.echo(
+            f"conveyor: {path} is loaded from {origin}, outside the current directory "
+            f"{os.getcwd()}",
+            err=True,
+        )
+    return app
 
 
 class _Size(click.ParamType[int, Any]):
@@ -122,7 +142,7 @@ def worker(
 
     if log_each_task and quiet_tasks:
         raise click.UsageError("--log-each-task and --quiet-tasks exclude each other: choose one")
-    app = load_app(app_path)
+    app = _load_app(app_path)
     if concurrency is not None:
         check_concurrency(pool or app.settings.pool, concurrency)
     # After the import: handlers the app's module put on the root logger are the user's choice.
@@ -170,7 +190,7 @@ def send(
     """Send TASK with ARGS, each a JSON value: conveyor send shop:app shop.resize '"a.png"' 100."""
     if wait is not None and not math.isfinite(wait):
         raise click.ClickException("--wait takes a number of seconds")
-    app = load_app(app_path)
+    app = _load_app(app_path)
     task = app.get_task(task_name)
     if wait is not None and (app.results is None or task.options.ignore_result):
         # Refuse before sending: retrying the command would otherwise send the task twice.
@@ -193,7 +213,7 @@ def send(
 @_clear_errors
 def status(app_path: str) -> None:
     """Show APP's queues: ready, delayed, in flight and dead-lettered messages."""
-    app = load_app(app_path)
+    app = _load_app(app_path)
     from rich.console import Console  # here, not at the top: a worker never loads rich
     from rich.table import Table
     from rich.text import Text
@@ -225,7 +245,7 @@ def status(app_path: str) -> None:
 @_clear_errors
 def purge(app_path: str, queue: str, dead: bool, yes: bool) -> None:
     """Delete every waiting message of a queue (messages being run are left alone)."""
-    app = load_app(app_path)
+    app = _load_app(app_path)
     _check_queue(app, queue)
     what = f"the dead letters of {queue!r}" if dead else f"every waiting message in {queue!r}"
     if not yes:
@@ -254,7 +274,7 @@ def dead_letters(app_path: str, queue: str | None, reason: str | None, limit: in
 
     from conveyor.deadletters import Selection, describe
 
-    app = load_app(app_path)
+    app = _load_app(app_path)
     if queue is not None:
         _check_queue(app, queue)
     names = [queue] if queue is not None else _queues(app)
@@ -297,7 +317,7 @@ def requeue(app_path: str, queue: str, reason: str | None, ids: tuple[str, ...],
     """Send dead letters back to their queue to run again, as new messages (delivery count 1)."""
     from conveyor.deadletters import Selection, describe
 
-    app = load_app(app_path)
+    app = _load_app(app_path)
     _check_queue(app, queue)
     selection = Selection(reason, frozenset(ids))
     [stats] = app.broker.stats([queue])

@@ -148,3 +148,87 @@ def test_a_wrong_rabbitmq_password_is_one_line_on_stderr(tmp_path: Path) -> None
     assert line.startswith("Error: cannot connect to RabbitMQ at amqp://guest:***@127.0.0.1:5672/")
     assert "ACCESS_REFUSED" in line
     assert "hunter2" not in proc.stderr
+
+
+def console_script() -> Path:
+    """The installed `conveyor` script: its sys.path starts with its bin directory, not the
+    current one (unlike `python -m conveyor`), as a user's shell runs it."""
+    script = Path(sys.executable).with_name("conveyor")
+    if not script.exists():
+        pytest.skip("the conveyor console script is not installed next to this interpreter")
+    return script
+
+
+def run_script(*args: str, cwd: Path, pythonpath: list[Path]) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CONVEYOR_")}
+    env["PYTHONPATH"] = os.pathsep.join(str(p) for p in pythonpath)
+    env["COLUMNS"] = "200"  # rich's status table on one line per row
+    return subprocess.run(
+        [str(console_script()), *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
+        check=False,
+    )
+
+
+def two_projects(tmp_path: Path, module: str) -> tuple[Path, Path]:
+    """`here/` and `elsewhere/`, each with its own app of the same module name."""
+    here, elsewhere = tmp_path / "here", tmp_path / "elsewhere"
+    for project in (here, elsewhere):
+        project.mkdir()
+        (project / f"{module}.py").write_text(
+            APP_SOURCE.replace('Conveyor("t"', f'Conveyor("{project.name}"')
+        )
+    return here, elsewhere
+
+
+def test_a_module_in_the_current_directory_shadows_one_elsewhere_on_the_path(
+    tmp_path: Path,
+) -> None:
+    """The current directory is on sys.path after another project's: its module still wins.
+
+    Before, load_app added the current directory only when it was not on sys.path at all, so
+    the other project's same-named module was imported instead, without a word.
+    """
+    module = f"shadow_{uuid4().hex[:8]}"
+    here, elsewhere = two_projects(tmp_path, module)
+    proc = run_script("status", f"{module}:app", cwd=here, pythonpath=[elsewhere, here])
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.lstrip().startswith("here on sqlite:///q.db"), proc.stdout
+    assert proc.stderr == ""
+    assert (here / "q.db").exists()
+    assert not (elsewhere / "q.db").exists()
+
+
+def test_a_module_found_only_elsewhere_is_loaded_with_a_notice_naming_its_file(
+    tmp_path: Path,
+) -> None:
+    """The issue's `cd /tmp && conveyor worker tasks:app`: the module comes from another
+    directory (there an editable install's source tree, here PYTHONPATH), and each command
+    says so in one line on stderr, leaving stdout to what scripts read."""
+    module = f"faraway_{uuid4().hex[:8]}"
+    here, elsewhere = two_projects(tmp_path, module)
+    (here / f"{module}.py").unlink()
+    notice = (
+        f"conveyor: {module}:app is loaded from {elsewhere / module}.py, outside the current "
+        f"directory {here}\n"
+    )
+
+    sent = run_script(
+        "send", f"{module}:app", f"{module}.add", "2", "3", cwd=here, pythonpath=[elsewhere]
+    )
+    assert sent.returncode == 0, sent.stderr
+    assert sent.stderr == notice
+    assert len(sent.stdout.strip()) == 32  # the task id, and nothing else
+
+    worker = run_script(
+        "worker", f"{module}:app", "--pool", "threads", "-c", "1", "--until-empty",
+        cwd=here, pythonpath=[elsewhere],
+    )  # fmt: skip
+    assert worker.returncode == 0, worker.stderr
+    assert worker.stderr.startswith(notice)
+    assert "1 succeeded" in worker.stderr
+    assert (here / "q.db").exists()  # the relative broker path is the current directory's
