@@ -2,7 +2,7 @@
 
 `held.step` notes each run in the PostgreSQL ledger (see `ledger.py`) with its delivery count;
 `held.warm` does nothing, quickly, so that the pool learns its tasks are short and raises its
-look-ahead (and the broker's prefetch); `held.block` holds a child until the test releases it,
+look-ahead (and the broker's prefetch); `held.block` holds a child until the worker is killed,
 so that the worker holds the messages behind it without starting them. The test sends
 these names from an app of its own.
 """
@@ -44,9 +44,11 @@ def warm(n: int) -> None:
     """Nothing: a short task."""
 
 
-@app.task(name="held.block", ignore_result=True)
+# Acknowledged before it runs, so a killed worker's blockers are not delivered again: each
+# round's worker holds only its own blockers and the held messages.
+@app.task(name="held.block", ignore_result=True, acks_late=False)
 def block(n: int) -> None:
-    """Say it started, then wait for the test's release file (the task's own wait)."""
+    """Say it started, then wait for a release file no one writes: until the worker dies."""
     (DIR / f"started-{n}").touch()
     while not (DIR / f"release-{n}").exists():
         time.sleep(0.01)
