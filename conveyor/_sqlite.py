@@ -16,6 +16,7 @@ from contextlib import contextmanager
 from typing import ClassVar
 from urllib.parse import unquote, urlsplit
 
+from conveyor._fork import forget_in_child
 from conveyor.errors import ConfigurationError
 
 BUSY_TIMEOUT_S = 60.0
@@ -30,7 +31,7 @@ def _after_fork() -> None:
     _forks += 1
 
 
-os.register_at_fork(after_in_child=_after_fork)
+forget_in_child(_after_fork)
 
 
 def _key(path: str, synchronous: str) -> tuple[str, str]:

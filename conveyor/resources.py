@@ -3,7 +3,7 @@
 A resource wraps a factory (an MQTT client, a database connection, an HTTP session). The factory
 runs lazily, once per process (or once per thread, or up to `pool_size` times for a bounded pool),
 and its instance is health-checked before each use and re-created when dead. A forked child never
-uses what its parent created: one `os.register_at_fork` hook makes every resource forget the
+uses what its parent created: one after-fork hook (`conveyor._fork`) makes every resource forget the
 parent's instances in the child, so the child creates its own on first use.
 """
 
@@ -18,6 +18,7 @@ import weakref
 from collections.abc import Callable, Iterator
 from typing import Any, Final, Generic, Literal, Protocol, TypeVar
 
+from conveyor._fork import forget_in_child
 from conveyor.errors import ConfigurationError, ResourceError
 
 T = TypeVar("T")
@@ -365,4 +366,4 @@ def _after_fork_in_child() -> None:
         resource._forget_after_fork()
 
 
-os.register_at_fork(after_in_child=_after_fork_in_child)
+forget_in_child(_after_fork_in_child)

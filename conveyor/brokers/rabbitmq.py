@@ -28,7 +28,6 @@ import collections
 import concurrent.futures
 import contextlib
 import logging
-import os
 import random
 import re
 import threading
@@ -46,6 +45,7 @@ from pamqp.commands import Basic
 from pamqp.frame import marshal as _frame
 from pamqp.header import ContentHeader
 
+from conveyor._fork import forget_in_child
 from conveyor.brokers import _aiormq_logs
 from conveyor.brokers._pamqp_text import has_raw_text, install
 from conveyor.brokers.base import Broker, DeadLetter, Delivery, Outgoing, QueueStats, connects
@@ -119,7 +119,7 @@ def _forget_after_fork() -> None:
         broker._reset()
 
 
-os.register_at_fork(after_in_child=_forget_after_fork)
+forget_in_child(_forget_after_fork)
 
 
 class RabbitMQBroker(Broker):

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import collections
 import logging
-import os
 import threading
 import time
 import weakref
@@ -26,6 +25,7 @@ from typing import TYPE_CHECKING
 
 import msgspec
 
+from conveyor._fork import forget_in_child
 from conveyor.errors import ConfigurationError, ResultError
 from conveyor.results.base import (
     READY_STATES,
@@ -185,4 +185,4 @@ def _after_fork_in_child() -> None:
         store._reset()
 
 
-os.register_at_fork(after_in_child=_after_fork_in_child)
+forget_in_child(_after_fork_in_child)

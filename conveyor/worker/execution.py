@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import enum
-import os
 import threading
 import time
 import traceback
@@ -20,6 +19,7 @@ from typing import Any
 
 import msgspec
 
+from conveyor._fork import forget_in_child
 from conveyor.brokers import Delivery
 from conveyor.errors import EncodeError, Retry, SoftTimeLimitExceeded, TimeLimitExceeded
 from conveyor.message import Envelope
@@ -37,7 +37,7 @@ def _after_fork() -> None:
     _local.__dict__.clear()
 
 
-os.register_at_fork(after_in_child=_after_fork)
+forget_in_child(_after_fork)
 
 
 class Kind(enum.Enum):

@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import ctypes
 import heapq
-import os
 import threading
 import time
 from dataclasses import dataclass, field
 
+from conveyor._fork import forget_in_child
 from conveyor.errors import SoftTimeLimitExceeded, TimeLimitExceeded
 
 _set_async_exc = ctypes.pythonapi.PyThreadState_SetAsyncExc
@@ -45,7 +45,7 @@ class Watchdog:
         self._watched: dict[int, int] = {}  # thread ident -> generation of its current job
         self._generation = 0
         self._thread: threading.Thread | None = None
-        os.register_at_fork(after_in_child=self._after_fork)
+        forget_in_child(self._after_fork)
 
     def _after_fork(self) -> None:
         """A forked child (a prefork pool's) has no watchdog thread yet, and nothing to watch."""
