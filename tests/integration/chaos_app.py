@@ -12,8 +12,7 @@ import os
 import time
 from typing import Any
 
-import psycopg
-from ledger import DSN_ENV, record
+from ledger import connection_resource, record
 
 from conveyor import Conveyor
 
@@ -21,14 +20,7 @@ app = Conveyor("chaos")
 WORK_S = float(os.environ.get("CONVEYOR_CHAOS_TASK_SECONDS", "0.002"))
 
 
-@app.resource(
-    name="chaos.ledger",
-    check=lambda conn: not conn.closed and not conn.broken,
-    close=lambda conn: conn.close(),
-)
-def ledger() -> psycopg.Connection[tuple[Any, ...]]:
-    """This process's own connection to the ledger."""
-    return psycopg.connect(os.environ[DSN_ENV], autocommit=True)
+ledger = connection_resource(app, "chaos.ledger")
 
 
 @app.task(name="chaos.step", bind=True, ignore_result=True)

@@ -14,8 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-import psycopg
-from ledger import DSN_ENV, record
+from ledger import connection_resource, record
 
 from conveyor import Conveyor
 
@@ -23,14 +22,7 @@ app = Conveyor("held")
 DIR = Path(os.environ.get("HELD_DIR", "."))
 
 
-@app.resource(
-    name="held.ledger",
-    check=lambda conn: not conn.closed and not conn.broken,
-    close=lambda conn: conn.close(),
-)
-def ledger() -> psycopg.Connection[tuple[Any, ...]]:
-    """This process's own connection to the ledger."""
-    return psycopg.connect(os.environ[DSN_ENV], autocommit=True)
+ledger = connection_resource(app, "held.ledger")
 
 
 @app.task(name="held.step", bind=True, ignore_result=True)

@@ -17,9 +17,12 @@ import secrets
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import psycopg
 import pytest
+
+from conveyor import Conveyor, Resource
 
 DSN = os.environ.get("CONVEYOR_TEST_POSTGRES", "postgresql://127.0.0.1:5432/test")
 DSN_ENV = "CONVEYOR_LEDGER_DSN"
@@ -115,6 +118,17 @@ class Ledger:
                 f"SELECT floor(at)::bigint, count(*) FROM {self.table} GROUP BY 1"
             ).fetchall()
         return {int(second): int(count) for second, count in found}
+
+
+def connection_resource(app: Conveyor, name: str) -> Resource[psycopg.Connection[Any]]:
+    """The task side: register `name` on `app`, each worker process's own connection to the
+    ledger named by the environment."""
+    return app.resource(
+        lambda: psycopg.connect(os.environ[DSN_ENV], autocommit=True),
+        name=name,
+        check=lambda conn: not conn.closed and not conn.broken,
+        close=lambda conn: conn.close(),
+    )
 
 
 def record(conn: psycopg.Connection[tuple[object, ...]], task_id: str, attempt: int) -> None:
