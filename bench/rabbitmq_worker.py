@@ -14,7 +14,8 @@ The workers have 2 slots each and late acks, run a no-op task and store no resul
   `--conveyor-pool`, prefork by default; if the installed conveyor refuses prefork, threads
   (one process, 2 threads) and the report says so. Its prefetch starts at its slot count (2)
   and grows to 2 x 32 once its children have run a few no-op tasks (short tasks queue in a
-  child up to a 2 ms budget); its queues have conveyor's default `x-max-priority` 9.
+  child up to a budget of 4 broker round trips); its queues have conveyor's default
+  `x-max-priority` 9.
 - Dramatiq: `dramatiq bench_app -p 2 -t 1`, and `-t 8` (2 processes), `RabbitmqBroker` with the
   default middleware; late acks are Dramatiq's default. Its prefetch is 2 per thread.
 - Celery: `celery -A bench_app worker -P prefork -c 2 -l WARNING --without-gossip
