@@ -364,3 +364,42 @@ def test_nothing_more_queues_behind_a_job_running_past_a_measured_budget(
     busy = next(c for c in children(pool) if c.jobs)
     assert pool._room(busy, busy.head_since + 0.010) > 0, "within the budget"
     assert pool._room(busy, busy.head_since + 0.013) == 0, "it ran past any short task"
+
+
+def test_a_child_running_a_slow_task_gives_its_share_of_the_prefetch_back(
+    pool: PreforkPool, app: Conveyor
+) -> None:
+    """Short tasks raised the depth; a task not known to be short that starts takes its child's
+    look-ahead out of the prefetch at once, so the broker keeps those messages for workers that
+    can run them now, not for a child that will be busy for who knows how long."""
+    learn(pool, app, "quick", took=0.00005)
+    learn(pool, app, "report", took=0.5, times=1)
+    learn(pool, app, "quick", took=0.00005)  # the depth is back up: "report" is still slow
+    assert pool._depth == MAX_DEPTH and not pool._is_short(make_job(app, "report"))
+    reported: list[int] = []
+    pool.on_capacity = lambda: reported.append(pool.capacity)
+    finished: Finished = []
+    pool.submit(make_job(app, "report"), recorder(finished))
+    assert reported == [1 + MAX_DEPTH], "the busy child holds its one job, the idle one a depth"
+    pool.submit(make_job(app, "report"), recorder(finished))
+    assert reported == [1 + MAX_DEPTH, 2]
+    assert pool.free(2) == 0
+    first = children(pool)[0]
+    finish(pool, first, 0.00005, finished)  # a quicker run than usual: still slow lately
+    assert reported[-1] == pool.capacity == 1 + MAX_DEPTH
+
+
+def test_a_job_waiting_for_a_child_not_up_yet_is_counted_once(
+    pool: PreforkPool, app: Conveyor
+) -> None:
+    """The consumer can fetch a job just before the child it was meant for turns out not to
+    be up: it waits in the pool for that child, and the prefetch counts it once, not as well as
+    the child's own slot."""
+    first, second = children(pool)
+    pool._ready_children.remove(second)
+    second.state = State.STARTING
+    finished: Finished = []
+    for _ in range(2):
+        pool.submit(make_job(app, "new"), recorder(finished))
+    assert len(first.jobs) == 1 and len(pool._backlog) == 1
+    assert pool.capacity == 2

@@ -18,10 +18,11 @@ task: up to 1 + budget / (the slowest recent run time of any task), the jobs in 
 all rounded down to a power of two and at most `MAX_DEPTH`. The queued work then covers the
 trip at least twice, so the child's next task is at hand when it finishes, and it is never
 more than the budget and one task. A task not known to be short (new, or slow lately) only
-ever goes to an idle child and nothing queues behind it, and no more queues behind a task once
-it has run past the budget: a slow task never holds messages that another child or worker
-could run now. Frames written in one loop turn go down each pipe in one write, so a stream of
-tiny tasks costs a system call per batch, not per task.
+ever goes to an idle child and nothing queues behind it, nor in the worker for its child (the
+broker's prefetch, `capacity`, counts only what that child holds), and no more queues behind a
+task once it has run past the budget: a slow task never holds messages that another child or
+worker could run now. Frames written in one loop turn go down each pipe in one write, so a
+stream of tiny tasks costs a system call per batch, not per task.
 
 Children are forked by a zygote (see `_children`), so none inherits a broker socket. A zygote
 that dies is replaced by one in a fresh interpreter: its children become orphans that finish
@@ -190,13 +191,19 @@ class PreforkPool(Pool):
 
     @property
     def capacity(self) -> int:
-        """A depth's worth of jobs per child, or what the pool holds plus what its idle
-        children can start, if that is more: when the depth drops (a task ran long), jobs
-        already queued behind it still count against the broker's prefetch, and an idle child
-        must not wait for them to drain before it gets work."""
-        held = len(self._backlog) + sum(len(child.jobs) for child in self._ready_children)
-        idle = sum(1 for child in self._ready_children if not child.jobs)
-        return min(self.most, max(self.concurrency * self._depth, held + idle))
+        """What the broker may hold out to this worker: a depth's worth of jobs for each child
+        that is idle or runs only short tasks, and what it holds for a child running a task not
+        known to be short, which takes nothing more: the broker keeps the rest for workers that
+        can start them now. Jobs already queued count whatever the depth (it drops when a task
+        runs long), so an idle child never waits for them to drain before it gets work. Jobs
+        waiting in the pool go to the next child that can start them: a child not up yet, each
+        counted a depth, takes them first."""
+        depth = self._depth
+        total = max(len(self._backlog), depth * (self.concurrency - len(self._ready_children)))
+        for child in self._ready_children:
+            held = len(child.jobs)
+            total += held if len(child.short) < held else max(held, depth)
+        return min(self.most, total)
 
     def _capacity_changed(self) -> None:
         """Tell the consumer (and through it the broker's prefetch) when the capacity moved."""
@@ -328,11 +335,14 @@ class PreforkPool(Pool):
     def submit(self, job: Job, done: DoneCallback) -> None:
         """Write a job to a child that can start it (the consumer never submits more than
         `free`); one that none can take now waits here for the next that can."""
-        child = self._pick(self._is_short(job))
+        short = self._is_short(job)
+        child = self._pick(short)
         if child is None:
             self._backlog.append((job, done))
             return
         self._give(child, job, done)
+        if not short:
+            self._capacity_changed()  # that child takes no more for now
 
     def _pick(self, short: bool) -> _Child | None:
         """An idle child, or for a short task the least loaded child with room for it."""
