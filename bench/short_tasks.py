@@ -287,6 +287,15 @@ def write_report(
                 f"{f['steady_per_s']:,.0f} | {f['wait_ms']:.2f} | {f['mean_wait_ms']:.2f} | "
                 f"{f['run_ms']:.2f} |"
             )
+    if "sleep" in args.kinds:
+        run = medians["sleep"]["conveyor"]["run_ms"]
+        ceiling = SLOTS / (run / 1000)
+        lines += [
+            "",
+            f"A 2 ms sleep took {run:.2f} ms here (the kernel's timer slack and wake-up): with no "
+            f"wait at all between tasks, {SLOTS} slots would run {ceiling:,.0f} tasks/s,",
+            f"{ceiling / limit('sleep'):.0%} of the limit.",
+        ]
     if "cpu" in args.kinds:
         lines += [
             "",
