@@ -46,7 +46,7 @@ from pamqp.frame import marshal as _frame
 from pamqp.header import ContentHeader
 
 from conveyor._fork import forget_in_child
-from conveyor.brokers import _aiormq_logs
+from conveyor.brokers import _aiormq_fast, _aiormq_logs
 from conveyor.brokers._pamqp_text import has_raw_text, install
 from conveyor.brokers.base import Broker, DeadLetter, Delivery, Outgoing, QueueStats, connects
 from conveyor.errors import BrokerError, ConfigurationError, PublishError
@@ -184,6 +184,8 @@ class RabbitMQBroker(Broker):
         self._generation = 0
         self._declared: set[str] = set()
         self._consuming: dict[str, str] = {}  # queue -> consumer tag
+        self._tags: dict[str, str] = {}  # consumer tag -> queue
+        self._inline: _aiormq_fast.InlineDeliveries | None = None
         self._receiving: set[asyncio.Task[Any]] = set()  # deliveries being taken in
         self._inbox: collections.deque[Delivery] = collections.deque()
         # Delivery tags of the current channel not yet acked, nacked or dead-lettered, in order.
@@ -270,7 +272,7 @@ class RabbitMQBroker(Broker):
                     url += ("&" if "?" in url else "?") + "heartbeat=30"
                 try:
                     # A failure is reported in the BrokerError below, not also by aiormq.
-                    with _aiormq_logs.quiet_connect():
+                    with _aiormq_logs.quiet_connect(), _aiormq_fast.fast_frames():
                         connection = await aiormq.connect(url)
                     self._connection = self._held.connection = connection
                 except (OSError, aiormq.exceptions.AMQPError) as exc:
@@ -278,9 +280,11 @@ class RabbitMQBroker(Broker):
                         f"cannot connect to RabbitMQ at {self.display_url}: {redact_text(str(exc))}"
                     ) from None
             self._channel = await self._connection.channel(publisher_confirms=True)
+            self._inline = _aiormq_fast.InlineDeliveries(self._channel, self._on_inline)
             self._generation += 1
             self._declared.clear()
             self._consuming.clear()
+            self._tags.clear()
             # Deliveries of the old channel not yet handed out: RabbitMQ delivers them again.
             self._inbox.clear()
             self._unsettled.clear()
@@ -571,8 +575,13 @@ class RabbitMQBroker(Broker):
         for queue in queues:
             if queue not in self._consuming:
                 await self._declare(queue)
-                ok = await channel.basic_consume(queue, self._on_message(queue))
-                self._consuming[queue] = str(ok.consumer_tag)
+                # Chosen here, so deliveries are taken in inline from the first one on.
+                tag = f"conveyor.{self._generation}.{len(self._tags)}"
+                self._tags[tag] = queue
+                if self._inline is not None:
+                    self._inline.tags.add(tag)
+                await channel.basic_consume(queue, self._on_message(queue), consumer_tag=tag)
+                self._consuming[queue] = tag
 
     async def _stop_consuming(self) -> None:
         """Cancel the consumers, so RabbitMQ pushes nothing more to a worker that stops."""
@@ -588,51 +597,78 @@ class RabbitMQBroker(Broker):
             await asyncio.wait(receiving, timeout=CONFIRM_TIMEOUT_S)
 
     def _on_message(self, queue: str) -> Any:
+        """aiormq's callback for a delivery `InlineDeliveries` did not take (none should)."""
+
         async def receive(message: aiormq.abc.DeliveredMessage) -> None:
-            task = asyncio.current_task()
-            if task is not None:
-                self._receiving.add(task)
-                task.add_done_callback(self._receiving.discard)
-            tag = message.delivery_tag
-            if tag is None:
-                return
-            self._unsettled[tag] = None
-            properties = message.header.properties
-            headers: dict[str, Any] = dict(properties.headers or {})
-            # Deliveries so far: those counted in the message by conveyor (classic queues, and
-            # retries through a delay queue), plus those RabbitMQ counted on a quorum queue.
-            count = _int(headers.get(DELIVERIES)) + _int(headers.get("x-delivery-count")) + 1
-            reply_to = properties.reply_to
-            lost, priority = _int(headers.get(LOST)), _priority(message)
-            receipt = (self._generation, tag)
-            delivery = Delivery(queue, message.body, receipt, count, reply_to, lost, priority)
-            reason = None
-            if has_raw_text(headers) or has_raw_text(properties.content_type):
-                reason = Why.INVALID_HEADERS("a header name or value is not valid UTF-8")
-            elif properties.content_type not in (None, "", CONTENT_TYPE, SIGNED_CONTENT_TYPE):
-                reason = Why.WRONG_CONTENT_TYPE(
-                    f"{properties.content_type!r} is neither {CONTENT_TYPE} "
-                    f"nor {SIGNED_CONTENT_TYPE}"
-                )
-            if reason is not None:
-                # Not an envelope conveyor wrote: dead-letter it here, where the properties are.
-                log.warning("dead-lettered a message on %s: %s", queue, reason)
-                self.refused += 1
-                await self._dead_letter([(delivery, reason)])
-                return
-            if message.redelivered and "x-delivery-count" not in headers:
-                # A classic queue does not count: count the lost delivery in the message
-                # itself, then hand out the new copy.
-                headers[DELIVERIES] = count
-                copy = Outgoing(queue, message.body, priority, reply_to=reply_to)
-                await self._publish([copy], [headers])
-                self._settle(message.channel, acks=[tag])
-                return
-            self._inbox.append(delivery)
-            if self._arrival is not None:
-                self._arrival()
+            assert isinstance(message.delivery, Basic.Deliver)
+            self._delivered(queue, message.delivery, message.header, message.body)
 
         return receive
+
+    def _on_inline(self, deliver: Basic.Deliver, header: ContentHeader, body: bytes) -> None:
+        queue = self._tags.get(deliver.consumer_tag or "")
+        if queue is not None:
+            self._delivered(queue, deliver, header, body)
+
+    def _delivered(
+        self, queue: str, deliver: Basic.Deliver, header: ContentHeader, body: bytes
+    ) -> None:
+        """Take in a delivery as it arrives, on the connection's loop, without awaiting."""
+        tag = deliver.delivery_tag
+        if tag is None:
+            return
+        self._unsettled[tag] = None
+        properties = header.properties
+        raw = properties.headers
+        headers: dict[str, Any] = dict(raw) if raw else {}
+        # Deliveries so far: those counted in the message by conveyor (classic queues, and
+        # retries through a delay queue), plus those RabbitMQ counted on a quorum queue.
+        if headers:
+            count = _int(headers.get(DELIVERIES)) + _int(headers.get("x-delivery-count")) + 1
+            lost = _int(headers.get(LOST))
+        else:
+            count, lost = 1, 0
+        reply_to = properties.reply_to
+        priority = properties.priority or 0
+        receipt = (self._generation, tag)
+        delivery = Delivery(queue, body, receipt, count, reply_to, lost, priority)
+        content_type = properties.content_type
+        reason = None
+        if (headers and has_raw_text(headers)) or has_raw_text(content_type):
+            reason = Why.INVALID_HEADERS("a header name or value is not valid UTF-8")
+        elif content_type not in (None, "", CONTENT_TYPE, SIGNED_CONTENT_TYPE):
+            reason = Why.WRONG_CONTENT_TYPE(
+                f"{content_type!r} is neither {CONTENT_TYPE} nor {SIGNED_CONTENT_TYPE}"
+            )
+        if reason is not None:
+            # Not an envelope conveyor wrote: dead-letter it here, where the properties are.
+            log.warning("dead-lettered a message on %s: %s", queue, reason)
+            self.refused += 1
+            self._in_background(self._dead_letter([(delivery, reason)]))
+            return
+        if deliver.redelivered and "x-delivery-count" not in headers:
+            # A classic queue does not count: count the lost delivery in the message itself,
+            # then hand out the new copy.
+            headers[DELIVERIES] = count
+            copy = Outgoing(queue, body, priority, reply_to=reply_to)
+            self._in_background(self._republish(copy, headers, tag))
+            return
+        self._inbox.append(delivery)
+        if self._arrival is not None:
+            self._arrival()
+
+    async def _republish(self, copy: Outgoing, headers: dict[str, Any], tag: int) -> None:
+        channel = self._channel
+        await self._publish([copy], [headers])
+        if channel is not None and channel is self._channel and not channel.is_closed:
+            self._settle(channel, acks=[tag])
+
+    def _in_background(self, coroutine: Coroutine[Any, Any, None]) -> None:
+        """Run a delivery's rare slow path as a task; shutdown waits for it (`_receiving`)."""
+        task = asyncio.get_running_loop().create_task(coroutine)
+        self._receiving.add(task)
+        task.add_done_callback(self._receiving.discard)
+        task.add_done_callback(_log_failure)
 
     def on_arrival(self, callback: Callable[[], None]) -> None:
         """Wake the worker when RabbitMQ pushes a message, instead of letting it poll."""
@@ -1095,8 +1131,10 @@ def _content_type(body: bytes) -> str:
     return SIGNED_CONTENT_TYPE if body.startswith(SIGNED_PREFIX) else CONTENT_TYPE
 
 
-def _priority(message: aiormq.abc.DeliveredMessage) -> int:
-    return int(message.header.properties.priority or 0)
+def _log_failure(task: asyncio.Task[Any]) -> None:
+    """Log what a background step of taking in a delivery raised (its message comes back)."""
+    if not task.cancelled() and (exc := task.exception()) is not None:
+        log.error("could not take in a delivery: %s", redact_text(str(exc)))
 
 
 def _retrieve(future: asyncio.Future[Any]) -> None:
