@@ -100,7 +100,7 @@ async def window(
             await asyncio.sleep(POLL_S)
 
 
-def conveyor_round(args: argparse.Namespace, label: int) -> dict[str, Any]:
+def conveyor_round(args: argparse.Namespace, label: str, tree_path: str | None) -> dict[str, Any]:
     queue = f"bench-parent-{uuid.uuid4().hex[:8]}"
     peer = make_peer("conveyor", queue, "prefork", True, args.conveyor_arg or ())
     env = dict(kv.split("=", 1) for kv in args.env or ())
@@ -117,7 +117,7 @@ def conveyor_round(args: argparse.Namespace, label: int) -> dict[str, Any]:
             publish("conveyor", args.tasks)
             asyncio.run(wait_queued(queue, args.tasks))
             os.environ.update(ledger.fresh(workdir / "ledger"))
-            worker = start(peer, workdir, env)
+            worker = start(peer, workdir, env, tree_path)
             for k, v in saved.items():
                 if v is None:
                     os.environ.pop(k, None)
@@ -159,13 +159,17 @@ def conveyor_round(args: argparse.Namespace, label: int) -> dict[str, Any]:
             asyncio.run(delete(peer))
 
 
-def start(peer: Peer, workdir: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
-    """`start_worker`, with `env` (which may set CONVEYOR_* variables) added."""
+def start(
+    peer: Peer, workdir: Path, env: dict[str, str], tree_path: str | None
+) -> subprocess.Popen[bytes]:
+    """`start_worker`, with `env` (which may set CONVEYOR_* variables) added, and conveyor
+    imported from `tree_path` (another checkout) if given."""
+    path = str(workdir) if tree_path is None else f"{workdir}:{tree_path}"
     with open(workdir / "worker.log", "wb") as log:
         return subprocess.Popen(
             peer.command,
             cwd=workdir,
-            env={**os.environ, **env, "PYTHONPATH": str(workdir)},
+            env={**os.environ, **env, "PYTHONPATH": path},
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -192,33 +196,38 @@ def main() -> int:
     parser.add_argument("--profile", metavar="DIR")
     parser.add_argument("--conveyor-arg", action="append")
     parser.add_argument("--env", action="append", metavar="K=V")
+    parser.add_argument(
+        "--against",
+        metavar="CHECKOUT",
+        help="also run the worker of another checkout (e.g. a git worktree of main), alternating",
+    )
     args = parser.parse_args()
     if args.profile and shutil.which("py-spy") is None:
         parser.error("--profile needs py-spy on PATH")
     probe = args.probe and PROBE.exists()
     if args.probe and not probe:
         print(f"the probe is absent ({PROBE}): conveyor only", file=sys.stderr)
-    runs: dict[str, list[dict[str, Any]]] = {"conveyor": [], "probe": []}
+    trees: dict[str, str | None] = {"conveyor": None}
+    if args.against:
+        trees["against"] = str(Path(args.against).resolve())
+    names = [*trees, *(["probe"] if probe else [])]
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
     for n in range(args.repeat):
-        order = ["conveyor", "probe"] if n % 2 == 0 else ["probe", "conveyor"]
-        for who in order:
-            if who == "conveyor":
-                result = conveyor_round(args, n)
-            elif probe:
+        for who in names[n % len(names) :] + names[: n % len(names)]:
+            if who == "probe":
                 result = probe_round(args)
             else:
-                continue
+                result = conveyor_round(args, f"{who}-{n}", trees[who])
             runs[who].append(result)
             print(who, {k: round(v, 1) for k, v in result.items()}, flush=True)
-    rate = statistics.median(r["per_s"] for r in runs["conveyor"])
-    cpu = statistics.median(r["cpu_us"] for r in runs["conveyor"])
-    kids = statistics.median(r["children_us"] for r in runs["conveyor"])
-    line = f"conveyor {rate:,.0f} tasks/s, CPU per delivery: parent {cpu:.1f} µs"
-    line += f", children {kids:.1f} µs"
-    if runs["probe"]:
-        probe_rate = statistics.median(r["per_s"] for r in runs["probe"])
-        line += f"; probe {probe_rate:,.0f} tasks/s; conveyor/probe {rate / probe_rate:.2f}x"
-    print(line)
+    for who in names:
+        rate = statistics.median(r["per_s"] for r in runs[who])
+        line = f"{who}: {rate:,.0f} tasks/s"
+        if who != "probe":
+            cpu = statistics.median(r["cpu_us"] for r in runs[who])
+            kids = statistics.median(r["children_us"] for r in runs[who])
+            line += f", CPU per delivery: parent {cpu:.1f} µs, children {kids:.1f} µs"
+        print(line)
     return 0
 
 

@@ -451,11 +451,12 @@ class RabbitMQBroker(Broker):
         self._settle(channel, acks=current)
         return len(current)
 
-    def take_nowait(self, limit: int) -> list[Delivery]:
-        """Deliveries already pushed, on the attached loop's thread."""
+    def take_nowait(self, limit: int) -> list[Delivery] | None:
+        """Deliveries already pushed, on the attached loop's thread; None while not consuming
+        (never started, or the channel closed)."""
         channel = self._channel
-        if channel is None or channel.is_closed:
-            return []
+        if channel is None or channel.is_closed or not self._consuming:
+            return None
         return self._take(limit)
 
     async def requeue_async(
