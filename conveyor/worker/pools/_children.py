@@ -88,7 +88,7 @@ class Done(msgspec.Struct, array_like=True, tag=3):
         """The outcome this message carries."""
         value = None if self.value is None else msgspec.Raw(self.value)
         return Outcome(
-            Kind(self.kind),
+            _KINDS[self.kind],
             value,
             self.error_type,
             self.error_message,
@@ -101,6 +101,7 @@ class Done(msgspec.Struct, array_like=True, tag=3):
 
 
 Message = Run | Up | Done
+_KINDS = {kind.value: kind for kind in Kind}  # a dict lookup, not an Enum call, per outcome
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Message)
 
