@@ -689,6 +689,7 @@ class Consumer:
                 if early:
                     self._count_stale(len(early) - self.broker.ack_nowait(early))
                 self._start(jobs)
+                self.pool.flush()  # into the children now, not a loop turn later
                 self._started_on_arrival += len(deliveries)
             pending = self._pending
             settled_by_acks = not (

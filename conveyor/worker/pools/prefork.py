@@ -366,6 +366,11 @@ class PreforkPool(Pool):
             assert self._loop is not None
             child.timer = self._loop.call_later(limit, self._overrun, child, job_id)
 
+    def flush(self) -> None:
+        """Write what was given so far, in one write per child (the consumer calls this after
+        starting what one loop turn brought, a turn before `_flush_all` would run)."""
+        self._flush_all()
+
     def _flush_all(self) -> None:
         """Write what this loop turn gave each child, in one write per pipe."""
         self._flushing = False
