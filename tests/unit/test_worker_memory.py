@@ -1,5 +1,5 @@
-"""What every process of a prefork worker carries: nothing imported that it never uses
-(docs/benchmarks.md, idle memory).
+"""What every process of a prefork worker carries: nothing imported that it never uses, and no
+free heap pages handed down by the fork (docs/benchmarks.md, idle memory).
 
 Both run in a fresh interpreter: the test process has imported far more than a worker does.
 """
@@ -9,6 +9,8 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
+
+import pytest
 
 
 def run(code: str) -> str:
@@ -46,3 +48,27 @@ def test_an_unknown_setting_still_gets_its_did_you_mean() -> None:
     assert "did you mean 'concurrency'?" in unknown_name_message(
         "concurency", ("concurrency", "pool"), "setting"
     )
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="glibc's malloc_trim, read through /proc")
+def test_trim_heap_hands_freed_pages_back_before_a_fork() -> None:
+    # 40 MB in 2 kB blocks (C-heap allocations, not mmaps), all freed but the last, which pins
+    # the top of the heap: glibc keeps the pages until malloc_trim gives them back.
+    out = run(
+        """
+        import os
+        from conveyor.worker.pools._children import trim_heap
+
+        def rss():
+            with open("/proc/self/statm") as f:
+                return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+        blocks = [bytes(2000) + bytes([i % 256]) for i in range(20_000)]
+        last = blocks[-1]
+        del blocks
+        before = rss()
+        trim_heap()
+        print(before - rss())
+        """
+    )
+    assert int(out) > 20_000_000
