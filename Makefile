@@ -77,6 +77,7 @@ format: $(BIN)/.installed
 	$(BIN)/ruff check --fix conveyor tests bench examples .ci
 
 bench: $(BENCH_BIN)/.installed
+	$(BENCH_BIN)/python -m compileall -q conveyor  # the project's own bytecode, as pip writes it
 	$(BENCH_BIN)/python -m bench
 
 clean:
