@@ -1,24 +1,6 @@
-"""RabbitMQ (AMQP 0-9-1) through aiormq: durable queues, publisher confirms, broker-held delays.
+"""`RabbitMQBroker`: publishing, consuming, settling and administration on one connection.
 
-Topology for a conveyor queue `Q`, declared once per process on first use:
-
-- `Q`, durable, bound to the durable direct exchange `conveyor`, with `x-max-priority`;
-- `Q.dead`, bound to the exchange `conveyor.dead`: dead letters, each with its reason in the
-  `x-conveyor-reason` header;
-- `Q.delay.<ms>`, one per delay bucket, whose messages expire after `<ms>` and are dead-lettered
-  back to `conveyor` with routing key `Q`. A delay goes to the longest bucket that fits; a message
-  that arrives early is delayed again by the worker for the rest. Workers hold nothing in memory,
-  so a two-hour ETA never meets the consumer acknowledgement timeout.
-
-Every publish is persistent and mandatory and waits for the broker's confirm; a nack, a return
-(no route) or a timeout raises `PublishError`. Calls are synchronous for any thread: they run on
-the broker's own event-loop thread, which owns the connection. A forked child never touches it.
-
-RabbitMQ marks a message redelivered but does not count deliveries on classic queues, so a
-redelivered message is published again with the `x-conveyor-deliveries` header one higher
-before it is handed out. Runs a worker saw die (`Delivery.lost`, which the poison limit reads)
-are counted in `x-conveyor-lost`: a message given back after such a run is published again
-with that header one higher, never nacked, since a nack could not carry the count.
+The topology it declares and the invariants it keeps are in the package docstring.
 """
 
 from __future__ import annotations
@@ -46,9 +28,9 @@ from pamqp.frame import marshal as _frame
 from pamqp.header import ContentHeader
 
 from conveyor._fork import forget_in_child
-from conveyor.brokers import _aiormq_fast, _aiormq_logs
-from conveyor.brokers._pamqp_text import has_raw_text, install
 from conveyor.brokers.base import Broker, DeadLetter, Delivery, Outgoing, QueueStats, connects
+from conveyor.brokers.rabbitmq import _aiormq, _aiormq_logs
+from conveyor.brokers.rabbitmq._pamqp_text import has_raw_text, install
 from conveyor.errors import BrokerError, ConfigurationError, PublishError
 from conveyor.reasons import DeadLetterReason as Why
 from conveyor.redact import redact_text, redact_url
@@ -185,7 +167,7 @@ class RabbitMQBroker(Broker):
         self._declared: set[str] = set()
         self._consuming: dict[str, str] = {}  # queue -> consumer tag
         self._tags: dict[str, str] = {}  # consumer tag -> queue
-        self._inline: _aiormq_fast.InlineDeliveries | None = None
+        self._inline: _aiormq.InlineDeliveries | None = None
         self._receiving: set[asyncio.Task[Any]] = set()  # deliveries being taken in
         self._inbox: collections.deque[Delivery] = collections.deque()
         # Delivery tags of the current channel not yet acked, nacked or dead-lettered, in order.
@@ -272,7 +254,7 @@ class RabbitMQBroker(Broker):
                     url += ("&" if "?" in url else "?") + "heartbeat=30"
                 try:
                     # A failure is reported in the BrokerError below, not also by aiormq.
-                    with _aiormq_logs.quiet_connect(), _aiormq_fast.fast_frames():
+                    with _aiormq_logs.quiet_connect(), _aiormq.fast_frames():
                         connection = await aiormq.connect(url)
                     self._connection = self._held.connection = connection
                 except (OSError, aiormq.exceptions.AMQPError) as exc:
@@ -280,7 +262,7 @@ class RabbitMQBroker(Broker):
                         f"cannot connect to RabbitMQ at {self.display_url}: {redact_text(str(exc))}"
                     ) from None
             self._channel = await self._connection.channel(publisher_confirms=True)
-            self._inline = _aiormq_fast.InlineDeliveries(self._channel, self._on_inline)
+            self._inline = _aiormq.InlineDeliveries(self._channel, self._on_inline)
             self._generation += 1
             self._declared.clear()
             self._consuming.clear()
