@@ -12,9 +12,7 @@ import contextlib
 import logging
 import random
 import re
-import threading
 import time
-import weakref
 from collections.abc import Awaitable, Callable, Coroutine, Iterator, Sequence
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
@@ -27,9 +25,9 @@ from pamqp.commands import Basic
 from pamqp.frame import marshal as _frame
 from pamqp.header import ContentHeader
 
-from conveyor._fork import forget_in_child
 from conveyor.brokers.base import Broker, DeadLetter, Delivery, Outgoing, QueueStats, connects
 from conveyor.brokers.rabbitmq import _aiormq, _aiormq_logs
+from conveyor.brokers.rabbitmq._bridge import Bridge
 from conveyor.brokers.rabbitmq._pamqp_text import has_raw_text, install
 from conveyor.errors import BrokerError, ConfigurationError, PublishError
 from conveyor.reasons import DeadLetterReason as Why
@@ -65,43 +63,6 @@ QUEUE_TYPES = ("classic", "quorum")
 log = logging.getLogger("conveyor.worker")
 install()
 _aiormq_logs.install()
-_live: weakref.WeakSet[RabbitMQBroker] = weakref.WeakSet()
-
-
-class _Held:
-    """The connection a broker's own thread serves, known apart from the broker object."""
-
-    connection: aiormq.abc.AbstractConnection | None = None
-
-
-def _close_dropped(loop: asyncio.AbstractEventLoop, thread: threading.Thread, held: _Held) -> None:
-    """A broker garbage-collected without `close()`: close its connection and stop its thread,
-    so that neither outlives it (the socket would pass for a user's own connection to the next
-    prefork worker in the process, and the thread would run forever)."""
-    if loop.is_closed() or not thread.is_alive():
-        return
-    future = asyncio.run_coroutine_threadsafe(_shut_dropped(held.connection), loop)
-    future.add_done_callback(lambda _: loop.call_soon_threadsafe(loop.stop))
-    if threading.current_thread() is not thread:
-        with contextlib.suppress(Exception):
-            future.result(3)
-        thread.join(1)
-        if not loop.is_running():
-            loop.close()
-
-
-async def _shut_dropped(connection: aiormq.abc.AbstractConnection | None) -> None:
-    if connection is not None:
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(connection.close(), 2)
-
-
-def _forget_after_fork() -> None:
-    for broker in list(_live):
-        broker._reset()
-
-
-forget_in_child(_forget_after_fork)
 
 
 class RabbitMQBroker(Broker):
@@ -142,24 +103,15 @@ class RabbitMQBroker(Broker):
         # Quorum queues have no x-max-priority (RabbitMQ 3.10); they count deliveries themselves.
         self.max_priority = 0 if queue_type == "quorum" else max_priority
         self.delivery_limit = delivery_limit
-        self._lock = threading.Lock()
         self._side: RabbitMQBroker | None = None
         self._slots = self._most = 0
         self._replies: Callable[[bytes], None] | None = None
+        self._bridge = Bridge(self._reset)
         self._reset()
-        _live.add(self)
 
     def _reset(self) -> None:
         """Forget connection state (a new process, or after close)."""
-        finalizer: weakref.finalize[Any, Any] | None = getattr(self, "_finalizer", None)
-        if finalizer is not None:
-            finalizer.detach()
-        self._finalizer: weakref.finalize[Any, Any] | None = None
-        self._held = _Held()
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
-        # Set while attached to a worker's event loop: the ident of the thread running it.
-        self._attached = 0
+        self._bridge.forget()
         self._connection: aiormq.abc.AbstractConnection | None = None
         self._channel: aiormq.abc.AbstractChannel | None = None
         self._opening: asyncio.Lock | None = None
@@ -175,48 +127,17 @@ class RabbitMQBroker(Broker):
         self._arrival: Callable[[], None] | None = None
         self._prefetch = 0
 
-    # the broker's own event loop
-
-    def _submit(self, coroutine: Awaitable[T]) -> concurrent.futures.Future[T]:
-        """Start a coroutine on the broker's event-loop thread (started on first use)."""
-        if self._attached and threading.get_ident() == self._attached:
-            _close(coroutine)
-            raise RuntimeError(
-                "a blocking RabbitMQ call on the worker's own event loop would wait forever"
-            )
-        with self._lock:
-            if self._loop is None:
-                loop = asyncio.new_event_loop()
-                thread = threading.Thread(
-                    target=loop.run_forever, name="conveyor-amqp", daemon=True
-                )
-                thread.start()
-                self._loop, self._thread = loop, thread
-                # Dropped without close(), the broker still closes its connection and thread.
-                self._finalizer = weakref.finalize(self, _close_dropped, loop, thread, self._held)
-                self._finalizer.atexit = False
-            loop = self._loop
-        return asyncio.run_coroutine_threadsafe(_as_coroutine(coroutine), loop)
+    # the loop the connection lives on (`_bridge`)
 
     def _run(self, coroutine: Awaitable[T], timeout: float = CALL_TIMEOUT_S) -> T:
-        """Run a coroutine on the broker's thread and wait for it, from any other thread."""
-        future = self._submit(coroutine)
+        """Run a coroutine on the connection's loop and wait for it, from any other thread."""
         with self._errors():
-            try:
-                return future.result(timeout)
-            except TimeoutError:
-                future.cancel()
-                raise
+            return self._bridge.run(coroutine, timeout)
 
     async def _run_async(self, coroutine: Awaitable[T], timeout: float = CALL_TIMEOUT_S) -> T:
         """`_run` for a caller on another event loop: it awaits instead of blocking a thread."""
-        future = asyncio.wrap_future(self._submit(coroutine))
         with self._errors():
-            try:
-                return await asyncio.wait_for(future, timeout)
-            except TimeoutError:
-                future.cancel()
-                raise
+            return await self._bridge.run_async(coroutine, timeout)
 
     @contextlib.contextmanager
     def _errors(self) -> Iterator[None]:
@@ -256,7 +177,7 @@ class RabbitMQBroker(Broker):
                     # A failure is reported in the BrokerError below, not also by aiormq.
                     with _aiormq_logs.quiet_connect(), _aiormq.fast_frames():
                         connection = await aiormq.connect(url)
-                    self._connection = self._held.connection = connection
+                    self._connection = self._bridge.held.connection = connection
                 except (OSError, aiormq.exceptions.AMQPError) as exc:
                     raise BrokerError(
                         f"cannot connect to RabbitMQ at {self.display_url}: {redact_text(str(exc))}"
@@ -293,7 +214,7 @@ class RabbitMQBroker(Broker):
         self._replies = callback
         if first and self._channel is not None and not self._channel.is_closed:
             channel = self._channel
-            if self._blocked():
+            if self._bridge.blocked():
                 raise ConfigurationError("rpc:// results cannot start on the worker's own loop")
             self._run(self._consume_replies(channel))
         return REPLY_TO
@@ -303,7 +224,7 @@ class RabbitMQBroker(Broker):
         that is gone took its interest with it)."""
         if not replies:
             return
-        if self._blocked():
+        if self._bridge.blocked():
             self._beside().reply(replies)
         else:
             self._run(self._reply(replies))
@@ -352,10 +273,9 @@ class RabbitMQBroker(Broker):
 
     def attach(self, loop: asyncio.AbstractEventLoop) -> bool:
         """Run on the worker's event loop from now on, with a connection of its own."""
-        if self._loop is not None:
+        if self._bridge.loop is not None:
             self.close()  # used from this process before the worker started: let that go
-        with self._lock:
-            self._loop, self._attached = loop, threading.get_ident()
+        self._bridge.attach(loop)
         return True
 
     async def detach(self) -> None:
@@ -382,10 +302,6 @@ class RabbitMQBroker(Broker):
         waiting, self._inbox = list(self._inbox), collections.deque()
         if waiting:
             await self._requeue(waiting, 0.0, count_delivery=False)
-
-    def _blocked(self) -> bool:
-        """True on the attached worker loop's own thread, where blocking calls cannot wait."""
-        return bool(self._attached) and threading.get_ident() == self._attached
 
     def _beside(self) -> RabbitMQBroker:
         """A broker with its own thread and connection, for blocking calls made on the worker's
@@ -464,7 +380,7 @@ class RabbitMQBroker(Broker):
 
     def publish(self, messages: Sequence[Outgoing]) -> None:
         """Publish persistent, mandatory messages and wait for every confirm."""
-        if self._blocked():
+        if self._bridge.blocked():
             self._beside().publish(messages)
         elif messages:
             self._run(self._publish(messages))
@@ -473,7 +389,7 @@ class RabbitMQBroker(Broker):
         """`publish` for asyncio producers: thousands of calls can wait for confirms at once."""
         if not messages:
             return
-        if self._attached and self._loop is asyncio.get_running_loop():
+        if self._bridge.attached and self._bridge.loop is asyncio.get_running_loop():
             with self._errors():
                 await self._publish(messages)
         else:
@@ -533,12 +449,12 @@ class RabbitMQBroker(Broker):
         if channel is None or channel.is_closed:
             return
         update = channel.basic_qos(prefetch_count=slots, global_=True)
-        if self._attached and threading.get_ident() == self._attached:
+        if self._bridge.blocked():
             task = asyncio.get_running_loop().create_task(update)
             self._receiving.add(task)  # a strong reference until it is done
             task.add_done_callback(self._receiving.discard)
         else:
-            self._submit(update)
+            self._bridge.submit(update)
 
     async def _consume(self, queues: Sequence[str], prefetch: int) -> None:
         channel = await self._chan()
@@ -758,7 +674,7 @@ class RabbitMQBroker(Broker):
 
     def stats(self, queues: Sequence[str] | None = None) -> list[QueueStats]:
         """Ready, delayed and dead counts (RabbitMQ does not report unacknowledged ones here)."""
-        if self._blocked():
+        if self._bridge.blocked():
             return self._beside().stats(queues)
         names = sorted(self._declared if queues is None else queues)
         return self._run(self._stats(names))
@@ -780,7 +696,7 @@ class RabbitMQBroker(Broker):
 
     def purge(self, queue: str, *, dead: bool = False) -> int:
         """Delete a queue's waiting and delayed messages, or its dead letters."""
-        if self._blocked():
+        if self._bridge.blocked():
             return self._beside().purge(queue, dead=dead)
         return self._run(self._purge(queue, dead))
 
@@ -797,7 +713,7 @@ class RabbitMQBroker(Broker):
 
     def dead_letters(self, queue: str, limit: int = 100) -> list[DeadLetter]:
         """Look at up to `limit` dead letters without removing them."""
-        if self._blocked():
+        if self._bridge.blocked():
             return self._beside().dead_letters(queue, limit)
         return self._run(self._dead_letters(queue, limit))
 
@@ -826,7 +742,7 @@ class RabbitMQBroker(Broker):
     ) -> int:
         """Publish the selected dead letters back to the queue as new messages, each confirmed
         by RabbitMQ before its dead letter is acknowledged (removed)."""
-        if self._blocked():
+        if self._bridge.blocked():
             return self._beside().requeue_dead(queue, select, progress=progress)
         # A channel of its own: dead letters not selected stay unacknowledged on it, so the
         # next get moves on, and go back to `Q.dead` in their places when it closes.
@@ -876,7 +792,7 @@ class RabbitMQBroker(Broker):
 
     def exists(self, queue: str) -> bool:
         """True when RabbitMQ has the queue (a passive declare: nothing is created)."""
-        if self._blocked():
+        if self._bridge.blocked():
             return self._beside().exists(queue)
         return self._run(self._exists(queue))
 
@@ -898,11 +814,11 @@ class RabbitMQBroker(Broker):
         if self._side is not None:
             self._side.close()
             self._side = None
-        loop = self._loop
+        loop = self._bridge.loop
         if loop is None:
             return
-        if self._attached:  # the loop is the worker's: only the connection is ours
-            if not self._blocked() and loop.is_running():
+        if self._bridge.attached:  # the loop is the worker's: only the connection is ours
+            if not self._bridge.blocked() and loop.is_running():
                 with contextlib.suppress(Exception):
                     self._run(self._shut(), timeout=25)
             self._reset()
@@ -910,11 +826,7 @@ class RabbitMQBroker(Broker):
         if not loop.is_closed():
             with contextlib.suppress(Exception):
                 self._run(self._shut(), timeout=25)
-        loop.call_soon_threadsafe(loop.stop)
-        if self._thread is not None:
-            self._thread.join(5)
-        if not loop.is_running():
-            loop.close()
+        self._bridge.stop()
         self._reset()
 
 
@@ -1126,18 +1038,8 @@ def _retrieve(future: asyncio.Future[Any]) -> None:
         future.exception()
 
 
-def _close(coroutine: Awaitable[Any]) -> None:
-    """Discard a coroutine that will never run (without a "never awaited" warning)."""
-    if isinstance(coroutine, Coroutine):
-        coroutine.close()
-
-
 def _current_task() -> asyncio.Task[Any] | None:
     try:
         return asyncio.current_task()
     except RuntimeError:  # no event loop in this thread
         return None
-
-
-async def _as_coroutine(awaitable: Awaitable[T]) -> T:
-    return await awaitable
