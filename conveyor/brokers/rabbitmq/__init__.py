@@ -26,18 +26,14 @@ changes in aiormq's logging and pamqp's decoding).
 """
 
 from conveyor.brokers.rabbitmq._broker import (
-    BUCKETS_MS,
     CALL_TIMEOUT_S,
     CHUNK,
     CONFIRM_TIMEOUT_S,
     CONTENT_TYPE,
-    DEAD_EXCHANGE,
     DELIVERIES,
     DIED_AT,
-    EXCHANGE,
     LOST,
     MAX_COUNT,
-    QUEUE_TYPES,
     REASON,
     REPLY_TO,
     REQUEUE_BATCH,
@@ -45,6 +41,7 @@ from conveyor.brokers.rabbitmq._broker import (
     WINDOW,
     RabbitMQBroker,
 )
+from conveyor.brokers.rabbitmq._topology import BUCKETS_MS, DEAD_EXCHANGE, EXCHANGE, QUEUE_TYPES
 
 __all__ = [
     "BUCKETS_MS",

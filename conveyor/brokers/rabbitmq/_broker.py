@@ -11,7 +11,6 @@ import concurrent.futures
 import contextlib
 import logging
 import random
-import re
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterator, Sequence
 from typing import Any, TypeVar
@@ -29,6 +28,16 @@ from conveyor.brokers.base import Broker, DeadLetter, Delivery, Outgoing, QueueS
 from conveyor.brokers.rabbitmq import _aiormq, _aiormq_logs
 from conveyor.brokers.rabbitmq._bridge import Bridge
 from conveyor.brokers.rabbitmq._pamqp_text import has_raw_text, install
+from conveyor.brokers.rabbitmq._topology import (
+    BUCKETS_MS,
+    DEAD_EXCHANGE,
+    EXCHANGE,
+    QUEUE_TYPES,
+    bucket,
+    dead_queue,
+    declare,
+    delay_queue,
+)
 from conveyor.errors import BrokerError, ConfigurationError, PublishError
 from conveyor.reasons import DeadLetterReason as Why
 from conveyor.redact import redact_text, redact_url
@@ -37,14 +46,10 @@ from conveyor.signing import PREFIX as SIGNED_PREFIX
 T = TypeVar("T")
 REPLY_TO = "amq.rabbitmq.reply-to"  # RabbitMQ's direct reply-to pseudo-queue
 
-EXCHANGE = "conveyor"
-DEAD_EXCHANGE = "conveyor.dead"
 REASON = "x-conveyor-reason"
 DELIVERIES = "x-conveyor-deliveries"
 LOST = "x-conveyor-lost"
 DIED_AT = "x-conveyor-died-at"
-# Delay buckets in milliseconds: 250 ms doubling to about 36 hours.
-BUCKETS_MS: tuple[int, ...] = tuple(250 << k for k in range(20))
 CONFIRM_TIMEOUT_S = 30.0
 # The highest delivery count read from a header (a count is never near it; see `_int`).
 MAX_COUNT = 1_000_000
@@ -57,8 +62,6 @@ CHUNK = 256
 WINDOW = 4096
 # Dead letters a requeue gets, then publishes together, at a time.
 REQUEUE_BATCH = 500
-
-QUEUE_TYPES = ("classic", "quorum")
 
 log = logging.getLogger("conveyor.worker")
 install()
@@ -236,37 +239,15 @@ class RabbitMQBroker(Broker):
 
     async def _declare(self, queue: str) -> aiormq.abc.AbstractChannel:
         channel = await self._chan()
-        if queue in self._declared:
-            return channel
-        await channel.exchange_declare(EXCHANGE, exchange_type="direct", durable=True)
-        await channel.exchange_declare(DEAD_EXCHANGE, exchange_type="direct", durable=True)
-        arguments: dict[str, Any] = {"x-dead-letter-exchange": DEAD_EXCHANGE}
-        dead_arguments: dict[str, Any] = {}
-        if self.queue_type == "quorum":
-            # RabbitMQ's own limit is a backstop one past the worker's, which dead-letters
-            # with a reason first.
-            arguments["x-queue-type"] = dead_arguments["x-queue-type"] = "quorum"
-            arguments["x-delivery-limit"] = self.delivery_limit + 1
-        elif self.max_priority:
-            arguments["x-max-priority"] = self.max_priority
-        try:
-            await channel.queue_declare(queue, durable=True, arguments=arguments)
-            await channel.queue_declare(f"{queue}.dead", durable=True, arguments=dead_arguments)
-        except aiormq.exceptions.ChannelPreconditionFailed as exc:
-            raise ConfigurationError(_mismatch(queue, exc, arguments)) from None
-        await channel.queue_bind(queue, EXCHANGE, routing_key=queue)
-        await channel.queue_bind(f"{queue}.dead", DEAD_EXCHANGE, routing_key=queue)
-        for ms in BUCKETS_MS:
-            await channel.queue_declare(
-                f"{queue}.delay.{ms}",
-                durable=True,
-                arguments={
-                    "x-message-ttl": ms,
-                    "x-dead-letter-exchange": EXCHANGE,
-                    "x-dead-letter-routing-key": queue,
-                },
+        if queue not in self._declared:
+            await declare(
+                channel,
+                queue,
+                queue_type=self.queue_type,
+                max_priority=self.max_priority,
+                delivery_limit=self.delivery_limit,
             )
-        self._declared.add(queue)
+            self._declared.add(queue)
         return channel
 
     # on the worker's event loop
@@ -407,7 +388,7 @@ class RabbitMQBroker(Broker):
             delay = 0.0 if message.deliver_at is None else message.deliver_at - now
             exchange, key = (EXCHANGE, message.queue)
             if delay > 0:
-                exchange, key = "", f"{message.queue}.delay.{_bucket(delay)}"
+                exchange, key = "", delay_queue(message.queue, bucket(delay))
             properties = Basic.Properties(
                 delivery_mode=2,
                 priority=min(message.priority, self.max_priority) if self.max_priority else None,
@@ -688,10 +669,10 @@ class RabbitMQBroker(Broker):
                 ok = await channel.queue_declare(name, passive=True)
                 return int(ok.message_count or 0)
 
-            delayed = [await depth(f"{queue}.delay.{ms}") for ms in BUCKETS_MS]
-            out.append(
-                QueueStats(queue, await depth(queue), sum(delayed), 0, await depth(f"{queue}.dead"))
-            )
+            delayed = [await depth(delay_queue(queue, ms)) for ms in BUCKETS_MS]
+            ready = await depth(queue)
+            dead = await depth(dead_queue(queue))
+            out.append(QueueStats(queue, ready, sum(delayed), 0, dead))
         return out
 
     def purge(self, queue: str, *, dead: bool = False) -> int:
@@ -703,7 +684,7 @@ class RabbitMQBroker(Broker):
     async def _purge(self, queue: str, dead: bool) -> int:
         channel = await self._declare(queue)
         names = (
-            [f"{queue}.dead"] if dead else [queue, *(f"{queue}.delay.{ms}" for ms in BUCKETS_MS)]
+            [dead_queue(queue)] if dead else [queue, *(delay_queue(queue, ms) for ms in BUCKETS_MS)]
         )
         total = 0
         for name in names:
@@ -725,7 +706,7 @@ class RabbitMQBroker(Broker):
         out = []
         try:
             for _ in range(limit):
-                message = await channel.basic_get(f"{queue}.dead")
+                message = await channel.basic_get(dead_queue(queue))
                 if message.delivery_tag is None:
                     break
                 out.append(_letter(queue, message))
@@ -777,7 +758,7 @@ class RabbitMQBroker(Broker):
         chosen: list[tuple[int, DeadLetter]] = []
         more = True
         for _ in range(REQUEUE_BATCH):
-            message = await getter.basic_get(f"{queue}.dead")
+            message = await getter.basic_get(dead_queue(queue))
             if message.delivery_tag is None:
                 more = False
                 break
@@ -941,39 +922,6 @@ def _why(result: object) -> str:
     return redact_text(str(result))
 
 
-def _mismatch(queue: str, exc: BaseException, wanted: dict[str, Any]) -> str:
-    """Say which queue argument differs from what exists, and how to fix it."""
-    text = redact_text(str(exc))
-    # RabbitMQ says e.g. "inequivalent arg 'x-max-priority' for queue 'q' in vhost '/':
-    # received '9' but current is '3'" (or "the value '9' of type 'byte'", or "none")
-    match = re.search(r"inequivalent arg '([^']+)'.*received (.+) but current is (.+)", text)
-    if match is None:
-        what = f"different arguments ({text})"
-    else:
-        name, received, current = match.groups()
-        what = f"{name} {_value(current)} where conveyor asks for {_value(received)}"
-    hint = {
-        "x-max-priority": "set queue_max_priority (CONVEYOR_QUEUE_MAX_PRIORITY) to match",
-        "x-queue-type": "set queue_type (CONVEYOR_QUEUE_TYPE) to match",
-        "x-delivery-limit": "it is 10 x poison_limit + 1: set poison_limit (CONVEYOR_POISON_LIMIT) "
-        "to match",
-    }.get(match.group(1) if match else "", "configure conveyor to match it")
-    return (
-        f"RabbitMQ queue {queue!r} exists with {what}: {hint}, or delete the queue "
-        f"(and its messages) so conveyor declares it with {_arguments(wanted)}"
-    )
-
-
-def _value(text: str) -> str:
-    """`'9'` or `the value '9' of type 'byte'` as `9`, and `none` as `not set`."""
-    found = re.match(r"(?:the value )?'([^']*)'", text.strip())
-    return found.group(1) if found else "not set"
-
-
-def _arguments(arguments: dict[str, Any]) -> str:
-    return ", ".join(f"{k}={v}" for k, v in sorted(arguments.items()))
-
-
 def _letter(queue: str, message: aiormq.abc.DeliveredMessage) -> DeadLetter:
     """A dead letter of `queue` as read from `Q.dead`, reason and counts from its headers."""
     properties = message.header.properties
@@ -992,13 +940,6 @@ def _letter(queue: str, message: aiormq.abc.DeliveredMessage) -> DeadLetter:
 async def _close_channel(channel: aiormq.abc.AbstractChannel) -> None:
     if not channel.is_closed:
         await channel.close()
-
-
-def _bucket(delay: float) -> int:
-    """The longest delay bucket not longer than `delay` (the shortest, for shorter delays)."""
-    ms = delay * 1000
-    fitting = [b for b in BUCKETS_MS if b <= ms]
-    return fitting[-1] if fitting else BUCKETS_MS[0]
 
 
 def _int(value: object) -> int:
