@@ -27,8 +27,6 @@ changes in aiormq's logging and pamqp's decoding).
 
 from conveyor.brokers.rabbitmq._broker import (
     CALL_TIMEOUT_S,
-    CHUNK,
-    CONFIRM_TIMEOUT_S,
     CONTENT_TYPE,
     DELIVERIES,
     DIED_AT,
@@ -38,9 +36,9 @@ from conveyor.brokers.rabbitmq._broker import (
     REPLY_TO,
     REQUEUE_BATCH,
     SIGNED_CONTENT_TYPE,
-    WINDOW,
     RabbitMQBroker,
 )
+from conveyor.brokers.rabbitmq._confirms import CHUNK, CONFIRM_TIMEOUT_S, WINDOW
 from conveyor.brokers.rabbitmq._topology import BUCKETS_MS, DEAD_EXCHANGE, EXCHANGE, QUEUE_TYPES
 
 __all__ = [

@@ -10,7 +10,6 @@ import collections
 import concurrent.futures
 import contextlib
 import logging
-import random
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterator, Sequence
 from typing import Any, TypeVar
@@ -19,7 +18,6 @@ from urllib.parse import urlsplit
 import aiormq
 import aiormq.abc
 from aiormq.abc import ChannelFrame
-from pamqp.body import ContentBody
 from pamqp.commands import Basic
 from pamqp.frame import marshal as _frame
 from pamqp.header import ContentHeader
@@ -27,6 +25,7 @@ from pamqp.header import ContentHeader
 from conveyor.brokers.base import Broker, DeadLetter, Delivery, Outgoing, QueueStats, connects
 from conveyor.brokers.rabbitmq import _aiormq, _aiormq_logs
 from conveyor.brokers.rabbitmq._bridge import Bridge
+from conveyor.brokers.rabbitmq._confirms import CONFIRM_TIMEOUT_S, send
 from conveyor.brokers.rabbitmq._pamqp_text import has_raw_text, install
 from conveyor.brokers.rabbitmq._topology import (
     BUCKETS_MS,
@@ -38,7 +37,7 @@ from conveyor.brokers.rabbitmq._topology import (
     declare,
     delay_queue,
 )
-from conveyor.errors import BrokerError, ConfigurationError, PublishError
+from conveyor.errors import BrokerError, ConfigurationError
 from conveyor.reasons import DeadLetterReason as Why
 from conveyor.redact import redact_text, redact_url
 from conveyor.signing import PREFIX as SIGNED_PREFIX
@@ -50,16 +49,12 @@ REASON = "x-conveyor-reason"
 DELIVERIES = "x-conveyor-deliveries"
 LOST = "x-conveyor-lost"
 DIED_AT = "x-conveyor-died-at"
-CONFIRM_TIMEOUT_S = 30.0
 # The highest delivery count read from a header (a count is never near it; see `_int`).
 MAX_COUNT = 1_000_000
 CONTENT_TYPE = "application/json"
 # A signed envelope (`conveyor.signing`): a signature line, then the JSON.
 SIGNED_CONTENT_TYPE = "application/vnd.conveyor.signed"
 CALL_TIMEOUT_S = 60.0
-# Publishing: messages whose frames are written in one go, and unconfirmed messages at most.
-CHUNK = 256
-WINDOW = 4096
 # Dead letters a requeue gets, then publishes together, at a time.
 REQUEUE_BATCH = 500
 
@@ -235,7 +230,7 @@ class RabbitMQBroker(Broker):
     async def _reply(self, replies: Sequence[tuple[str, bytes]]) -> None:
         channel = await self._chan()
         properties = Basic.Properties(content_type=CONTENT_TYPE)
-        await _send(channel, [("", to, body, properties) for to, body in replies], mandatory=False)
+        await send(channel, [("", to, body, properties) for to, body in replies], mandatory=False)
 
     async def _declare(self, queue: str) -> aiormq.abc.AbstractChannel:
         channel = await self._chan()
@@ -397,7 +392,7 @@ class RabbitMQBroker(Broker):
                 reply_to=message.reply_to,
             )
             items.append((exchange, key, message.body, properties))
-        await _send(channel, items)
+        await send(channel, items)
 
     # consumer side
 
@@ -648,7 +643,7 @@ class RabbitMQBroker(Broker):
             # The priority goes along, so that a requeue restores it.
             priority = delivery.priority or None
             properties = Basic.Properties(delivery_mode=2, headers=headers, priority=priority)
-            await _send(channel, [(DEAD_EXCHANGE, delivery.queue, delivery.body, properties)])
+            await send(channel, [(DEAD_EXCHANGE, delivery.queue, delivery.body, properties)])
             self._settle(channel, acks=[delivery.receipt[1]])
 
     # administration
@@ -811,117 +806,6 @@ class RabbitMQBroker(Broker):
         self._reset()
 
 
-async def _send(
-    channel: aiormq.abc.AbstractChannel,
-    items: Sequence[tuple[str, str, bytes, Basic.Properties]],
-    *,
-    mandatory: bool = True,
-) -> None:
-    """Publish messages (mandatory unless told) and wait until RabbitMQ confirmed every one.
-
-    `Channel.basic_publish` costs a task, a lock and a timeout per message; here the frames of
-    `CHUNK` messages are written in one go and up to `WINDOW` wait for their confirms at a time.
-    The channel's own confirm bookkeeping (delivery tags, `confirmations`, message ids for
-    returns) is kept as `basic_publish` keeps it, so acks, nacks and returns settle these
-    futures the same way; a channel that closes fails the chunks still waiting. That
-    bookkeeping is aiormq's, not its documented API: pyproject pins aiormq to 7.x, and the
-    RabbitMQ integration tests cover confirms, returns and closures.
-    """
-    assert isinstance(channel, aiormq.Channel)
-    loop = asyncio.get_running_loop()
-    in_flight: collections.deque[_Chunk] = collections.deque()
-    waiting = 0
-    method_frames: dict[tuple[str, str], bytes] = {}
-    try:
-        for start in range(0, len(items), CHUNK):
-            while in_flight and waiting + CHUNK > WINDOW:
-                waiting -= await _confirmed(channel, in_flight.popleft())
-            chunk = _Chunk(time.monotonic() + CONFIRM_TIMEOUT_S)
-            parts: list[bytes] = []
-            number = channel.number
-            size = channel.max_content_size
-            async with channel.lock:
-                for exchange, key, body, properties in items[start : start + CHUNK]:
-                    channel.delivery_tag += 1
-                    tag = channel.delivery_tag
-                    message_id = properties.message_id = f"{random.getrandbits(128):032x}"
-                    future = loop.create_future()
-                    channel.confirmations[tag] = future
-                    channel.message_id_delivery_tag[message_id] = tag
-                    chunk.sent.append((message_id, tag))
-                    chunk.futures.append(future)
-                    method = method_frames.get((exchange, key))
-                    if method is None:
-                        publish = Basic.Publish(
-                            exchange=exchange, routing_key=key, mandatory=mandatory
-                        )
-                        method = method_frames[exchange, key] = _frame(publish, number)
-                    parts.append(method)
-                    parts.append(_frame(ContentHeader(0, len(body), properties), number))
-                    for at in range(0, len(body), size):
-                        parts.append(_frame(ContentBody(body[at : at + size]), number))
-                await channel.write_queue.put(ChannelFrame(b"".join(parts), False))
-            in_flight.append(chunk)
-            waiting += len(chunk.futures)
-        while in_flight:
-            await _confirmed(channel, in_flight.popleft())
-    finally:
-        for chunk in in_flight:
-            chunk.abandon(channel)
-
-
-class _Chunk:
-    """Messages written together: their message ids, delivery tags and confirm futures."""
-
-    def __init__(self, deadline: float) -> None:
-        self.deadline = deadline
-        self.sent: list[tuple[str, int]] = []
-        self.futures: list[asyncio.Future[Any]] = []
-
-    def abandon(self, channel: aiormq.Channel) -> None:
-        """Stop waiting: a late confirm is then ignored, and the channel forgets the ids."""
-        for future in self.futures:
-            future.cancel()
-        for message_id, tag in self.sent:
-            if channel.message_id_delivery_tag.get(message_id) == tag:
-                del channel.message_id_delivery_tag[message_id]
-
-
-async def _confirmed(channel: aiormq.Channel, chunk: _Chunk) -> int:
-    """Wait for one chunk's confirms; raise `PublishError` for any message not confirmed."""
-    every = asyncio.gather(*chunk.futures, return_exceptions=True)
-    closing = channel.closing
-    try:
-        timeout = max(0.0, chunk.deadline - time.monotonic())
-        await asyncio.wait([every, closing], timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-        if not every.done():
-            if closing.done():
-                raise PublishError("the channel to RabbitMQ closed before it confirmed a message")
-            raise PublishError(
-                f"RabbitMQ did not confirm a message within {CONFIRM_TIMEOUT_S:.0f}s"
-            )
-        for result in every.result():
-            if not isinstance(result, Basic.Ack):
-                raise PublishError(f"RabbitMQ did not confirm a message: {_why(result)}")
-    finally:
-        closing.cancel()
-        every.cancel()
-        every.add_done_callback(_retrieve)
-        chunk.abandon(channel)
-    return len(chunk.futures)
-
-
-def _why(result: object) -> str:
-    """Why a publish was not confirmed, for an error message."""
-    if isinstance(result, aiormq.exceptions.PublishError):
-        return f"no queue is bound for it ({getattr(result.frame, 'reply_text', '')})"
-    if isinstance(result, Basic.Nack):
-        return "RabbitMQ answered with a nack"
-    if result is None:
-        return "the channel closed before the confirm arrived"
-    return redact_text(str(result))
-
-
 def _letter(queue: str, message: aiormq.abc.DeliveredMessage) -> DeadLetter:
     """A dead letter of `queue` as read from `Q.dead`, reason and counts from its headers."""
     properties = message.header.properties
@@ -971,12 +855,6 @@ def _log_failure(task: asyncio.Task[Any]) -> None:
     """Log what a background step of taking in a delivery raised (its message comes back)."""
     if not task.cancelled() and (exc := task.exception()) is not None:
         log.error("could not take in a delivery: %s", redact_text(str(exc)))
-
-
-def _retrieve(future: asyncio.Future[Any]) -> None:
-    """Read a future's outcome so asyncio does not log it as never retrieved."""
-    if not future.cancelled():
-        future.exception()
 
 
 def _current_task() -> asyncio.Task[Any] | None:
