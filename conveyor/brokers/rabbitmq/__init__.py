@@ -20,9 +20,11 @@ before it is handed out. Runs a worker saw die (`Delivery.lost`, which the poiso
 are counted in `x-conveyor-lost`: a message given back after such a run is published again
 with that header one higher, never nacked, since a nack could not carry the count.
 
-The package's parts: `_broker` (`RabbitMQBroker`), `_aiormq` (every use of aiormq's internals,
-in one file checked against one version), `_aiormq_logs` and `_pamqp_text` (what conveyor
-changes in aiormq's logging and pamqp's decoding).
+The parts: `_broker` (`RabbitMQBroker`: its calls, consuming and settling), `_bridge` (the
+event loop the connection lives on, and how calls from any thread reach it), `_topology` (what
+is declared, and the names it goes by), `_confirms` (publishing with confirms), `_aiormq`
+(every use of aiormq's internals, in one file checked against one aiormq version) and
+`_pamqp_text` (pamqp decoding text that is not UTF-8).
 """
 
 from conveyor.brokers.rabbitmq._broker import (

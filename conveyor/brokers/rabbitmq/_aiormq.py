@@ -1,9 +1,14 @@
-"""The consumer's hot path through aiormq's internals, in this one file (checked against 7.2.4).
+"""Every use conveyor makes of aiormq's internals, in this one file (checked against aiormq 7.2.4).
 
-aiormq hands each frame from its connection's reader task to the channel's frame queue, where the
-channel's own reader task assembles a message from three frames and starts a new asyncio task per
-message to call the consumer. At thousands of messages a second those hops are most of a worker's
-time on the broker. Two shortcuts, both behaving as aiormq does:
+Everywhere else conveyor uses aiormq's public face only: `connect`, a connection's `channel()`,
+a channel's AMQP methods (`basic_*`, `queue_*`, `exchange_*`, `close`) and `is_closed`, the
+types of `aiormq.abc` and `aiormq.exceptions`. An aiormq upgrade is checked here, part by part.
+
+Receiving (the consumer's hot path). aiormq hands each frame from its connection's reader task
+to the channel's frame queue, where the channel's own reader task assembles a message from three
+frames and starts a new asyncio task per message to call the consumer. At thousands of messages
+a second those hops are most of a worker's time on the broker. Two shortcuts, both behaving as
+aiormq does:
 
 - `InlineDeliveries` takes the frames of deliveries to chosen consumer tags off the channel's
   queue as the connection's reader puts them there, and calls a plain function with each whole
@@ -12,9 +17,33 @@ time on the broker. Two shortcuts, both behaving as aiormq does:
 - `FrameReceiver` reads a frame with two reads instead of three, without a lock or a buffer copy,
   for connections opened inside `fast_frames()`.
 
-An aiormq upgrade is checked here: `Channel.frames` (an asyncio.Queue that the connection's
-reader `put`s `(weight, frame)` into), `aiormq.connection.FrameReceiver` (built by `connect`) and
-the frame exceptions it raises.
+It relies on `Channel.frames` (an asyncio.Queue that the connection's reader `put`s `(weight,
+frame)` into), `aiormq.connection.FrameReceiver` (built by `connect`) and the frame exceptions it
+raises.
+
+Writing. Acks and published messages go to RabbitMQ as marshalled frames put straight on the
+connection's write queue (`Channel.write_queue`, `ChannelFrame`), not through `basic_ack` and
+`basic_publish`, which cost a task, a lock and a timeout per call. `write` and `write_nowait`
+do that; `framing` gives the channel number frames carry and `Channel.max_content_size`.
+
+Confirms. Published that way, a message is still confirmed through the channel's own
+bookkeeping, kept as `basic_publish` keeps it, so that acks, nacks and returns settle its future
+the same way: under `Channel.lock`, `Channel.delivery_tag` numbers messages,
+`Channel.confirmations` maps a tag to the future a confirm settles, and
+`Channel.message_id_delivery_tag` maps a message id to its tag for returns (`reserve_confirm`,
+`forget_confirms`). `Channel.closing` gives a new future per access, done when the channel
+closes, which its caller cancels (`closing`).
+
+Logging. aiormq logs a connect whose socket cannot be opened at ERROR, as `error when creating
+transport: <...>` from `Connection.connect` on the `aiormq.connection` logger, and then raises.
+conveyor turns that exception into one clear error (`cannot connect to RabbitMQ at ...: ...`).
+Where the program configured no logging (the `conveyor` command, most scripts), Python's
+last-resort handler would print aiormq's record bare on stderr: a second line, without context,
+beside it. `quiet_connect()` marks conveyor's own connects. While it is active (a context
+variable, so only the coroutine that connects and the tasks it starts see it), records emitted
+by aiormq's `Connection.connect` itself are dropped: what they say reaches the user in
+conveyor's error. Every other aiormq record, and aiormq's records about connections the user's
+own code opens, pass as before.
 """
 
 from __future__ import annotations
@@ -23,12 +52,15 @@ import asyncio
 import contextlib
 import logging
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Coroutine, Iterable, Iterator, Sequence
+from contextvars import ContextVar
 from typing import Any
 
 import aiormq
+import aiormq.abc
 import aiormq.connection
 import pamqp.frame
+from aiormq.abc import ChannelFrame
 from aiormq.exceptions import AMQPConnectionError, InvalidFrameError
 from pamqp.body import ContentBody
 from pamqp.commands import Basic
@@ -40,6 +72,9 @@ log = logging.getLogger("conveyor.brokers.rabbitmq")
 OnMessage = Callable[[Basic.Deliver, ContentHeader, bytes], None]
 
 _HEADER_SIZE = 7  # frame type, channel, payload size; the payload and a frame-end byte follow
+
+
+# receiving
 
 
 class InlineDeliveries:
@@ -143,3 +178,111 @@ def fast_frames() -> Iterator[None]:
         yield
     finally:
         aiormq.connection.FrameReceiver = original  # type: ignore[misc]
+
+
+# connecting
+
+#: The logger aiormq's connection module logs to, and the function whose records are dropped.
+_LOGGER = "aiormq.connection"
+_FUNCTION = "connect"
+
+_connecting: ContextVar[bool] = ContextVar("conveyor_amqp_connecting", default=False)
+
+
+async def connect(url: str) -> aiormq.abc.AbstractConnection:
+    """`aiormq.connect`, reading frames with `FrameReceiver`; aiormq's record of a failure is
+    dropped (conveyor's own error says what it would)."""
+    with quiet_connect(), fast_frames():
+        return await aiormq.connect(url)
+
+
+class _OwnConnect(logging.Filter):
+    """Drops the records of `Connection.connect` made while conveyor connects."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (_connecting.get() and record.funcName == _FUNCTION)
+
+
+_filter = _OwnConnect()
+
+
+def install_log_filter() -> None:
+    """Add the filter to aiormq's connection logger (once; it does nothing outside
+    `quiet_connect`)."""
+    logger = logging.getLogger(_LOGGER)
+    if _filter not in logger.filters:
+        logger.addFilter(_filter)
+
+
+@contextlib.contextmanager
+def quiet_connect() -> Iterator[None]:
+    """Around conveyor's own `aiormq.connect`, whose failures conveyor reports itself."""
+    token = _connecting.set(True)
+    try:
+        yield
+    finally:
+        _connecting.reset(token)
+
+
+# writing
+
+
+def framing(channel: aiormq.Channel) -> tuple[int, int]:
+    """The channel's number, which its frames carry, and the most body bytes one frame holds."""
+    return channel.number, channel.max_content_size
+
+
+async def write(channel: aiormq.Channel, data: bytes) -> None:
+    """Queue marshalled frames for the connection's writer, waiting while its buffer is full."""
+    await channel.write_queue.put(ChannelFrame(data, False))
+
+
+def write_nowait(
+    channel: aiormq.abc.AbstractChannel, frames: Sequence[pamqp.frame.FrameTypes]
+) -> Coroutine[Any, Any, None] | None:
+    """Queue `frames` for the connection's writer at once, in one write.
+
+    When its buffer is full, nothing is queued: the coroutine returned queues them once there is
+    room, for the caller to run.
+    """
+    assert isinstance(channel, aiormq.Channel)
+    number = channel.number
+    frame = ChannelFrame(b"".join([pamqp.frame.marshal(f, number) for f in frames]), False)
+    try:
+        channel.write_queue.put_nowait(frame)
+    except asyncio.QueueFull:
+        return channel.write_queue.put(frame)
+    return None
+
+
+# confirms
+
+
+def lock(channel: aiormq.Channel) -> contextlib.AbstractAsyncContextManager[None]:
+    """The channel's lock, held while messages are numbered and written (as `basic_publish`
+    holds it); entering it raises `ChannelInvalidStateError` on a closed channel."""
+    return channel.lock
+
+
+def reserve_confirm(channel: aiormq.Channel, message_id: str) -> tuple[int, asyncio.Future[Any]]:
+    """Number the channel's next published message and register the future that its confirm
+    (an ack or nack) or its return settles; under `lock`, before its frames are written."""
+    channel.delivery_tag += 1
+    tag = channel.delivery_tag
+    future = asyncio.get_running_loop().create_future()
+    channel.confirmations[tag] = future
+    channel.message_id_delivery_tag[message_id] = tag
+    return tag, future
+
+
+def forget_confirms(channel: aiormq.Channel, sent: Iterable[tuple[str, int]]) -> None:
+    """Drop the message ids of messages no longer waited for (a late confirm is then ignored)."""
+    ids = channel.message_id_delivery_tag
+    for message_id, tag in sent:
+        if ids.get(message_id) == tag:
+            del ids[message_id]
+
+
+def closing(channel: aiormq.Channel) -> asyncio.Future[Any]:
+    """A future done when the channel closes; cancel it once no longer needed."""
+    return channel.closing

@@ -17,13 +17,11 @@ from urllib.parse import urlsplit
 
 import aiormq
 import aiormq.abc
-from aiormq.abc import ChannelFrame
 from pamqp.commands import Basic
-from pamqp.frame import marshal as _frame
 from pamqp.header import ContentHeader
 
 from conveyor.brokers.base import Broker, DeadLetter, Delivery, Outgoing, QueueStats, connects
-from conveyor.brokers.rabbitmq import _aiormq, _aiormq_logs
+from conveyor.brokers.rabbitmq import _aiormq
 from conveyor.brokers.rabbitmq._bridge import Bridge
 from conveyor.brokers.rabbitmq._confirms import CONFIRM_TIMEOUT_S, send
 from conveyor.brokers.rabbitmq._pamqp_text import has_raw_text, install
@@ -60,7 +58,7 @@ REQUEUE_BATCH = 500
 
 log = logging.getLogger("conveyor.worker")
 install()
-_aiormq_logs.install()
+_aiormq.install_log_filter()
 
 
 class RabbitMQBroker(Broker):
@@ -173,8 +171,7 @@ class RabbitMQBroker(Broker):
                     url += ("&" if "?" in url else "?") + "heartbeat=30"
                 try:
                     # A failure is reported in the BrokerError below, not also by aiormq.
-                    with _aiormq_logs.quiet_connect(), _aiormq.fast_frames():
-                        connection = await aiormq.connect(url)
+                    connection = await _aiormq.connect(url)
                     self._connection = self._bridge.held.connection = connection
                 except (OSError, aiormq.exceptions.AMQPError) as exc:
                     raise BrokerError(
@@ -573,8 +570,7 @@ class RabbitMQBroker(Broker):
         acknowledges every delivery up to its tag); the rest go one by one. Nothing awaits
         between choosing the tags and writing them, so no other settlement can interleave.
         """
-        assert isinstance(channel, aiormq.Channel)
-        frames: list[bytes] = []
+        frames: list[Basic.Ack] = []
         pending = set(acks)
         highest = None
         for tag in self._unsettled:  # oldest first
@@ -582,7 +578,7 @@ class RabbitMQBroker(Broker):
                 break
             highest = tag
         if highest is not None:
-            frames.append(_frame(Basic.Ack(highest, multiple=True), channel.number))
+            frames.append(Basic.Ack(highest, multiple=True))
             while self._unsettled:
                 tag = next(iter(self._unsettled))
                 if tag > highest:
@@ -590,18 +586,17 @@ class RabbitMQBroker(Broker):
                 del self._unsettled[tag]
                 pending.discard(tag)
         for tag in sorted(pending):
-            frames.append(_frame(Basic.Ack(tag), channel.number))
+            frames.append(Basic.Ack(tag))
             self._unsettled.pop(tag, None)
-        if frames:
-            frame = ChannelFrame(b"".join(frames), False)
-            try:
-                channel.write_queue.put_nowait(frame)
-            except asyncio.QueueFull:
-                # The connection's write buffer is full: the frame waits its turn. The tags are
-                # settled in this one frame only, so its order among others does not matter.
-                task = asyncio.get_running_loop().create_task(channel.write_queue.put(frame))
-                self._receiving.add(task)
-                task.add_done_callback(self._receiving.discard)
+        if not frames:
+            return
+        waiting = _aiormq.write_nowait(channel, frames)
+        if waiting is not None:
+            # The connection's write buffer is full: the frames wait their turn. The tags are
+            # settled in this one write only, so its order among others does not matter.
+            task = asyncio.get_running_loop().create_task(waiting)
+            self._receiving.add(task)
+            task.add_done_callback(self._receiving.discard)
 
     def requeue(
         self, deliveries: Sequence[Delivery], *, delay: float = 0.0, count_delivery: bool = True

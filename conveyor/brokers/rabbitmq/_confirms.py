@@ -16,12 +16,12 @@ from typing import Any
 
 import aiormq
 import aiormq.abc
-from aiormq.abc import ChannelFrame
 from pamqp.body import ContentBody
 from pamqp.commands import Basic
 from pamqp.frame import marshal as _frame
 from pamqp.header import ContentHeader
 
+from conveyor.brokers.rabbitmq import _aiormq
 from conveyor.errors import PublishError
 from conveyor.redact import redact_text
 
@@ -41,14 +41,11 @@ async def send(
 
     `Channel.basic_publish` costs a task, a lock and a timeout per message; here the frames of
     `CHUNK` messages are written in one go and up to `WINDOW` wait for their confirms at a time.
-    The channel's own confirm bookkeeping (delivery tags, `confirmations`, message ids for
-    returns) is kept as `basic_publish` keeps it, so acks, nacks and returns settle these
-    futures the same way; a channel that closes fails the chunks still waiting. That
-    bookkeeping is aiormq's, not its documented API: pyproject pins aiormq to 7.x, and the
-    RabbitMQ integration tests cover confirms, returns and closures.
+    The channel's own confirm bookkeeping is kept as `basic_publish` keeps it (`_aiormq`), so
+    acks, nacks and returns settle these futures the same way; a channel that closes fails the
+    chunks still waiting. The RabbitMQ integration tests cover confirms, returns and closures.
     """
     assert isinstance(channel, aiormq.Channel)
-    loop = asyncio.get_running_loop()
     in_flight: collections.deque[_Chunk] = collections.deque()
     waiting = 0
     method_frames: dict[tuple[str, str], bytes] = {}
@@ -58,16 +55,11 @@ async def send(
                 waiting -= await _confirmed(channel, in_flight.popleft())
             chunk = _Chunk(time.monotonic() + CONFIRM_TIMEOUT_S)
             parts: list[bytes] = []
-            number = channel.number
-            size = channel.max_content_size
-            async with channel.lock:
+            number, size = _aiormq.framing(channel)
+            async with _aiormq.lock(channel):
                 for exchange, key, body, properties in items[start : start + CHUNK]:
-                    channel.delivery_tag += 1
-                    tag = channel.delivery_tag
                     message_id = properties.message_id = f"{random.getrandbits(128):032x}"
-                    future = loop.create_future()
-                    channel.confirmations[tag] = future
-                    channel.message_id_delivery_tag[message_id] = tag
+                    tag, future = _aiormq.reserve_confirm(channel, message_id)
                     chunk.sent.append((message_id, tag))
                     chunk.futures.append(future)
                     method = method_frames.get((exchange, key))
@@ -80,7 +72,7 @@ async def send(
                     parts.append(_frame(ContentHeader(0, len(body), properties), number))
                     for at in range(0, len(body), size):
                         parts.append(_frame(ContentBody(body[at : at + size]), number))
-                await channel.write_queue.put(ChannelFrame(b"".join(parts), False))
+                await _aiormq.write(channel, b"".join(parts))
             in_flight.append(chunk)
             waiting += len(chunk.futures)
         while in_flight:
@@ -102,15 +94,13 @@ class _Chunk:
         """Stop waiting: a late confirm is then ignored, and the channel forgets the ids."""
         for future in self.futures:
             future.cancel()
-        for message_id, tag in self.sent:
-            if channel.message_id_delivery_tag.get(message_id) == tag:
-                del channel.message_id_delivery_tag[message_id]
+        _aiormq.forget_confirms(channel, self.sent)
 
 
 async def _confirmed(channel: aiormq.Channel, chunk: _Chunk) -> int:
     """Wait for one chunk's confirms; raise `PublishError` for any message not confirmed."""
     every = asyncio.gather(*chunk.futures, return_exceptions=True)
-    closing = channel.closing
+    closing = _aiormq.closing(channel)
     try:
         timeout = max(0.0, chunk.deadline - time.monotonic())
         await asyncio.wait([every, closing], timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
