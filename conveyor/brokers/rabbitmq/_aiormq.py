@@ -264,15 +264,15 @@ def lock(channel: aiormq.Channel) -> contextlib.AbstractAsyncContextManager[None
     return channel.lock
 
 
-def reserve_confirm(channel: aiormq.Channel, message_id: str) -> tuple[int, asyncio.Future[Any]]:
-    """Number the channel's next published message and register the future that its confirm
-    (an ack or nack) or its return settles; under `lock`, before its frames are written."""
+def reserve_confirm(channel: aiormq.Channel, message_id: str, future: asyncio.Future[Any]) -> int:
+    """Number the channel's next published message, its delivery tag (returned), and register
+    `future` for its confirm (an ack or nack) or its return to settle; under `lock`, before the
+    message's frames are written."""
     channel.delivery_tag += 1
     tag = channel.delivery_tag
-    future = asyncio.get_running_loop().create_future()
     channel.confirmations[tag] = future
     channel.message_id_delivery_tag[message_id] = tag
-    return tag, future
+    return tag
 
 
 def forget_confirms(channel: aiormq.Channel, sent: Iterable[tuple[str, int]]) -> None:

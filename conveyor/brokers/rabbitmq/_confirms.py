@@ -46,6 +46,7 @@ async def send(
     chunks still waiting. The RabbitMQ integration tests cover confirms, returns and closures.
     """
     assert isinstance(channel, aiormq.Channel)
+    loop = asyncio.get_running_loop()
     in_flight: collections.deque[_Chunk] = collections.deque()
     waiting = 0
     method_frames: dict[tuple[str, str], bytes] = {}
@@ -59,7 +60,8 @@ async def send(
             async with _aiormq.lock(channel):
                 for exchange, key, body, properties in items[start : start + CHUNK]:
                     message_id = properties.message_id = f"{random.getrandbits(128):032x}"
-                    tag, future = _aiormq.reserve_confirm(channel, message_id)
+                    future = loop.create_future()
+                    tag = _aiormq.reserve_confirm(channel, message_id, future)
                     chunk.sent.append((message_id, tag))
                     chunk.futures.append(future)
                     method = method_frames.get((exchange, key))
