@@ -276,7 +276,7 @@ def reserve_confirm(channel: aiormq.Channel, message_id: str, future: asyncio.Fu
 
 
 def forget_confirms(channel: aiormq.Channel, sent: Iterable[tuple[str, int]]) -> None:
-    """Drop the message ids of messages no longer waited for (a late confirm is then ignored)."""
+    """Drop the message ids (which returns are matched by) of messages no longer waited for."""
     ids = channel.message_id_delivery_tag
     for message_id, tag in sent:
         if ids.get(message_id) == tag:
