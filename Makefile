@@ -3,7 +3,8 @@
 #   .venv-uv     uv itself, at the version pinned below (installed with pip, the one tool a new
 #                machine has)
 #   .venv        the package, its dependencies and the test/lint tools (uv.lock, group `dev`)
-#   .venv-bench  the package plus the peers it is benchmarked against (group `bench`, never in .venv)
+#   .venv-bench  the package plus the peers it is benchmarked against (group `bench`, never in .venv),
+#                with bytecode compiled at install as pip does, so memory is measured as users run
 #   .venv-latest the newest releases pyproject.toml allows, for `make test-latest` only
 PYTHON ?= python3
 UV_VERSION := 0.13.9
@@ -38,7 +39,7 @@ $(BIN)/.installed: pyproject.toml uv.lock | $(UV)
 
 $(BENCH_BIN)/.installed: pyproject.toml uv.lock | $(UV)
 	$(check_lock)
-	UV_PROJECT_ENVIRONMENT=$(BENCH_VENV) $(UV) sync --frozen --no-dev --group bench
+	UV_PROJECT_ENVIRONMENT=$(BENCH_VENV) $(UV) sync --frozen --no-dev --group bench --compile-bytecode
 	touch $@
 
 demo: $(BIN)/.installed
@@ -76,6 +77,7 @@ format: $(BIN)/.installed
 	$(BIN)/ruff check --fix conveyor tests bench examples .ci
 
 bench: $(BENCH_BIN)/.installed
+	$(BENCH_BIN)/python -m compileall -q conveyor  # the project's own bytecode, as pip writes it
 	$(BENCH_BIN)/python -m bench
 
 clean:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import logging
-import logging.config
 import sys
 from pathlib import Path
 
@@ -143,6 +142,10 @@ def _apply_config(path: str, *, shown: str) -> None:
     # dictConfig's own default (True) would silence every logger that exists already, conveyor's
     # and the app's, unless the file names it: a trap with no upside for a worker.
     value.setdefault("disable_existing_loggers", False)
+    # Imported here: it brings logging.handlers, socketserver and pickle, which a worker without
+    # --log-config never uses, and every process of a prefork pool would carry them.
+    import logging.config
+
     try:
         logging.config.dictConfig(value)
     except (ValueError, TypeError, AttributeError, ImportError) as exc:

@@ -5,7 +5,6 @@ Every setting has exactly one name. `CONVEYOR_VISIBILITY_TIMEOUT=30` sets `visib
 
 from __future__ import annotations
 
-import difflib
 import hmac
 import os
 import re
@@ -210,6 +209,8 @@ def parse_size(text: str) -> int:
 
 def unknown_name_message(key: str, known: tuple[str, ...], what: str) -> str:
     """An error message for an unknown name, with the closest known one when there is one."""
+    import difflib  # only ever needed for this error message
+
     close = difflib.get_close_matches(key, known, n=1)
     hint = f" (did you mean {close[0]!r}?)" if close else ""
     return f"unknown {what} {key!r}{hint}; known: {', '.join(sorted(known))}"

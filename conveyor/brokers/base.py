@@ -203,10 +203,10 @@ class Broker(abc.ABC):
         """`ack` on the attached loop's own thread, without waiting (frames queued at once)."""
         return self.ack(deliveries)
 
-    def take_nowait(self, limit: int) -> list[Delivery]:
+    def take_nowait(self, limit: int) -> list[Delivery] | None:
         """On the attached loop's thread: up to `limit` deliveries already pushed by the broker,
-        while consuming is under way (an empty list otherwise)."""
-        return []
+        while consuming is under way; None when it is not (a round must start it again)."""
+        return None
 
     async def requeue_async(
         self, deliveries: Sequence[Delivery], *, delay: float = 0.0, count_delivery: bool = True

@@ -149,7 +149,7 @@ class Consumer:
     ) -> None:
         self.app = app
         self.pool = pool
-        pool.on_ready = self._wake
+        pool.on_ready = self._on_ready
         self.queues = list(queues)
         self.stats = stats
         self.until_empty = until_empty
@@ -173,6 +173,7 @@ class Consumer:
         self._loop_thread = 0
         self._native = False
         self._started_on_arrival = 0
+        self._taking = False
         self._acking = False
         self._direct = pool.threaded and self.broker.local
 
@@ -223,15 +224,14 @@ class Consumer:
                 woken = await self._wait(LAZY_FLUSH_S if self._pending else None)
                 if woken or not self._pending:
                     continue
+            flowing = False
             if self.broker.local:
                 dispatched = self._cycle(free)
             else:
                 dispatched = await self._dispatch(await self._round(free))
-                if dispatched == 0 and self._started_on_arrival:
-                    # Work is flowing through `_arrived`: not a quiet queue to poll less often
-                    # (or to ask the broker for its depths).
-                    dispatched = self._started_on_arrival
-                self._started_on_arrival = 0
+                # Work flowing through `_take_arrivals` needs no rounds: the queue is not
+                # quiet (no drain check), and nothing is polled for until it stops.
+                flowing, self._started_on_arrival = self._started_on_arrival > 0, 0
             if failures and dispatched >= 0:
                 log.warning("the broker answers again after %d failed rounds", failures)
                 failures = 0
@@ -251,6 +251,9 @@ class Consumer:
                 log.error("retrying the broker in %.1fs (failure %d in a row)", delay, failures)
                 await asyncio.sleep(delay)
                 continue
+            elif flowing:
+                empty_since = math.inf
+                await self._wait(MAX_POLL_S)
             elif free > 0:
                 # Only once fetches kept coming back empty: asking a broker for its queue
                 # depths can cost milliseconds (RabbitMQ: a round trip per queue).
@@ -681,19 +684,44 @@ class Consumer:
                 self._wake()
 
     def _arrived(self) -> None:
-        """The broker pushed a message: start it now if a slot is free, else wake the loop."""
+        """The broker pushed a message: take what arrived in this loop turn at its end."""
+        if not self._on_loop():
+            self._wake()
+        elif not self._taking:
+            self._taking = True
+            assert self._loop is not None
+            self._loop.call_soon(self._take_arrivals)
+
+    def _on_ready(self) -> None:
+        """A child has room: take what waits in the broker's inbox, without a round."""
         if self._on_loop():
-            with self._lock:
-                free = self._free()
-                deliveries = self.broker.take_nowait(free) if free > 0 else []
-                if deliveries:
-                    jobs, early = self._admit_all(deliveries)
-                    if early:
-                        self._count_stale(len(early) - self.broker.ack_nowait(early))
-                    self._start(jobs)
-                    self._started_on_arrival += len(deliveries)
-                if not self._pending:
-                    return
+            self._arrived()
+        else:
+            self._wake()
+
+    def _take_arrivals(self) -> None:
+        """Start what the broker pushed, as far as slots are free; the rest waits there for
+        the next slot. Wakes the loop when something besides acks waits to be settled."""
+        with self._lock:
+            self._taking = False
+            free = self._free()
+            deliveries = self.broker.take_nowait(free) if free > 0 else []
+            if deliveries is None:  # not consuming: a round starts it (again)
+                self._wake()
+                return
+            if deliveries:
+                jobs, early = self._admit_all(deliveries)
+                if early:
+                    self._count_stale(len(early) - self.broker.ack_nowait(early))
+                self._start(jobs)
+                self.pool.flush()  # into the children now, not a loop turn later
+                self._started_on_arrival += len(deliveries)
+            pending = self._pending
+            settled_by_acks = not (
+                pending.records or pending.publish or pending.dead or pending.delay
+            )
+            if settled_by_acks and not pending.release and not self._stopping:
+                return
         self._wake()
 
     def _settle(self, job: Job, outcome: Outcome) -> None:

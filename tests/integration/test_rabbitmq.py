@@ -123,7 +123,7 @@ def test_a_broker_dropped_without_close_closes_its_connection_and_thread(queue: 
     before = inherited_connections(own_endpoints())
     dropped = RabbitMQBroker(URL)
     dropped.publish([Outgoing(queue, b"x")])
-    thread = dropped._thread
+    thread = dropped._bridge.thread
     assert thread is not None and thread.is_alive()
     del dropped
     gc.collect()

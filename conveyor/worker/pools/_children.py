@@ -23,6 +23,7 @@ reports their outcomes.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import selectors
 import signal
@@ -88,7 +89,7 @@ class Done(msgspec.Struct, array_like=True, tag=3):
         """The outcome this message carries."""
         value = None if self.value is None else msgspec.Raw(self.value)
         return Outcome(
-            Kind(self.kind),
+            _KINDS[self.kind],
             value,
             self.error_type,
             self.error_message,
@@ -101,6 +102,7 @@ class Done(msgspec.Struct, array_like=True, tag=3):
 
 
 Message = Run | Up | Done
+_KINDS = {kind.value: kind for kind in Kind}  # a dict lookup, not an Enum call, per outcome
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Message)
 
@@ -139,6 +141,7 @@ class Frames:
 def start_zygote(app: Conveyor, options: ChildOptions) -> tuple[int, socket.socket]:
     """Fork the zygote; the worker keeps the returned socket to it."""
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    trim_heap()
     pid = os.fork()
     if pid == 0:  # the zygote
         code = 0
@@ -152,6 +155,21 @@ def start_zygote(app: Conveyor, options: ChildOptions) -> tuple[int, socket.sock
             os._exit(code)
     theirs.close()
     return pid, ours
+
+
+def trim_heap() -> None:
+    """Hand the C allocator's free pages back to the kernel, before a fork.
+
+    Free pages in the heap are inherited by every process forked from this one, and each
+    process that reuses one then gets a copy of its own. There are megabytes of them after the
+    imports when modules were compiled from source (no cached bytecode). glibc's `malloc_trim`
+    releases them; elsewhere (musl) this does nothing.
+    """
+    try:
+        malloc_trim = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return
+    malloc_trim(0)
 
 
 class ZygoteSpec(msgspec.Struct, frozen=True):

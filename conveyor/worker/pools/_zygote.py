@@ -19,7 +19,7 @@ import msgspec  # noqa: E402
 
 from conveyor import log  # noqa: E402
 from conveyor.redact import redact_text  # noqa: E402
-from conveyor.worker.pools._children import ZygoteSpec, serve_zygote  # noqa: E402
+from conveyor.worker.pools._children import ZygoteSpec, serve_zygote, trim_heap  # noqa: E402
 
 #: The longest reason sent back: a packet, and a line in the worker's log.
 MAX_REASON = 2000
@@ -43,6 +43,7 @@ def main(argv: list[str]) -> int:
         reason = redact_text(f"{type(exc).__name__}: {exc}")[:MAX_REASON]
         control.send(b"E" + reason.encode(errors="replace"))
         return 1
+    trim_heap()  # what the imports freed is not handed down to every child
     control.send(b"R")
     serve_zygote(control, app, spec.options())
     return 0

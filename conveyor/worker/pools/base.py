@@ -66,6 +66,10 @@ class Pool(abc.ABC):
     def submit(self, job: Job, done: Done) -> None:
         """Start a job now; call `done(job, outcome)` on the event loop when it ends."""
 
+    def flush(self) -> None:  # noqa: B027
+        """Hand over now what `submit` gathered (a pool that writes jobs in batches, prefork,
+        otherwise does so at the end of the loop turn)."""
+
     @abc.abstractmethod
     async def stop(self) -> None:
         """Release the pool's workers; running jobs have already finished or been abandoned."""

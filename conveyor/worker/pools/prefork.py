@@ -87,6 +87,8 @@ MIN_BUDGET_S = 0.002
 #: The budget's ceiling, however far away the broker or busy the worker: a child holds at most
 #: this much queued work, and one task more.
 MAX_BUDGET_S = 0.02
+#: A lower capacity is told to the broker once it held this long (see `_capacity_changed`).
+SHRINK_AFTER_S = 0.02
 #: The most jobs written to one child at once.
 MAX_DEPTH = 32
 #: Each run of a task counts fully; older runs fade by this factor per run of the same task.
@@ -180,6 +182,7 @@ class PreforkPool(Pool):
         self._budget = MIN_BUDGET_S
         self._depth = 1
         self._reported = concurrency
+        self._shrink: asyncio.TimerHandle | None = None
         self._unflushed: set[_Child] = set()
         self._flushing = False
         self._clock = time.monotonic
@@ -206,12 +209,28 @@ class PreforkPool(Pool):
         return min(self.most, total)
 
     def _capacity_changed(self) -> None:
-        """Tell the consumer (and through it the broker's prefetch) when the capacity moved."""
+        """Tell the consumer (and through it the broker's prefetch) when the capacity moved.
+
+        A rise is told at once (an idle child may be waiting for it); a fall, which comes one
+        job at a time as held jobs drain, is told once it has settled for `SHRINK_AFTER_S`:
+        one prefetch change instead of one per finished job.
+        """
         capacity = self.capacity
-        if capacity != self._reported:
-            self._reported = capacity
-            if self.on_capacity is not None:
-                self.on_capacity()
+        if capacity > self._reported:
+            self._report(capacity)
+        elif capacity < self._reported and self._shrink is None and self._loop is not None:
+            self._shrink = self._loop.call_later(SHRINK_AFTER_S, self._shrink_now)
+
+    def _shrink_now(self) -> None:
+        self._shrink = None
+        capacity = self.capacity
+        if capacity < self._reported:
+            self._report(capacity)
+
+    def _report(self, capacity: int) -> None:
+        self._reported = capacity
+        if self.on_capacity is not None:
+            self.on_capacity()
 
     def free(self, running: int) -> int:
         """What the children can start now: never more work than that.
@@ -304,6 +323,9 @@ class PreforkPool(Pool):
         self._stopping = True
         self._backlog.clear()
         self._owed = 0
+        if self._shrink is not None:
+            self._shrink.cancel()
+            self._shrink = None
         if self._restart is not None:
             self._restart.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -394,6 +416,11 @@ class PreforkPool(Pool):
             assert self._loop is not None
             child.timer = self._loop.call_later(limit, self._overrun, child, job_id)
 
+    def flush(self) -> None:
+        """Write what was given so far, in one write per child (the consumer calls this after
+        starting what one loop turn brought, a turn before `_flush_all` would run)."""
+        self._flush_all()
+
     def _flush_all(self) -> None:
         """Write what this loop turn gave each child, in one write per pipe."""
         self._flushing = False
@@ -452,9 +479,13 @@ class PreforkPool(Pool):
         if not data:
             self._ended(child)
             return
-        for message in child.frames.feed(data):
+        messages = child.frames.feed(data)
+        last = len(messages) - 1
+        for n, message in enumerate(messages):
             if isinstance(message, Done):
-                self._finished(child, message)
+                # What one read brought is settled together: the child gets new work, and the
+                # capacity is checked, once, after its last outcome.
+                self._finished(child, message, n == last)
             elif isinstance(message, Up):
                 self._up(child, message.pid)
 
@@ -475,7 +506,7 @@ class PreforkPool(Pool):
         self._ready_children.append(child)
         self._ready(child)
 
-    def _finished(self, child: _Child, message: Done) -> None:
+    def _finished(self, child: _Child, message: Done, last: bool = True) -> None:
         entry = child.jobs.pop(message.job, None)
         if entry is None:
             return
@@ -499,9 +530,10 @@ class PreforkPool(Pool):
                 self._spawn()
         elif self._stopping and not self._backlog and not child.jobs:
             self._retire(child)
-        else:
+        elif last:
             self._ready(child)
-        self._capacity_changed()
+        if last:
+            self._capacity_changed()
         done(job, message.outcome())
 
     def _retire(self, child: _Child) -> None:

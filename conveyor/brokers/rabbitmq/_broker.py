@@ -1,24 +1,6 @@
-"""RabbitMQ (AMQP 0-9-1) through aiormq: durable queues, publisher confirms, broker-held delays.
+"""`RabbitMQBroker`: publishing, consuming, settling and administration on one connection.
 
-Topology for a conveyor queue `Q`, declared once per process on first use:
-
-- `Q`, durable, bound to the durable direct exchange `conveyor`, with `x-max-priority`;
-- `Q.dead`, bound to the exchange `conveyor.dead`: dead letters, each with its reason in the
-  `x-conveyor-reason` header;
-- `Q.delay.<ms>`, one per delay bucket, whose messages expire after `<ms>` and are dead-lettered
-  back to `conveyor` with routing key `Q`. A delay goes to the longest bucket that fits; a message
-  that arrives early is delayed again by the worker for the rest. Workers hold nothing in memory,
-  so a two-hour ETA never meets the consumer acknowledgement timeout.
-
-Every publish is persistent and mandatory and waits for the broker's confirm; a nack, a return
-(no route) or a timeout raises `PublishError`. Calls are synchronous for any thread: they run on
-the broker's own event-loop thread, which owns the connection. A forked child never touches it.
-
-RabbitMQ marks a message redelivered but does not count deliveries on classic queues, so a
-redelivered message is published again with the `x-conveyor-deliveries` header one higher
-before it is handed out. Runs a worker saw die (`Delivery.lost`, which the poison limit reads)
-are counted in `x-conveyor-lost`: a message given back after such a run is published again
-with that header one higher, never nacked, since a nack could not carry the count.
+The topology it declares and the invariants it keeps are in the package docstring.
 """
 
 from __future__ import annotations
@@ -28,28 +10,32 @@ import collections
 import concurrent.futures
 import contextlib
 import logging
-import random
-import re
-import threading
 import time
-import weakref
 from collections.abc import Awaitable, Callable, Coroutine, Iterator, Sequence
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import aiormq
 import aiormq.abc
-from aiormq.abc import ChannelFrame
-from pamqp.body import ContentBody
 from pamqp.commands import Basic
-from pamqp.frame import marshal as _frame
 from pamqp.header import ContentHeader
 
-from conveyor._fork import forget_in_child
-from conveyor.brokers import _aiormq_logs
-from conveyor.brokers._pamqp_text import has_raw_text, install
 from conveyor.brokers.base import Broker, DeadLetter, Delivery, Outgoing, QueueStats, connects
-from conveyor.errors import BrokerError, ConfigurationError, PublishError
+from conveyor.brokers.rabbitmq import _aiormq
+from conveyor.brokers.rabbitmq._bridge import Bridge
+from conveyor.brokers.rabbitmq._confirms import CONFIRM_TIMEOUT_S, send
+from conveyor.brokers.rabbitmq._pamqp_text import has_raw_text, install
+from conveyor.brokers.rabbitmq._topology import (
+    BUCKETS_MS,
+    DEAD_EXCHANGE,
+    EXCHANGE,
+    QUEUE_TYPES,
+    bucket,
+    dead_queue,
+    declare,
+    delay_queue,
+)
+from conveyor.errors import BrokerError, ConfigurationError
 from conveyor.reasons import DeadLetterReason as Why
 from conveyor.redact import redact_text, redact_url
 from conveyor.signing import PREFIX as SIGNED_PREFIX
@@ -57,69 +43,22 @@ from conveyor.signing import PREFIX as SIGNED_PREFIX
 T = TypeVar("T")
 REPLY_TO = "amq.rabbitmq.reply-to"  # RabbitMQ's direct reply-to pseudo-queue
 
-EXCHANGE = "conveyor"
-DEAD_EXCHANGE = "conveyor.dead"
 REASON = "x-conveyor-reason"
 DELIVERIES = "x-conveyor-deliveries"
 LOST = "x-conveyor-lost"
 DIED_AT = "x-conveyor-died-at"
-# Delay buckets in milliseconds: 250 ms doubling to about 36 hours.
-BUCKETS_MS: tuple[int, ...] = tuple(250 << k for k in range(20))
-CONFIRM_TIMEOUT_S = 30.0
 # The highest delivery count read from a header (a count is never near it; see `_int`).
 MAX_COUNT = 1_000_000
 CONTENT_TYPE = "application/json"
 # A signed envelope (`conveyor.signing`): a signature line, then the JSON.
 SIGNED_CONTENT_TYPE = "application/vnd.conveyor.signed"
 CALL_TIMEOUT_S = 60.0
-# Publishing: messages whose frames are written in one go, and unconfirmed messages at most.
-CHUNK = 256
-WINDOW = 4096
 # Dead letters a requeue gets, then publishes together, at a time.
 REQUEUE_BATCH = 500
 
-QUEUE_TYPES = ("classic", "quorum")
-
 log = logging.getLogger("conveyor.worker")
 install()
-_aiormq_logs.install()
-_live: weakref.WeakSet[RabbitMQBroker] = weakref.WeakSet()
-
-
-class _Held:
-    """The connection a broker's own thread serves, known apart from the broker object."""
-
-    connection: aiormq.abc.AbstractConnection | None = None
-
-
-def _close_dropped(loop: asyncio.AbstractEventLoop, thread: threading.Thread, held: _Held) -> None:
-    """A broker garbage-collected without `close()`: close its connection and stop its thread,
-    so that neither outlives it (the socket would pass for a user's own connection to the next
-    prefork worker in the process, and the thread would run forever)."""
-    if loop.is_closed() or not thread.is_alive():
-        return
-    future = asyncio.run_coroutine_threadsafe(_shut_dropped(held.connection), loop)
-    future.add_done_callback(lambda _: loop.call_soon_threadsafe(loop.stop))
-    if threading.current_thread() is not thread:
-        with contextlib.suppress(Exception):
-            future.result(3)
-        thread.join(1)
-        if not loop.is_running():
-            loop.close()
-
-
-async def _shut_dropped(connection: aiormq.abc.AbstractConnection | None) -> None:
-    if connection is not None:
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(connection.close(), 2)
-
-
-def _forget_after_fork() -> None:
-    for broker in list(_live):
-        broker._reset()
-
-
-forget_in_child(_forget_after_fork)
+_aiormq.install_log_filter()
 
 
 class RabbitMQBroker(Broker):
@@ -160,30 +99,23 @@ class RabbitMQBroker(Broker):
         # Quorum queues have no x-max-priority (RabbitMQ 3.10); they count deliveries themselves.
         self.max_priority = 0 if queue_type == "quorum" else max_priority
         self.delivery_limit = delivery_limit
-        self._lock = threading.Lock()
         self._side: RabbitMQBroker | None = None
         self._slots = self._most = 0
         self._replies: Callable[[bytes], None] | None = None
+        self._bridge = Bridge(self._reset)
         self._reset()
-        _live.add(self)
 
     def _reset(self) -> None:
         """Forget connection state (a new process, or after close)."""
-        finalizer: weakref.finalize[Any, Any] | None = getattr(self, "_finalizer", None)
-        if finalizer is not None:
-            finalizer.detach()
-        self._finalizer: weakref.finalize[Any, Any] | None = None
-        self._held = _Held()
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
-        # Set while attached to a worker's event loop: the ident of the thread running it.
-        self._attached = 0
+        self._bridge.forget()
         self._connection: aiormq.abc.AbstractConnection | None = None
         self._channel: aiormq.abc.AbstractChannel | None = None
         self._opening: asyncio.Lock | None = None
         self._generation = 0
         self._declared: set[str] = set()
         self._consuming: dict[str, str] = {}  # queue -> consumer tag
+        self._tags: dict[str, str] = {}  # consumer tag -> queue
+        self._inline: _aiormq.InlineDeliveries | None = None
         self._receiving: set[asyncio.Task[Any]] = set()  # deliveries being taken in
         self._inbox: collections.deque[Delivery] = collections.deque()
         # Delivery tags of the current channel not yet acked, nacked or dead-lettered, in order.
@@ -191,48 +123,17 @@ class RabbitMQBroker(Broker):
         self._arrival: Callable[[], None] | None = None
         self._prefetch = 0
 
-    # the broker's own event loop
-
-    def _submit(self, coroutine: Awaitable[T]) -> concurrent.futures.Future[T]:
-        """Start a coroutine on the broker's event-loop thread (started on first use)."""
-        if self._attached and threading.get_ident() == self._attached:
-            _close(coroutine)
-            raise RuntimeError(
-                "a blocking RabbitMQ call on the worker's own event loop would wait forever"
-            )
-        with self._lock:
-            if self._loop is None:
-                loop = asyncio.new_event_loop()
-                thread = threading.Thread(
-                    target=loop.run_forever, name="conveyor-amqp", daemon=True
-                )
-                thread.start()
-                self._loop, self._thread = loop, thread
-                # Dropped without close(), the broker still closes its connection and thread.
-                self._finalizer = weakref.finalize(self, _close_dropped, loop, thread, self._held)
-                self._finalizer.atexit = False
-            loop = self._loop
-        return asyncio.run_coroutine_threadsafe(_as_coroutine(coroutine), loop)
+    # the loop the connection lives on (`_bridge`)
 
     def _run(self, coroutine: Awaitable[T], timeout: float = CALL_TIMEOUT_S) -> T:
-        """Run a coroutine on the broker's thread and wait for it, from any other thread."""
-        future = self._submit(coroutine)
+        """Run a coroutine on the connection's loop and wait for it, from any other thread."""
         with self._errors():
-            try:
-                return future.result(timeout)
-            except TimeoutError:
-                future.cancel()
-                raise
+            return self._bridge.run(coroutine, timeout)
 
     async def _run_async(self, coroutine: Awaitable[T], timeout: float = CALL_TIMEOUT_S) -> T:
         """`_run` for a caller on another event loop: it awaits instead of blocking a thread."""
-        future = asyncio.wrap_future(self._submit(coroutine))
         with self._errors():
-            try:
-                return await asyncio.wait_for(future, timeout)
-            except TimeoutError:
-                future.cancel()
-                raise
+            return await self._bridge.run_async(coroutine, timeout)
 
     @contextlib.contextmanager
     def _errors(self) -> Iterator[None]:
@@ -270,17 +171,18 @@ class RabbitMQBroker(Broker):
                     url += ("&" if "?" in url else "?") + "heartbeat=30"
                 try:
                     # A failure is reported in the BrokerError below, not also by aiormq.
-                    with _aiormq_logs.quiet_connect():
-                        connection = await aiormq.connect(url)
-                    self._connection = self._held.connection = connection
+                    connection = await _aiormq.connect(url)
+                    self._connection = self._bridge.held.connection = connection
                 except (OSError, aiormq.exceptions.AMQPError) as exc:
                     raise BrokerError(
                         f"cannot connect to RabbitMQ at {self.display_url}: {redact_text(str(exc))}"
                     ) from None
             self._channel = await self._connection.channel(publisher_confirms=True)
+            self._inline = _aiormq.InlineDeliveries(self._channel, self._on_inline)
             self._generation += 1
             self._declared.clear()
             self._consuming.clear()
+            self._tags.clear()
             # Deliveries of the old channel not yet handed out: RabbitMQ delivers them again.
             self._inbox.clear()
             self._unsettled.clear()
@@ -307,7 +209,7 @@ class RabbitMQBroker(Broker):
         self._replies = callback
         if first and self._channel is not None and not self._channel.is_closed:
             channel = self._channel
-            if self._blocked():
+            if self._bridge.blocked():
                 raise ConfigurationError("rpc:// results cannot start on the worker's own loop")
             self._run(self._consume_replies(channel))
         return REPLY_TO
@@ -317,7 +219,7 @@ class RabbitMQBroker(Broker):
         that is gone took its interest with it)."""
         if not replies:
             return
-        if self._blocked():
+        if self._bridge.blocked():
             self._beside().reply(replies)
         else:
             self._run(self._reply(replies))
@@ -325,51 +227,28 @@ class RabbitMQBroker(Broker):
     async def _reply(self, replies: Sequence[tuple[str, bytes]]) -> None:
         channel = await self._chan()
         properties = Basic.Properties(content_type=CONTENT_TYPE)
-        await _send(channel, [("", to, body, properties) for to, body in replies], mandatory=False)
+        await send(channel, [("", to, body, properties) for to, body in replies], mandatory=False)
 
     async def _declare(self, queue: str) -> aiormq.abc.AbstractChannel:
         channel = await self._chan()
-        if queue in self._declared:
-            return channel
-        await channel.exchange_declare(EXCHANGE, exchange_type="direct", durable=True)
-        await channel.exchange_declare(DEAD_EXCHANGE, exchange_type="direct", durable=True)
-        arguments: dict[str, Any] = {"x-dead-letter-exchange": DEAD_EXCHANGE}
-        dead_arguments: dict[str, Any] = {}
-        if self.queue_type == "quorum":
-            # RabbitMQ's own limit is a backstop one past the worker's, which dead-letters
-            # with a reason first.
-            arguments["x-queue-type"] = dead_arguments["x-queue-type"] = "quorum"
-            arguments["x-delivery-limit"] = self.delivery_limit + 1
-        elif self.max_priority:
-            arguments["x-max-priority"] = self.max_priority
-        try:
-            await channel.queue_declare(queue, durable=True, arguments=arguments)
-            await channel.queue_declare(f"{queue}.dead", durable=True, arguments=dead_arguments)
-        except aiormq.exceptions.ChannelPreconditionFailed as exc:
-            raise ConfigurationError(_mismatch(queue, exc, arguments)) from None
-        await channel.queue_bind(queue, EXCHANGE, routing_key=queue)
-        await channel.queue_bind(f"{queue}.dead", DEAD_EXCHANGE, routing_key=queue)
-        for ms in BUCKETS_MS:
-            await channel.queue_declare(
-                f"{queue}.delay.{ms}",
-                durable=True,
-                arguments={
-                    "x-message-ttl": ms,
-                    "x-dead-letter-exchange": EXCHANGE,
-                    "x-dead-letter-routing-key": queue,
-                },
+        if queue not in self._declared:
+            await declare(
+                channel,
+                queue,
+                queue_type=self.queue_type,
+                max_priority=self.max_priority,
+                delivery_limit=self.delivery_limit,
             )
-        self._declared.add(queue)
+            self._declared.add(queue)
         return channel
 
     # on the worker's event loop
 
     def attach(self, loop: asyncio.AbstractEventLoop) -> bool:
         """Run on the worker's event loop from now on, with a connection of its own."""
-        if self._loop is not None:
+        if self._bridge.loop is not None:
             self.close()  # used from this process before the worker started: let that go
-        with self._lock:
-            self._loop, self._attached = loop, threading.get_ident()
+        self._bridge.attach(loop)
         return True
 
     async def detach(self) -> None:
@@ -396,10 +275,6 @@ class RabbitMQBroker(Broker):
         waiting, self._inbox = list(self._inbox), collections.deque()
         if waiting:
             await self._requeue(waiting, 0.0, count_delivery=False)
-
-    def _blocked(self) -> bool:
-        """True on the attached worker loop's own thread, where blocking calls cannot wait."""
-        return bool(self._attached) and threading.get_ident() == self._attached
 
     def _beside(self) -> RabbitMQBroker:
         """A broker with its own thread and connection, for blocking calls made on the worker's
@@ -447,11 +322,12 @@ class RabbitMQBroker(Broker):
         self._settle(channel, acks=current)
         return len(current)
 
-    def take_nowait(self, limit: int) -> list[Delivery]:
-        """Deliveries already pushed, on the attached loop's thread."""
+    def take_nowait(self, limit: int) -> list[Delivery] | None:
+        """Deliveries already pushed, on the attached loop's thread; None while not consuming
+        (never started, or the channel closed)."""
         channel = self._channel
-        if channel is None or channel.is_closed:
-            return []
+        if channel is None or channel.is_closed or not self._consuming:
+            return None
         return self._take(limit)
 
     async def requeue_async(
@@ -490,7 +366,7 @@ class RabbitMQBroker(Broker):
 
     def publish(self, messages: Sequence[Outgoing]) -> None:
         """Publish persistent, mandatory messages and wait for every confirm."""
-        if self._blocked():
+        if self._bridge.blocked():
             self._beside().publish(messages)
         elif messages:
             self._run(self._publish(messages))
@@ -499,7 +375,7 @@ class RabbitMQBroker(Broker):
         """`publish` for asyncio producers: thousands of calls can wait for confirms at once."""
         if not messages:
             return
-        if self._attached and self._loop is asyncio.get_running_loop():
+        if self._bridge.attached and self._bridge.loop is asyncio.get_running_loop():
             with self._errors():
                 await self._publish(messages)
         else:
@@ -517,7 +393,7 @@ class RabbitMQBroker(Broker):
             delay = 0.0 if message.deliver_at is None else message.deliver_at - now
             exchange, key = (EXCHANGE, message.queue)
             if delay > 0:
-                exchange, key = "", f"{message.queue}.delay.{_bucket(delay)}"
+                exchange, key = "", delay_queue(message.queue, bucket(delay))
             properties = Basic.Properties(
                 delivery_mode=2,
                 priority=min(message.priority, self.max_priority) if self.max_priority else None,
@@ -526,7 +402,7 @@ class RabbitMQBroker(Broker):
                 reply_to=message.reply_to,
             )
             items.append((exchange, key, message.body, properties))
-        await _send(channel, items)
+        await send(channel, items)
 
     # consumer side
 
@@ -559,12 +435,12 @@ class RabbitMQBroker(Broker):
         if channel is None or channel.is_closed:
             return
         update = channel.basic_qos(prefetch_count=slots, global_=True)
-        if self._attached and threading.get_ident() == self._attached:
+        if self._bridge.blocked():
             task = asyncio.get_running_loop().create_task(update)
             self._receiving.add(task)  # a strong reference until it is done
             task.add_done_callback(self._receiving.discard)
         else:
-            self._submit(update)
+            self._bridge.submit(update)
 
     async def _consume(self, queues: Sequence[str], prefetch: int) -> None:
         channel = await self._chan()
@@ -584,8 +460,13 @@ class RabbitMQBroker(Broker):
         for queue in queues:
             if queue not in self._consuming:
                 await self._declare(queue)
-                ok = await channel.basic_consume(queue, self._on_message(queue))
-                self._consuming[queue] = str(ok.consumer_tag)
+                # Chosen here, so deliveries are taken in inline from the first one on.
+                tag = f"conveyor.{self._generation}.{len(self._tags)}"
+                self._tags[tag] = queue
+                if self._inline is not None:
+                    self._inline.tags.add(tag)
+                await channel.basic_consume(queue, self._on_message(queue), consumer_tag=tag)
+                self._consuming[queue] = tag
 
     async def _stop_consuming(self) -> None:
         """Cancel the consumers, so RabbitMQ pushes nothing more to a worker that stops."""
@@ -601,51 +482,78 @@ class RabbitMQBroker(Broker):
             await asyncio.wait(receiving, timeout=CONFIRM_TIMEOUT_S)
 
     def _on_message(self, queue: str) -> Any:
+        """aiormq's callback for a delivery `InlineDeliveries` did not take (none should)."""
+
         async def receive(message: aiormq.abc.DeliveredMessage) -> None:
-            task = asyncio.current_task()
-            if task is not None:
-                self._receiving.add(task)
-                task.add_done_callback(self._receiving.discard)
-            tag = message.delivery_tag
-            if tag is None:
-                return
-            self._unsettled[tag] = None
-            properties = message.header.properties
-            headers: dict[str, Any] = dict(properties.headers or {})
-            # Deliveries so far: those counted in the message by conveyor (classic queues, and
-            # retries through a delay queue), plus those RabbitMQ counted on a quorum queue.
-            count = _int(headers.get(DELIVERIES)) + _int(headers.get("x-delivery-count")) + 1
-            reply_to = properties.reply_to
-            lost, priority = _int(headers.get(LOST)), _priority(message)
-            receipt = (self._generation, tag)
-            delivery = Delivery(queue, message.body, receipt, count, reply_to, lost, priority)
-            reason = None
-            if has_raw_text(headers) or has_raw_text(properties.content_type):
-                reason = Why.INVALID_HEADERS("a header name or value is not valid UTF-8")
-            elif properties.content_type not in (None, "", CONTENT_TYPE, SIGNED_CONTENT_TYPE):
-                reason = Why.WRONG_CONTENT_TYPE(
-                    f"{properties.content_type!r} is neither {CONTENT_TYPE} "
-                    f"nor {SIGNED_CONTENT_TYPE}"
-                )
-            if reason is not None:
-                # Not an envelope conveyor wrote: dead-letter it here, where the properties are.
-                log.warning("dead-lettered a message on %s: %s", queue, reason)
-                self.refused += 1
-                await self._dead_letter([(delivery, reason)])
-                return
-            if message.redelivered and "x-delivery-count" not in headers:
-                # A classic queue does not count: count the lost delivery in the message
-                # itself, then hand out the new copy.
-                headers[DELIVERIES] = count
-                copy = Outgoing(queue, message.body, priority, reply_to=reply_to)
-                await self._publish([copy], [headers])
-                self._settle(message.channel, acks=[tag])
-                return
-            self._inbox.append(delivery)
-            if self._arrival is not None:
-                self._arrival()
+            assert isinstance(message.delivery, Basic.Deliver)
+            self._delivered(queue, message.delivery, message.header, message.body)
 
         return receive
+
+    def _on_inline(self, deliver: Basic.Deliver, header: ContentHeader, body: bytes) -> None:
+        queue = self._tags.get(deliver.consumer_tag or "")
+        if queue is not None:
+            self._delivered(queue, deliver, header, body)
+
+    def _delivered(
+        self, queue: str, deliver: Basic.Deliver, header: ContentHeader, body: bytes
+    ) -> None:
+        """Take in a delivery as it arrives, on the connection's loop, without awaiting."""
+        tag = deliver.delivery_tag
+        if tag is None:
+            return
+        self._unsettled[tag] = None
+        properties = header.properties
+        raw = properties.headers
+        headers: dict[str, Any] = dict(raw) if raw else {}
+        # Deliveries so far: those counted in the message by conveyor (classic queues, and
+        # retries through a delay queue), plus those RabbitMQ counted on a quorum queue.
+        if headers:
+            count = _int(headers.get(DELIVERIES)) + _int(headers.get("x-delivery-count")) + 1
+            lost = _int(headers.get(LOST))
+        else:
+            count, lost = 1, 0
+        reply_to = properties.reply_to
+        priority = properties.priority or 0
+        receipt = (self._generation, tag)
+        delivery = Delivery(queue, body, receipt, count, reply_to, lost, priority)
+        content_type = properties.content_type
+        reason = None
+        if (headers and has_raw_text(headers)) or has_raw_text(content_type):
+            reason = Why.INVALID_HEADERS("a header name or value is not valid UTF-8")
+        elif content_type not in (None, "", CONTENT_TYPE, SIGNED_CONTENT_TYPE):
+            reason = Why.WRONG_CONTENT_TYPE(
+                f"{content_type!r} is neither {CONTENT_TYPE} nor {SIGNED_CONTENT_TYPE}"
+            )
+        if reason is not None:
+            # Not an envelope conveyor wrote: dead-letter it here, where the properties are.
+            log.warning("dead-lettered a message on %s: %s", queue, reason)
+            self.refused += 1
+            self._in_background(self._dead_letter([(delivery, reason)]))
+            return
+        if deliver.redelivered and "x-delivery-count" not in headers:
+            # A classic queue does not count: count the lost delivery in the message itself,
+            # then hand out the new copy.
+            headers[DELIVERIES] = count
+            copy = Outgoing(queue, body, priority, reply_to=reply_to)
+            self._in_background(self._republish(copy, headers, tag))
+            return
+        self._inbox.append(delivery)
+        if self._arrival is not None:
+            self._arrival()
+
+    async def _republish(self, copy: Outgoing, headers: dict[str, Any], tag: int) -> None:
+        channel = self._channel
+        await self._publish([copy], [headers])
+        if channel is not None and channel is self._channel and not channel.is_closed:
+            self._settle(channel, acks=[tag])
+
+    def _in_background(self, coroutine: Coroutine[Any, Any, None]) -> None:
+        """Run a delivery's rare slow path as a task; shutdown waits for it (`_receiving`)."""
+        task = asyncio.get_running_loop().create_task(coroutine)
+        self._receiving.add(task)
+        task.add_done_callback(self._receiving.discard)
+        task.add_done_callback(_log_failure)
 
     def on_arrival(self, callback: Callable[[], None]) -> None:
         """Wake the worker when RabbitMQ pushes a message, instead of letting it poll."""
@@ -675,8 +583,7 @@ class RabbitMQBroker(Broker):
         acknowledges every delivery up to its tag); the rest go one by one. Nothing awaits
         between choosing the tags and writing them, so no other settlement can interleave.
         """
-        assert isinstance(channel, aiormq.Channel)
-        frames: list[bytes] = []
+        frames: list[Basic.Ack] = []
         pending = set(acks)
         highest = None
         for tag in self._unsettled:  # oldest first
@@ -684,7 +591,7 @@ class RabbitMQBroker(Broker):
                 break
             highest = tag
         if highest is not None:
-            frames.append(_frame(Basic.Ack(highest, multiple=True), channel.number))
+            frames.append(Basic.Ack(highest, multiple=True))
             while self._unsettled:
                 tag = next(iter(self._unsettled))
                 if tag > highest:
@@ -692,18 +599,17 @@ class RabbitMQBroker(Broker):
                 del self._unsettled[tag]
                 pending.discard(tag)
         for tag in sorted(pending):
-            frames.append(_frame(Basic.Ack(tag), channel.number))
+            frames.append(Basic.Ack(tag))
             self._unsettled.pop(tag, None)
-        if frames:
-            frame = ChannelFrame(b"".join(frames), False)
-            try:
-                channel.write_queue.put_nowait(frame)
-            except asyncio.QueueFull:
-                # The connection's write buffer is full: the frame waits its turn. The tags are
-                # settled in this one frame only, so its order among others does not matter.
-                task = asyncio.get_running_loop().create_task(channel.write_queue.put(frame))
-                self._receiving.add(task)
-                task.add_done_callback(self._receiving.discard)
+        if not frames:
+            return
+        waiting = _aiormq.write_nowait(channel, frames)
+        if waiting is not None:
+            # The connection's write buffer is full: the frames wait their turn. The tags are
+            # settled in this one write only, so its order among others does not matter.
+            task = asyncio.get_running_loop().create_task(waiting)
+            self._receiving.add(task)
+            task.add_done_callback(self._receiving.discard)
 
     def requeue(
         self, deliveries: Sequence[Delivery], *, delay: float = 0.0, count_delivery: bool = True
@@ -745,14 +651,14 @@ class RabbitMQBroker(Broker):
             # The priority goes along, so that a requeue restores it.
             priority = delivery.priority or None
             properties = Basic.Properties(delivery_mode=2, headers=headers, priority=priority)
-            await _send(channel, [(DEAD_EXCHANGE, delivery.queue, delivery.body, properties)])
+            await send(channel, [(DEAD_EXCHANGE, delivery.queue, delivery.body, properties)])
             self._settle(channel, acks=[delivery.receipt[1]])
 
     # administration
 
     def stats(self, queues: Sequence[str] | None = None) -> list[QueueStats]:
         """Ready, delayed and dead counts (RabbitMQ does not report unacknowledged ones here)."""
-        if self._blocked():
+        if self._bridge.blocked():
             return self._beside().stats(queues)
         names = sorted(self._declared if queues is None else queues)
         return self._run(self._stats(names))
@@ -766,22 +672,22 @@ class RabbitMQBroker(Broker):
                 ok = await channel.queue_declare(name, passive=True)
                 return int(ok.message_count or 0)
 
-            delayed = [await depth(f"{queue}.delay.{ms}") for ms in BUCKETS_MS]
-            out.append(
-                QueueStats(queue, await depth(queue), sum(delayed), 0, await depth(f"{queue}.dead"))
-            )
+            delayed = [await depth(delay_queue(queue, ms)) for ms in BUCKETS_MS]
+            ready = await depth(queue)
+            dead = await depth(dead_queue(queue))
+            out.append(QueueStats(queue, ready, sum(delayed), 0, dead))
         return out
 
     def purge(self, queue: str, *, dead: bool = False) -> int:
         """Delete a queue's waiting and delayed messages, or its dead letters."""
-        if self._blocked():
+        if self._bridge.blocked():
             return self._beside().purge(queue, dead=dead)
         return self._run(self._purge(queue, dead))
 
     async def _purge(self, queue: str, dead: bool) -> int:
         channel = await self._declare(queue)
         names = (
-            [f"{queue}.dead"] if dead else [queue, *(f"{queue}.delay.{ms}" for ms in BUCKETS_MS)]
+            [dead_queue(queue)] if dead else [queue, *(delay_queue(queue, ms) for ms in BUCKETS_MS)]
         )
         total = 0
         for name in names:
@@ -791,7 +697,7 @@ class RabbitMQBroker(Broker):
 
     def dead_letters(self, queue: str, limit: int = 100) -> list[DeadLetter]:
         """Look at up to `limit` dead letters without removing them."""
-        if self._blocked():
+        if self._bridge.blocked():
             return self._beside().dead_letters(queue, limit)
         return self._run(self._dead_letters(queue, limit))
 
@@ -803,7 +709,7 @@ class RabbitMQBroker(Broker):
         out = []
         try:
             for _ in range(limit):
-                message = await channel.basic_get(f"{queue}.dead")
+                message = await channel.basic_get(dead_queue(queue))
                 if message.delivery_tag is None:
                     break
                 out.append(_letter(queue, message))
@@ -820,7 +726,7 @@ class RabbitMQBroker(Broker):
     ) -> int:
         """Publish the selected dead letters back to the queue as new messages, each confirmed
         by RabbitMQ before its dead letter is acknowledged (removed)."""
-        if self._blocked():
+        if self._bridge.blocked():
             return self._beside().requeue_dead(queue, select, progress=progress)
         # A channel of its own: dead letters not selected stay unacknowledged on it, so the
         # next get moves on, and go back to `Q.dead` in their places when it closes.
@@ -855,7 +761,7 @@ class RabbitMQBroker(Broker):
         chosen: list[tuple[int, DeadLetter]] = []
         more = True
         for _ in range(REQUEUE_BATCH):
-            message = await getter.basic_get(f"{queue}.dead")
+            message = await getter.basic_get(dead_queue(queue))
             if message.delivery_tag is None:
                 more = False
                 break
@@ -870,7 +776,7 @@ class RabbitMQBroker(Broker):
 
     def exists(self, queue: str) -> bool:
         """True when RabbitMQ has the queue (a passive declare: nothing is created)."""
-        if self._blocked():
+        if self._bridge.blocked():
             return self._beside().exists(queue)
         return self._run(self._exists(queue))
 
@@ -892,11 +798,11 @@ class RabbitMQBroker(Broker):
         if self._side is not None:
             self._side.close()
             self._side = None
-        loop = self._loop
+        loop = self._bridge.loop
         if loop is None:
             return
-        if self._attached:  # the loop is the worker's: only the connection is ours
-            if not self._blocked() and loop.is_running():
+        if self._bridge.attached:  # the loop is the worker's: only the connection is ours
+            if not self._bridge.blocked() and loop.is_running():
                 with contextlib.suppress(Exception):
                     self._run(self._shut(), timeout=25)
             self._reset()
@@ -904,156 +810,8 @@ class RabbitMQBroker(Broker):
         if not loop.is_closed():
             with contextlib.suppress(Exception):
                 self._run(self._shut(), timeout=25)
-        loop.call_soon_threadsafe(loop.stop)
-        if self._thread is not None:
-            self._thread.join(5)
-        if not loop.is_running():
-            loop.close()
+        self._bridge.stop()
         self._reset()
-
-
-async def _send(
-    channel: aiormq.abc.AbstractChannel,
-    items: Sequence[tuple[str, str, bytes, Basic.Properties]],
-    *,
-    mandatory: bool = True,
-) -> None:
-    """Publish messages (mandatory unless told) and wait until RabbitMQ confirmed every one.
-
-    `Channel.basic_publish` costs a task, a lock and a timeout per message; here the frames of
-    `CHUNK` messages are written in one go and up to `WINDOW` wait for their confirms at a time.
-    The channel's own confirm bookkeeping (delivery tags, `confirmations`, message ids for
-    returns) is kept as `basic_publish` keeps it, so acks, nacks and returns settle these
-    futures the same way; a channel that closes fails the chunks still waiting. That
-    bookkeeping is aiormq's, not its documented API: pyproject pins aiormq to 7.x, and the
-    RabbitMQ integration tests cover confirms, returns and closures.
-    """
-    assert isinstance(channel, aiormq.Channel)
-    loop = asyncio.get_running_loop()
-    in_flight: collections.deque[_Chunk] = collections.deque()
-    waiting = 0
-    method_frames: dict[tuple[str, str], bytes] = {}
-    try:
-        for start in range(0, len(items), CHUNK):
-            while in_flight and waiting + CHUNK > WINDOW:
-                waiting -= await _confirmed(channel, in_flight.popleft())
-            chunk = _Chunk(time.monotonic() + CONFIRM_TIMEOUT_S)
-            parts: list[bytes] = []
-            number = channel.number
-            size = channel.max_content_size
-            async with channel.lock:
-                for exchange, key, body, properties in items[start : start + CHUNK]:
-                    channel.delivery_tag += 1
-                    tag = channel.delivery_tag
-                    message_id = properties.message_id = f"{random.getrandbits(128):032x}"
-                    future = loop.create_future()
-                    channel.confirmations[tag] = future
-                    channel.message_id_delivery_tag[message_id] = tag
-                    chunk.sent.append((message_id, tag))
-                    chunk.futures.append(future)
-                    method = method_frames.get((exchange, key))
-                    if method is None:
-                        publish = Basic.Publish(
-                            exchange=exchange, routing_key=key, mandatory=mandatory
-                        )
-                        method = method_frames[exchange, key] = _frame(publish, number)
-                    parts.append(method)
-                    parts.append(_frame(ContentHeader(0, len(body), properties), number))
-                    for at in range(0, len(body), size):
-                        parts.append(_frame(ContentBody(body[at : at + size]), number))
-                await channel.write_queue.put(ChannelFrame(b"".join(parts), False))
-            in_flight.append(chunk)
-            waiting += len(chunk.futures)
-        while in_flight:
-            await _confirmed(channel, in_flight.popleft())
-    finally:
-        for chunk in in_flight:
-            chunk.abandon(channel)
-
-
-class _Chunk:
-    """Messages written together: their message ids, delivery tags and confirm futures."""
-
-    def __init__(self, deadline: float) -> None:
-        self.deadline = deadline
-        self.sent: list[tuple[str, int]] = []
-        self.futures: list[asyncio.Future[Any]] = []
-
-    def abandon(self, channel: aiormq.Channel) -> None:
-        """Stop waiting: a late confirm is then ignored, and the channel forgets the ids."""
-        for future in self.futures:
-            future.cancel()
-        for message_id, tag in self.sent:
-            if channel.message_id_delivery_tag.get(message_id) == tag:
-                del channel.message_id_delivery_tag[message_id]
-
-
-async def _confirmed(channel: aiormq.Channel, chunk: _Chunk) -> int:
-    """Wait for one chunk's confirms; raise `PublishError` for any message not confirmed."""
-    every = asyncio.gather(*chunk.futures, return_exceptions=True)
-    closing = channel.closing
-    try:
-        timeout = max(0.0, chunk.deadline - time.monotonic())
-        await asyncio.wait([every, closing], timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-        if not every.done():
-            if closing.done():
-                raise PublishError("the channel to RabbitMQ closed before it confirmed a message")
-            raise PublishError(
-                f"RabbitMQ did not confirm a message within {CONFIRM_TIMEOUT_S:.0f}s"
-            )
-        for result in every.result():
-            if not isinstance(result, Basic.Ack):
-                raise PublishError(f"RabbitMQ did not confirm a message: {_why(result)}")
-    finally:
-        closing.cancel()
-        every.cancel()
-        every.add_done_callback(_retrieve)
-        chunk.abandon(channel)
-    return len(chunk.futures)
-
-
-def _why(result: object) -> str:
-    """Why a publish was not confirmed, for an error message."""
-    if isinstance(result, aiormq.exceptions.PublishError):
-        return f"no queue is bound for it ({getattr(result.frame, 'reply_text', '')})"
-    if isinstance(result, Basic.Nack):
-        return "RabbitMQ answered with a nack"
-    if result is None:
-        return "the channel closed before the confirm arrived"
-    return redact_text(str(result))
-
-
-def _mismatch(queue: str, exc: BaseException, wanted: dict[str, Any]) -> str:
-    """Say which queue argument differs from what exists, and how to fix it."""
-    text = redact_text(str(exc))
-    # RabbitMQ says e.g. "inequivalent arg 'x-max-priority' for queue 'q' in vhost '/':
-    # received '9' but current is '3'" (or "the value '9' of type 'byte'", or "none")
-    match = re.search(r"inequivalent arg '([^']+)'.*received (.+) but current is (.+)", text)
-    if match is None:
-        what = f"different arguments ({text})"
-    else:
-        name, received, current = match.groups()
-        what = f"{name} {_value(current)} where conveyor asks for {_value(received)}"
-    hint = {
-        "x-max-priority": "set queue_max_priority (CONVEYOR_QUEUE_MAX_PRIORITY) to match",
-        "x-queue-type": "set queue_type (CONVEYOR_QUEUE_TYPE) to match",
-        "x-delivery-limit": "it is 10 x poison_limit + 1: set poison_limit (CONVEYOR_POISON_LIMIT) "
-        "to match",
-    }.get(match.group(1) if match else "", "configure conveyor to match it")
-    return (
-        f"RabbitMQ queue {queue!r} exists with {what}: {hint}, or delete the queue "
-        f"(and its messages) so conveyor declares it with {_arguments(wanted)}"
-    )
-
-
-def _value(text: str) -> str:
-    """`'9'` or `the value '9' of type 'byte'` as `9`, and `none` as `not set`."""
-    found = re.match(r"(?:the value )?'([^']*)'", text.strip())
-    return found.group(1) if found else "not set"
-
-
-def _arguments(arguments: dict[str, Any]) -> str:
-    return ", ".join(f"{k}={v}" for k, v in sorted(arguments.items()))
 
 
 def _letter(queue: str, message: aiormq.abc.DeliveredMessage) -> DeadLetter:
@@ -1074,13 +832,6 @@ def _letter(queue: str, message: aiormq.abc.DeliveredMessage) -> DeadLetter:
 async def _close_channel(channel: aiormq.abc.AbstractChannel) -> None:
     if not channel.is_closed:
         await channel.close()
-
-
-def _bucket(delay: float) -> int:
-    """The longest delay bucket not longer than `delay` (the shortest, for shorter delays)."""
-    ms = delay * 1000
-    fitting = [b for b in BUCKETS_MS if b <= ms]
-    return fitting[-1] if fitting else BUCKETS_MS[0]
 
 
 def _int(value: object) -> int:
@@ -1108,20 +859,10 @@ def _content_type(body: bytes) -> str:
     return SIGNED_CONTENT_TYPE if body.startswith(SIGNED_PREFIX) else CONTENT_TYPE
 
 
-def _priority(message: aiormq.abc.DeliveredMessage) -> int:
-    return int(message.header.properties.priority or 0)
-
-
-def _retrieve(future: asyncio.Future[Any]) -> None:
-    """Read a future's outcome so asyncio does not log it as never retrieved."""
-    if not future.cancelled():
-        future.exception()
-
-
-def _close(coroutine: Awaitable[Any]) -> None:
-    """Discard a coroutine that will never run (without a "never awaited" warning)."""
-    if isinstance(coroutine, Coroutine):
-        coroutine.close()
+def _log_failure(task: asyncio.Task[Any]) -> None:
+    """Log what a background step of taking in a delivery raised (its message comes back)."""
+    if not task.cancelled() and (exc := task.exception()) is not None:
+        log.error("could not take in a delivery: %s", redact_text(str(exc)))
 
 
 def _current_task() -> asyncio.Task[Any] | None:
@@ -1129,7 +870,3 @@ def _current_task() -> asyncio.Task[Any] | None:
         return asyncio.current_task()
     except RuntimeError:  # no event loop in this thread
         return None
-
-
-async def _as_coroutine(awaitable: Awaitable[T]) -> T:
-    return await awaitable

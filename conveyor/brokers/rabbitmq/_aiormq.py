@@ -1,0 +1,288 @@
+"""Every use conveyor makes of aiormq's internals, in this one file (checked against aiormq 7.2.4).
+
+Everywhere else conveyor uses aiormq's public face only: `connect`, a connection's `channel()`,
+a channel's AMQP methods (`basic_*`, `queue_*`, `exchange_*`, `close`) and `is_closed`, the
+types of `aiormq.abc` and `aiormq.exceptions`. An aiormq upgrade is checked here, part by part.
+
+Receiving (the consumer's hot path). aiormq hands each frame from its connection's reader task
+to the channel's frame queue, where the channel's own reader task assembles a message from three
+frames and starts a new asyncio task per message to call the consumer. At thousands of messages
+a second those hops are most of a worker's time on the broker. Two shortcuts, both behaving as
+aiormq does:
+
+- `InlineDeliveries` takes the frames of deliveries to chosen consumer tags off the channel's
+  queue as the connection's reader puts them there, and calls a plain function with each whole
+  message: no queue hop, no task. Every other frame (confirms, RPC replies, returns and their
+  content, deliveries to other consumers) goes through the queue as before.
+- `FrameReceiver` reads a frame with two reads instead of three, without a lock or a buffer copy,
+  for connections opened inside `fast_frames()`.
+
+It relies on `Channel.frames` (an asyncio.Queue that the connection's reader `put`s `(weight,
+frame)` into), `aiormq.connection.FrameReceiver` (built by `connect`) and the frame exceptions it
+raises.
+
+Writing. Acks and published messages go to RabbitMQ as marshalled frames put straight on the
+connection's write queue (`Channel.write_queue`, `ChannelFrame`), not through `basic_ack` and
+`basic_publish`, which cost a task, a lock and a timeout per call. `write` and `write_nowait`
+do that; `framing` gives the channel number frames carry and `Channel.max_content_size`.
+
+Confirms. Published that way, a message is still confirmed through the channel's own
+bookkeeping, kept as `basic_publish` keeps it, so that acks, nacks and returns settle its future
+the same way: under `Channel.lock`, `Channel.delivery_tag` numbers messages,
+`Channel.confirmations` maps a tag to the future a confirm settles, and
+`Channel.message_id_delivery_tag` maps a message id to its tag for returns (`reserve_confirm`,
+`forget_confirms`). `Channel.closing` gives a new future per access, done when the channel
+closes, which its caller cancels (`closing`).
+
+Logging. aiormq logs a connect whose socket cannot be opened at ERROR, as `error when creating
+transport: <...>` from `Connection.connect` on the `aiormq.connection` logger, and then raises.
+conveyor turns that exception into one clear error (`cannot connect to RabbitMQ at ...: ...`).
+Where the program configured no logging (the `conveyor` command, most scripts), Python's
+last-resort handler would print aiormq's record bare on stderr: a second line, without context,
+beside it. `quiet_connect()` marks conveyor's own connects. While it is active (a context
+variable, so only the coroutine that connects and the tasks it starts see it), records emitted
+by aiormq's `Connection.connect` itself are dropped: what they say reaches the user in
+conveyor's error. Every other aiormq record, and aiormq's records about connections the user's
+own code opens, pass as before.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import weakref
+from collections.abc import Callable, Coroutine, Iterable, Iterator, Sequence
+from contextvars import ContextVar
+from typing import Any
+
+import aiormq
+import aiormq.abc
+import aiormq.connection
+import pamqp.frame
+from aiormq.abc import ChannelFrame
+from aiormq.exceptions import AMQPConnectionError, InvalidFrameError
+from pamqp.body import ContentBody
+from pamqp.commands import Basic
+from pamqp.exceptions import PAMQPException
+from pamqp.header import ContentHeader
+
+log = logging.getLogger("conveyor.brokers.rabbitmq")
+
+OnMessage = Callable[[Basic.Deliver, ContentHeader, bytes], None]
+
+_HEADER_SIZE = 7  # frame type, channel, payload size; the payload and a frame-end byte follow
+
+
+# receiving
+
+
+class InlineDeliveries:
+    """Whole deliveries of one channel's chosen consumers, handed to a function as they arrive.
+
+    AMQP sends a delivery's frames in a row on its channel: `Basic.Deliver`, a content header,
+    then body frames up to the header's size. Frames that break that order go on to the queue
+    (aiormq's channel reader reports them as it would).
+    """
+
+    def __init__(self, channel: aiormq.abc.AbstractChannel, on_message: OnMessage) -> None:
+        self.tags: set[str] = set()
+        # Weak: the channel must not keep the broker object alive (a broker dropped without
+        # close() is closed when it is collected).
+        self._target = weakref.WeakMethod(on_message)
+        frames: asyncio.Queue[Any] = channel.frames
+        self._forward = frames.put
+        self._deliver: Basic.Deliver | None = None
+        self._header: ContentHeader | None = None
+        self._parts: list[bytes] = []
+        self._size = 0
+        # An instance attribute: only this channel's queue changes, and only its `put`.
+        frames.put = self._put  # type: ignore[method-assign]
+
+    async def _put(self, item: tuple[int, Any]) -> None:
+        frame = item[1]
+        deliver = self._deliver
+        if deliver is None:
+            if type(frame) is Basic.Deliver and frame.consumer_tag in self.tags:
+                self._deliver = frame
+                return
+        elif self._header is None:
+            if type(frame) is ContentHeader:
+                if frame.body_size:
+                    self._header = frame
+                    return
+                self._deliver = None
+                self._on_message(deliver, frame, b"")
+                return
+            self._deliver = None  # out of order: aiormq's reader sees this frame alone
+        elif type(frame) is ContentBody:
+            self._parts.append(frame.value)
+            self._size += len(frame.value)
+            header = self._header
+            if self._size >= header.body_size:
+                parts, self._parts, self._size = self._parts, [], 0
+                self._deliver = self._header = None
+                self._on_message(deliver, header, parts[0] if len(parts) == 1 else b"".join(parts))
+            return
+        else:
+            self._deliver = self._header = None
+            self._parts, self._size = [], 0
+        await self._forward(item)
+
+    def _on_message(self, deliver: Basic.Deliver, header: ContentHeader, body: bytes) -> None:
+        on_message = self._target()
+        if on_message is not None:
+            on_message(deliver, header, body)
+
+
+class FrameReceiver(aiormq.connection.FrameReceiver):
+    """aiormq's frame receiver, reading each frame in two reads (header, then the rest)."""
+
+    async def get_frame(self) -> Any:
+        reader = self.reader
+        if reader.at_eof():
+            del self.reader
+            raise StopAsyncIteration
+        try:
+            head = await reader.readexactly(_HEADER_SIZE)
+            if not self.started:
+                if head.startswith(b"AMQP"):
+                    raise aiormq.exceptions.ProtocolSyntaxError("Unexpected AMQP protocol header")
+                self.started = True
+            size = int.from_bytes(head[3:7], "big")
+            rest = await reader.readexactly(size + 1)
+        except asyncio.IncompleteReadError as exc:
+            raise AMQPConnectionError(
+                "Server connection unexpectedly closed. "
+                f"Read {len(exc.partial)} bytes but {exc.expected} bytes expected",
+            ) from exc
+        except OSError as exc:  # ConnectionError included, as aiormq reports them
+            raise AMQPConnectionError(f"Server communication error: {exc!r}") from exc
+        try:
+            return pamqp.frame.unmarshal(head + rest)
+        except PAMQPException as exc:
+            raise InvalidFrameError(str(exc)) from exc
+
+
+@contextlib.contextmanager
+def fast_frames() -> Iterator[None]:
+    """Connections opened inside read frames with `FrameReceiver`.
+
+    `aiormq.connect` builds its receiver from the module's name, so it is swapped for the call
+    and put back after; a connection opened meanwhile elsewhere in the process gets the same
+    frames, read the same way.
+    """
+    original = aiormq.connection.FrameReceiver
+    aiormq.connection.FrameReceiver = FrameReceiver  # type: ignore[misc]
+    try:
+        yield
+    finally:
+        aiormq.connection.FrameReceiver = original  # type: ignore[misc]
+
+
+# connecting
+
+#: The logger aiormq's connection module logs to, and the function whose records are dropped.
+_LOGGER = "aiormq.connection"
+_FUNCTION = "connect"
+
+_connecting: ContextVar[bool] = ContextVar("conveyor_amqp_connecting", default=False)
+
+
+async def connect(url: str) -> aiormq.abc.AbstractConnection:
+    """`aiormq.connect`, reading frames with `FrameReceiver`; aiormq's record of a failure is
+    dropped (conveyor's own error says what it would)."""
+    with quiet_connect(), fast_frames():
+        return await aiormq.connect(url)
+
+
+class _OwnConnect(logging.Filter):
+    """Drops the records of `Connection.connect` made while conveyor connects."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (_connecting.get() and record.funcName == _FUNCTION)
+
+
+_filter = _OwnConnect()
+
+
+def install_log_filter() -> None:
+    """Add the filter to aiormq's connection logger (once; it does nothing outside
+    `quiet_connect`)."""
+    logger = logging.getLogger(_LOGGER)
+    if _filter not in logger.filters:
+        logger.addFilter(_filter)
+
+
+@contextlib.contextmanager
+def quiet_connect() -> Iterator[None]:
+    """Around conveyor's own `aiormq.connect`, whose failures conveyor reports itself."""
+    token = _connecting.set(True)
+    try:
+        yield
+    finally:
+        _connecting.reset(token)
+
+
+# writing
+
+
+def framing(channel: aiormq.Channel) -> tuple[int, int]:
+    """The channel's number, which its frames carry, and the most body bytes one frame holds."""
+    return channel.number, channel.max_content_size
+
+
+async def write(channel: aiormq.Channel, data: bytes) -> None:
+    """Queue marshalled frames for the connection's writer, waiting while its buffer is full."""
+    await channel.write_queue.put(ChannelFrame(data, False))
+
+
+def write_nowait(
+    channel: aiormq.abc.AbstractChannel, frames: Sequence[pamqp.frame.FrameTypes]
+) -> Coroutine[Any, Any, None] | None:
+    """Queue `frames` for the connection's writer at once, in one write.
+
+    When its buffer is full, nothing is queued: the coroutine returned queues them once there is
+    room, for the caller to run.
+    """
+    assert isinstance(channel, aiormq.Channel)
+    number = channel.number
+    frame = ChannelFrame(b"".join([pamqp.frame.marshal(f, number) for f in frames]), False)
+    try:
+        channel.write_queue.put_nowait(frame)
+    except asyncio.QueueFull:
+        return channel.write_queue.put(frame)
+    return None
+
+
+# confirms
+
+
+def lock(channel: aiormq.Channel) -> contextlib.AbstractAsyncContextManager[None]:
+    """The channel's lock, held while messages are numbered and written (as `basic_publish`
+    holds it); entering it raises `ChannelInvalidStateError` on a closed channel."""
+    return channel.lock
+
+
+def reserve_confirm(channel: aiormq.Channel, message_id: str, future: asyncio.Future[Any]) -> int:
+    """Number the channel's next published message, its delivery tag (returned), and register
+    `future` for its confirm (an ack or nack) or its return to settle; under `lock`, before the
+    message's frames are written."""
+    channel.delivery_tag += 1
+    tag = channel.delivery_tag
+    channel.confirmations[tag] = future
+    channel.message_id_delivery_tag[message_id] = tag
+    return tag
+
+
+def forget_confirms(channel: aiormq.Channel, sent: Iterable[tuple[str, int]]) -> None:
+    """Drop the message ids (which returns are matched by) of messages no longer waited for."""
+    ids = channel.message_id_delivery_tag
+    for message_id, tag in sent:
+        if ids.get(message_id) == tag:
+            del ids[message_id]
+
+
+def closing(channel: aiormq.Channel) -> asyncio.Future[Any]:
+    """A future done when the channel closes; cancel it once no longer needed."""
+    return channel.closing
