@@ -372,6 +372,30 @@ def test_worker_runs_tasks_and_dead_letters_bad_input(queue: str) -> None:
         app.close()
 
 
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_a_prefork_worker_runs_its_connection_on_the_loop_asked_for(queue: str, loop: str) -> None:
+    """With prefork the worker's own loop holds the connection: deliveries, pipes and acks."""
+    app = Conveyor("rmq", broker=URL, results="memory://", default_queue=queue)
+
+    @app.task
+    def add(x: int, y: int) -> int:
+        return x + y
+
+    try:
+        results = add.map([(n, n) for n in range(500)])
+        worker = Worker(app, pool="prefork", concurrency=2, until_empty=True, loop=loop)
+        stats = worker.run()
+        assert [r.get(timeout=5) for r in results] == [2 * n for n in range(500)]
+        assert (stats.succeeded, stats.failed, stats.stale) == (500, 0, 0)
+        assert worker.loop_name == loop
+        ran_on = type(worker._loop).__module__.partition(".")[0]
+        assert ran_on == loop
+        (left,) = app.broker.stats([queue])
+        assert (left.ready, left.dead) == (0, 0)
+    finally:
+        app.close()
+
+
 def _publish_raw(queue: str, bodies: list[tuple[bytes, str | None]]) -> None:
     """Messages put straight into a queue, as another program might."""
 
