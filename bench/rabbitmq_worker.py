@@ -926,29 +926,45 @@ def throughput_lines(f: Figures) -> list[str]:
     return [*lines, ""]
 
 
+VARIANT_PAIRS = (
+    ("conveyor-uvloop", "conveyor-asyncio", "the worker's loop: uvloop ÷ asyncio"),
+    ("conveyor-p0", "conveyor-asyncio", "x-max-priority 0 (none) ÷ 9, on asyncio"),
+    ("conveyor-p3", "conveyor-asyncio", "x-max-priority 3 ÷ 9, on asyncio"),
+    ("conveyor-p5", "conveyor-asyncio", "x-max-priority 5 ÷ 9, on asyncio"),
+)
+
+
 def variant_lines(f: Figures) -> list[str]:
-    """The loop against the loop, and each x-max-priority against 9, all on the same run."""
-    rate, lines = f.rate, []
-    if {"conveyor-asyncio", "conveyor-uvloop"} <= set(rate):
-        lines.append(
-            f"- The worker's loop: uvloop ÷ asyncio "
-            f"{rate['conveyor-uvloop'] / rate['conveyor-asyncio']:.2f}x "
-            f"({rate['conveyor-uvloop']:,.0f} against {rate['conveyor-asyncio']:,.0f} tasks/s)."
+    """The loop against the loop, and each x-max-priority against 9, all from the same run.
+
+    Beside the ratio of medians, each round's own ratio (its two runs were at most one round
+    apart, so a change of the machine's load between rounds mostly cancels out) and their
+    median.
+    """
+    throughput = f.runs["throughput"]
+    rows = []
+    for mode, base, what in VARIANT_PAIRS:
+        if mode not in throughput or base not in throughput:
+            continue
+        rounds = [
+            a["per_s"] / b["per_s"] for a, b in zip(throughput[mode], throughput[base], strict=True)
+        ]
+        rows.append(
+            f"| {what} | {f.rate[mode]:,.0f} ÷ {f.rate[base]:,.0f} | "
+            f"{f.rate[mode] / f.rate[base]:.2f}x | {statistics.median(rounds):.2f}x | "
+            f"{', '.join(f'{r:.2f}' for r in rounds)} |"
         )
-    priorities = [m for m in ("conveyor-p0", "conveyor-p3", "conveyor-p5") if m in rate]
-    if priorities and "conveyor-asyncio" in rate:
-        each = ", ".join(
-            f"{VARIANTS[m].max_priority}: {rate[m] / rate['conveyor-asyncio']:.2f}x "
-            f"({rate[m]:,.0f})"
-            for m in priorities
-        )
-        lines.append(
-            f"- x-max-priority on asyncio, each ÷ 9 (`conveyor-asyncio`, "
-            f"{rate['conveyor-asyncio']:,.0f} tasks/s): {each}."
-        )
-    if not lines:
+    if not rows:
         return []
-    return ["## conveyor's variants against each other", "", *lines, ""]
+    return [
+        "## conveyor's variants against each other",
+        "",
+        "| Variant | tasks/s (medians) | ratio of medians | median of rounds' ratios | "
+        "each round's ratio |",
+        "|---|---:|---:|---:|---|",
+        *rows,
+        "",
+    ]
 
 
 def memory_lines(f: Figures) -> list[str]:
