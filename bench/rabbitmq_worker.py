@@ -47,7 +47,13 @@ polls the queue every 5 ms with a passive `queue.declare`, which reports ready m
 consumers but not unacknowledged messages (AMQP has no such count; the management plugin is not
 used). The clock starts at the first poll that sees fewer than N ready, the worker's first
 deliveries, and stops at the first that sees none. The last prefetch window (up to 64 tasks,
-under 1% of the default N) is still being run then and is not timed.
+under 1% of the default N) is still being run then and is not timed. At both polls the bench
+also reads the CPU time (user and system, in 10 ms steps, from `/proc/PID/stat`) of the process
+it started: conveyor's and Celery's parent, which holds the broker connection and feeds the
+children (Dramatiq's is a supervisor that consumes nothing, so its figure is not shown). That
+CPU time per task depends less on what else the machine runs than the rate does. The same is
+read for the RabbitMQ server's process when it runs on this machine (`beam.smp`): its CPU per
+task includes whatever else the server did meanwhile, for other clients too.
 
 Every throughput run is verified. Each task writes its number to a ledger (`bench/ledger.py`),
 which must show every task run exactly once. conveyor must exit by itself (`--until-empty`) with
@@ -63,9 +69,9 @@ consumes (Dramatiq: both processes), the bench waits 2 s, then reads the worker'
 readings in a row, of the same processes, agree within 1%. The figures are the sums of `Pss` and
 of `Rss` in `/proc/<pid>/smaps_rollup`. PSS divides each shared page among the processes mapping
 it, so the memory a forked pool shares counts once (and libraries shared with processes outside
-the tree count in part); RSS counts shared pages in every process. Measured for conveyor, its
-loop variants and the peers; not for the priority variants (a queue argument changes nothing in
-the worker's processes) nor the probe.
+the tree count in part); RSS counts shared pages in every process. Measured for conveyor with
+its defaults and the peers (`--no-memory`: not at all); not for conveyor's variants nor the
+probe.
 
 Every round runs each chosen mode's throughput, then each one's idle memory, in an order that
 rotates by one each round; the figures are medians over the rounds, and every ratio is one of
@@ -129,7 +135,7 @@ PROBE = "parent-dispatch"
 WORKERS = (*VARIANTS, *PEERS)
 """Modes that start a worker (`--one MODE`)."""
 MODES = (*WORKERS, PROBE)
-MEMORY_MODES = ("conveyor", "conveyor-asyncio", "conveyor-uvloop", *PEERS)
+MEMORY_MODES = ("conveyor", *PEERS)
 GROUPS = {
     "all": MODES,
     "quick": ("conveyor", PROBE),
@@ -374,6 +380,25 @@ async def wait_exit(worker: subprocess.Popen[bytes], timeout: float) -> int:
     return worker.returncode
 
 
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user and system) a process has used so far, in seconds (10 ms steps)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def rabbitmq_pid() -> int | None:
+    """The local RabbitMQ server's process (Erlang's `beam.smp` running `rabbit`), if found."""
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            try:
+                command = Path(entry.path, "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if command[0].endswith(b"beam.smp") and b"rabbit" in command:
+                return int(entry.name)
+    return None
+
+
 def memory_kib(pids: list[int]) -> tuple[int, int]:
     """Sum of Pss and of Rss over `pids`, in KiB."""
     pss = rss = 0
@@ -427,13 +452,18 @@ async def throughput(
     """Time the drain of a queue of n tasks (see the module docstring), then verify the run."""
     async with Probe() as probe:
         first = None
+        server = rabbitmq_pid()
+        cpu_first = cpu_last = broker_first = broker_last = 0.0
         deadline = time.monotonic() + START_TIMEOUT_S + n / 20
         while True:
             ready = await probe.ready(peer.queue)
             now = time.perf_counter()
             if first is None and ready < n:
-                first = now
+                first, cpu_first = now, cpu_seconds(worker.pid)
+                broker_first = cpu_seconds(server) if server else 0.0
             if ready == 0:
+                cpu_last = cpu_seconds(worker.pid)
+                broker_last = cpu_seconds(server) if server else 0.0
                 break
             if worker.poll() is not None:
                 raise BenchError(f"the worker exited early:\n{log_tail(workdir)}")
@@ -448,7 +478,10 @@ async def throughput(
             "tasks": n,
             "per_s": round(n / (now - first), 1),
             "startup_s": round(first - started, 3),
+            "parent_cpu_us": round((cpu_last - cpu_first) / n * 1e6, 1),
         }
+        if server:
+            result["broker_cpu_us"] = round((broker_last - broker_first) / n * 1e6, 1)
         if peer.mode.startswith("conveyor"):
             code = await wait_exit(worker, STOP_TIMEOUT_S)
             log = log_text(workdir)
@@ -704,6 +737,12 @@ def main() -> int:
         f"probe; groups {', '.join(GROUPS)}; modes {', '.join(MODES)})",
     )
     parser.add_argument(
+        "--memory",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="measure idle memory too (--no-memory: throughput only, for a shorter run)",
+    )
+    parser.add_argument(
         "--conveyor-pool",
         default="prefork",
         help="conveyor's --pool (default prefork; threads if the installed conveyor refuses it)",
@@ -806,7 +845,7 @@ Runs = dict[str, dict[str, list[dict[str, Any]]]]
 def run_rounds(args: argparse.Namespace, pool: str, modes: tuple[str, ...]) -> Runs:
     """Every round: each mode's throughput, then the idle memory of those measured for it; the
     order rotates by one each round."""
-    memory = tuple(m for m in modes if m in MEMORY_MODES)
+    memory = tuple(m for m in modes if m in MEMORY_MODES) if args.memory else ()
     runs: Runs = {"throughput": {m: [] for m in modes}, "memory": {m: [] for m in memory}}
     for round_no in range(args.repeat):
         for measurement, chosen in (("throughput", modes), ("memory", memory)):
@@ -841,6 +880,10 @@ class Figures:
     runs: Runs
     rate: dict[str, float]
     startup: dict[str, float]
+    cpu: dict[str, float]
+    """CPU µs per task of the parent: conveyor's and Celery's (the one holding the connection)."""
+    broker_cpu: dict[str, float]
+    """CPU µs per task of the RabbitMQ server, when it runs on this machine."""
     pss: dict[str, float]
     rss: dict[str, float]
     label: dict[str, str]
@@ -864,6 +907,17 @@ class Figures:
             runs=runs,
             rate=rate,
             startup={m: median(runs["throughput"][m], "startup_s") for m in modes if m != PROBE},
+            cpu={
+                m: median(runs["throughput"][m], "parent_cpu_us")
+                for m in modes
+                if (m in VARIANTS or m == "celery")
+                and all("parent_cpu_us" in r for r in runs["throughput"][m])
+            },
+            broker_cpu={
+                m: median(runs["throughput"][m], "broker_cpu_us")
+                for m in modes
+                if all("broker_cpu_us" in r for r in runs["throughput"][m])
+            },
             pss=pss,
             rss={m: median(runs["memory"][m], "rss_kib") / 1024 for m in memory},
             label=label,
@@ -913,16 +967,19 @@ def throughput_lines(f: Figures) -> list[str]:
         "no message is left ready in the queue, polled every 5 ms (start-up is not timed); the",
         "probe times its own children. Ratios are of medians: this row's tasks/s over",
         f"Dramatiq's best ({best}), Celery's and the probe's; `-` where that one did not run.",
+        "CPU per task: of the worker's process that holds the broker connection, and of the",
+        "RabbitMQ server, in the timed window.",
         "",
         f"| Worker | tasks/s | {' | '.join(f'÷ {name}' for name in references)} "
-        "| start to first delivery (s) |",
-        "|---|---:|" + "---:|" * len(references) + "---:|",
+        "| parent CPU per task (µs) | RabbitMQ CPU per task (µs) | start to first delivery (s) |",
+        "|---|---:|" + "---:|" * len(references) + "---:|---:|---:|",
     ]
     ratios = f.ratios()
     for m, rate in f.rate.items():
         cells = " | ".join(blank_or(ratios[m][name], ".2f") for name in references)
+        cpu, broker = blank_or(f.cpu.get(m), ".0f"), blank_or(f.broker_cpu.get(m), ".0f")
         start = blank_or(f.startup.get(m), ".2f")
-        lines.append(f"| {f.label[m]} | {rate:,.0f} | {cells} | {start} |")
+        lines.append(f"| {f.label[m]} | {rate:,.0f} | {cells} | {cpu} | {broker} | {start} |")
     return [*lines, ""]
 
 
@@ -939,7 +996,8 @@ def variant_lines(f: Figures) -> list[str]:
 
     Beside the ratio of medians, each round's own ratio (its two runs were at most one round
     apart, so a change of the machine's load between rounds mostly cancels out) and their
-    median.
+    median; and the CPU per task of the parent and of RabbitMQ, this variant's over the other's
+    (medians).
     """
     throughput = f.runs["throughput"]
     rows = []
@@ -949,10 +1007,15 @@ def variant_lines(f: Figures) -> list[str]:
         rounds = [
             a["per_s"] / b["per_s"] for a, b in zip(throughput[mode], throughput[base], strict=True)
         ]
+        cpu, broker = (
+            None if mode not in d or base not in d else d[mode] / d[base]
+            for d in (f.cpu, f.broker_cpu)
+        )
         rows.append(
             f"| {what} | {f.rate[mode]:,.0f} ÷ {f.rate[base]:,.0f} | "
             f"{f.rate[mode] / f.rate[base]:.2f}x | {statistics.median(rounds):.2f}x | "
-            f"{', '.join(f'{r:.2f}' for r in rounds)} |"
+            f"{', '.join(f'{r:.2f}' for r in rounds)} | {blank_or(cpu, '.2f')} | "
+            f"{blank_or(broker, '.2f')} |"
         )
     if not rows:
         return []
@@ -960,8 +1023,8 @@ def variant_lines(f: Figures) -> list[str]:
         "## conveyor's variants against each other",
         "",
         "| Variant | tasks/s (medians) | ratio of medians | median of rounds' ratios | "
-        "each round's ratio |",
-        "|---|---:|---:|---:|---|",
+        "each round's ratio | parent CPU per task, ratio | RabbitMQ CPU per task, ratio |",
+        "|---|---:|---:|---:|---|---:|---:|",
         *rows,
         "",
     ]
@@ -1033,13 +1096,21 @@ def target_lines(f: Figures) -> list[str]:
 
 
 def all_runs_lines(f: Figures) -> list[str]:
-    lines = ["## All runs", "", "| Worker | tasks/s | PSS (MiB) | RSS (MiB) |", "|---|---|---|---|"]
+    lines = [
+        "## All runs",
+        "",
+        "| Worker | tasks/s | parent CPU per task (µs) | RabbitMQ CPU per task (µs) | PSS (MiB) "
+        "| RSS (MiB) |",
+        "|---|---|---|---|---|---|",
+    ]
     for m, runs in f.runs["throughput"].items():
         memory = f.runs["memory"].get(m, [])
         rates = ", ".join(f"{r['per_s']:,.0f}" for r in runs)
+        cpus = ", ".join(f"{r['parent_cpu_us']:.0f}" for r in runs) if m in f.cpu else "-"
+        broker = ", ".join(f"{r['broker_cpu_us']:.0f}" for r in runs) if m in f.broker_cpu else "-"
         psss = ", ".join(f"{r['pss_kib'] / 1024:.1f}" for r in memory) or "-"
         rsss = ", ".join(f"{r['rss_kib'] / 1024:.1f}" for r in memory) or "-"
-        lines.append(f"| {f.label[m]} | {rates} | {psss} | {rsss} |")
+        lines.append(f"| {f.label[m]} | {rates} | {cpus} | {broker} | {psss} | {rsss} |")
     return lines
 
 
@@ -1097,6 +1168,8 @@ def write_report(
             "rate": f.rate,
             "ratios": f.ratios(),
             "startup_s": f.startup,
+            "parent_cpu_us": f.cpu,
+            "broker_cpu_us": f.broker_cpu,
             "pss_mib": f.pss,
             "rss_mib": f.rss,
             "best_dramatiq": f.best,

@@ -312,6 +312,46 @@ def test_a_queue_with_other_arguments_gets_a_clear_error(queue: str) -> None:
         broker.close()
 
 
+def test_changing_queue_max_priority_takes_a_drained_queue_deleted(queue: str) -> None:
+    """What docs/brokers.md says to do: drain, delete the queue itself, start with the new
+    setting. Its dead letters, in a queue of their own, stay."""
+    old = Conveyor("rmq", broker=URL, results=None, default_queue=queue)
+    new = Conveyor("rmq", broker=URL, results=None, default_queue=queue, queue_max_priority=3)
+
+    @old.task(name="rmq.noop")
+    def noop() -> None:
+        """Nothing."""
+
+    @new.task(name="rmq.noop")
+    def noop_too() -> None:
+        """Nothing."""
+
+    try:
+        noop.delay()
+        old.broker.publish([Outgoing(queue, b"not json")])
+        with pytest.raises(ConfigurationError, match="x-max-priority 9 where conveyor asks for 3"):
+            noop_too.delay()
+        stats = Worker(old, pool="threads", concurrency=1, until_empty=True).run()
+        assert (stats.succeeded, stats.rejected) == (1, 1)
+        ready, delayed = [(s.ready, s.delayed) for s in old.broker.stats([queue])][0]
+        assert (ready, delayed) == (0, 0)
+
+        async def delete() -> None:
+            connection = await aiormq.connect(URL)
+            channel = await connection.channel()
+            await channel.queue_delete(queue, if_empty=True)
+            await connection.close()
+
+        asyncio.run(delete())
+        noop_too.apply_async(priority=9)  # declared anew, with x-max-priority 3
+        stats = Worker(new, pool="threads", concurrency=1, until_empty=True).run()
+        assert stats.succeeded == 1
+        assert len(new.broker.dead_letters(queue)) == 1
+    finally:
+        old.close()
+        new.close()
+
+
 def test_a_wrong_password_never_shows() -> None:
     broker = RabbitMQBroker("amqp://guest:s3cret-value@127.0.0.1:5672/")
     try:
