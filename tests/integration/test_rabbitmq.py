@@ -333,8 +333,8 @@ def test_changing_queue_max_priority_takes_a_drained_queue_deleted(queue: str) -
             noop_too.delay()
         stats = Worker(old, pool="threads", concurrency=1, until_empty=True).run()
         assert (stats.succeeded, stats.rejected) == (1, 1)
-        ready, delayed = [(s.ready, s.delayed) for s in old.broker.stats([queue])][0]
-        assert (ready, delayed) == (0, 0)
+        (left,) = old.broker.stats([queue])
+        assert (left.ready, left.delayed) == (0, 0)
 
         async def delete() -> None:
             connection = await aiormq.connect(URL)
