@@ -35,6 +35,7 @@ SCENARIOS = {
     "scaling": ("bench.scaling", "rate against concurrency, and a 1,000,000-message backlog"),
     "load_memory": ("bench.load_memory", "worker memory idle and after 100,000 tasks"),
     "mix": ("bench.mix", "1% of tasks sleep 1 s: do short tasks wait behind them?"),
+    "short_tasks": ("bench.short_tasks", "2 ms tasks, 4 children: is the next task at hand?"),
     "results": ("bench.results_roundtrip", "result round trips for every result store"),
     "values": ("bench.values", "what the checks that keep values exact cost per send and run"),
     "logging": ("bench.logging_cost", "conveyor's default logging against --quiet-tasks"),

@@ -473,6 +473,38 @@ def mix(s: Summary, f: dict[str, Any]) -> None:
     )
 
 
+def short_tasks(s: Summary, f: dict[str, Any]) -> None:
+    labels, medians, limits = f["labels"], f["medians"], f["limits"]
+    kinds = f["kinds"]
+    modes = list(labels)
+    if "sleep" in kinds:
+        share = medians["sleep"]["conveyor"]["share_of_limit"]
+        goal = f["target_share"]
+        s.target(
+            f"2 ms sleeping tasks, 4 children: tasks/s ÷ the {limits['sleep']:,.0f}/s they allow",
+            share,
+            f"≥ {goal:g}x",
+            share >= goal,
+        )
+    names = {"sleep": "2 ms sleep", "cpu": "2 ms CPU"}
+    chart = bars(
+        "short-tasks",
+        "2 ms tasks on RabbitMQ, 4 slots (tasks/s)",
+        [f"{names[k]} (limit {limits[k]:,.0f})" for k in kinds],
+        {_peer_label(labels[m]): [medians[k][m]["per_s"] for k in kinds] for m in modes},
+        "tasks/s",
+    )
+    s.section(
+        "## Short tasks",
+        "",
+        chart,
+        "",
+        "Tasks about as long as a trip to the broker: does a child find its next task at hand?",
+        "The CPU tasks share the machine's cores with the worker's own process and RabbitMQ.",
+        "Details: [benchmarks-short-tasks.md](benchmarks-short-tasks.md).",
+    )
+
+
 def _peer_label(label: str) -> str:
     return label.replace("`", "")
 
@@ -520,6 +552,7 @@ RENDERERS: dict[str, Callable[[Summary, dict[str, Any]], None]] = {
     "scaling": scaling,
     "load_memory": load_memory,
     "mix": mix,
+    "short_tasks": short_tasks,
     "results": results,
     "values": values,
     "logging": logging_cost,

@@ -222,6 +222,11 @@ class Broker(abc.ABC):
         """`stats` on the attached loop."""
         return self.stats(queues)
 
+    async def round_trip_async(self) -> float | None:
+        """Seconds one request to the broker and its answer take, timed on the attached loop,
+        or None when there is nothing to time (an embedded broker, or nothing consumed yet)."""
+        return None
+
     # administration
 
     @abc.abstractmethod

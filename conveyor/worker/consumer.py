@@ -58,6 +58,8 @@ DRAIN_CONFIRM_S = 0.1
 DRAIN_CHECK_POLL_S = 0.008
 # A task may start this much before its ETA; earlier deliveries are delayed again.
 EARLY_TOLERANCE_S = 0.01
+# How often, while tasks run, the broker's round trip is timed for the pool.
+ROUND_TRIP_PROBE_S = 1.0
 
 
 @dataclass
@@ -188,11 +190,13 @@ class Consumer:
         self._reserve()
         renewer = asyncio.create_task(self._renew_leases())
         reporter = asyncio.create_task(self._report())
+        prober = asyncio.create_task(self._time_round_trips())
         try:
             await self._consume()
         finally:
             renewer.cancel()
             reporter.cancel()
+            prober.cancel()
             with self._lock:
                 self.task_log.flush()
             if self._native:
@@ -445,6 +449,27 @@ class Consumer:
             await asyncio.sleep(1.0)
             with self._lock:
                 self.task_log.tick()
+
+    async def _time_round_trips(self) -> None:
+        """Tell the pool what a finished task's replacement takes to arrive: its ack waits up to
+        `ACK_DELAY_S` for company, then the broker is a round trip away (timed every
+        `ROUND_TRIP_PROBE_S` while tasks run, and as soon as it can be at the start)."""
+        if not self._native:
+            return  # an embedded broker's fetch is a call in this process: nothing to time
+        measured = False
+        while True:
+            await asyncio.sleep(ROUND_TRIP_PROBE_S if measured else MIN_POLL_S * 10)
+            if measured and not self._running:
+                continue
+            try:
+                seconds = await self.broker.round_trip_async()
+            except Exception as exc:  # the rounds report a broker that fails
+                log.debug("could not time the broker's round trip: %s", exc)
+                continue
+            if seconds is not None:
+                with self._lock:
+                    self.pool.observe_round_trip(ACK_DELAY_S + seconds)
+                measured = True
 
     # dispatch
 

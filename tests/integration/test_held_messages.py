@@ -33,8 +33,8 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 
 HERE = Path(__file__).parent
 CHILDREN = 4
-# The prefetch above the running tasks is the pool's look-ahead: at least 2 per child once the
-# no-op runs taught it their tasks are short (4 to 8 here), so these fit with room to spare.
+# While the blockers run, the prefetch counts what the children hold (4): the blockers were
+# acknowledged before they ran, so these fit under it, pushed behind them.
 HELD = 3
 WARM_UP = 500  # short runs that take the pool's look-ahead (and the prefetch) to its ceiling
 KILLS = 3

@@ -40,7 +40,8 @@ from conveyor import Conveyor, DeadLetterReason, SoftTimeLimitExceeded, Task, Wo
 from conveyor.errors import EncodeError, TaskFailed, TimeLimitExceeded
 from conveyor.message import decode
 from conveyor.results import ResultRecord, State
-from conveyor.worker.pools.prefork import PreforkPool
+from conveyor.worker.consumer import ACK_DELAY_S
+from conveyor.worker.pools.prefork import MIN_BUDGET_S, ROUND_TRIPS, PreforkPool
 
 pytestmark = pytest.mark.integration
 
@@ -411,6 +412,45 @@ def test_prefetch_never_exceeds_the_children_and_keeps_them_busy(
     assert [r.get(timeout=1) for r in results] == list(range(10))
     assert worker.stats.received == 10
     assert len(pids_in(started)) == 2
+
+
+def test_2ms_tasks_queue_in_children_once_the_broker_round_trip_is_timed(
+    make_app: MakeApp, broker_kind: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On RabbitMQ the worker times the broker's round trip: the budget grows past a 2 ms
+    task, which then queues behind the running one. On SQLite the fetch is a call in the
+    worker's process and the budget stays at its floor, under such a task."""
+    depths: list[int] = []
+    resize = PreforkPool._resize
+
+    def noting(pool: PreforkPool) -> None:
+        resize(pool)
+        depths.append(pool._depth)
+
+    monkeypatch.setattr(PreforkPool, "_resize", noting)
+    app = make_app()
+
+    @app.task
+    def nap(n: int) -> int:
+        time.sleep(0.002)
+        return n
+
+    results = nap.map([(n,) for n in range(600)])
+    worker = Worker(app, pool="prefork", concurrency=2, until_empty=True)
+    thread, errors = start_worker(worker)
+    thread.join(60)
+    assert not thread.is_alive() and not errors
+    assert [r.get(timeout=1) for r in results] == list(range(600))
+    assert worker._consumer is not None
+    pool = worker._consumer.pool
+    assert isinstance(pool, PreforkPool)
+    if broker_kind == "rabbitmq":
+        assert pool._round_trip > ACK_DELAY_S
+        assert pool._budget >= ROUND_TRIPS * ACK_DELAY_S > 0.002
+        assert max(depths) > 1, "2 ms tasks queued behind the running ones"
+    else:
+        assert pool._round_trip == 0 and pool._budget == MIN_BUDGET_S
+        assert max(depths) == 1
 
 
 # 3. start-up: WORKER_UP, and a child that never reports it is replaced

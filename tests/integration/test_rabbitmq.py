@@ -65,6 +65,23 @@ def broker() -> Iterator[RabbitMQBroker]:
     b.close()
 
 
+def test_the_round_trip_is_timed_on_the_attached_loop_once_consuming(queue: str) -> None:
+    broker = RabbitMQBroker(URL)
+
+    async def timed() -> tuple[float | None, float | None]:
+        broker.attach(asyncio.get_running_loop())
+        try:
+            before = await broker.round_trip_async()
+            await broker.fetch_async([queue], 1)  # declares the queue and consumes it
+            return before, await broker.round_trip_async()
+        finally:
+            await broker.detach()
+
+    before, after = asyncio.run(timed())
+    assert before is None, "nothing consumed yet: nothing to time"
+    assert after is not None and 0 < after < 1
+
+
 def test_publish_fetch_ack_in_priority_order(
     broker: RabbitMQBroker, queue: str, poll: Poll
 ) -> None:

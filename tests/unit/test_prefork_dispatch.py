@@ -20,8 +20,10 @@ from conveyor.message import decode
 from conveyor.worker.execution import Job, Kind, Outcome
 from conveyor.worker.pools import _children
 from conveyor.worker.pools.prefork import (
-    BATCH_BUDGET_S,
+    MAX_BUDGET_S,
     MAX_DEPTH,
+    MIN_BUDGET_S,
+    ROUND_TRIPS,
     PreforkPool,
     State,
     _Child,
@@ -186,7 +188,7 @@ def test_nothing_more_queues_behind_a_job_running_past_the_budget(
     pool.submit(make_job(app, "quick"), recorder(finished))
     busy = next(c for c in children(pool) if c.jobs)
     assert pool._room(busy, busy.head_since) > 0
-    assert pool._room(busy, busy.head_since + BATCH_BUDGET_S * 1.5) == 0
+    assert pool._room(busy, busy.head_since + MIN_BUDGET_S * 1.5) == 0
 
 
 def test_a_slow_run_brings_the_depth_back_to_one(pool: PreforkPool, app: Conveyor) -> None:
@@ -275,3 +277,143 @@ def test_after_a_slow_run_an_idle_child_still_gets_work_while_others_hold_jobs(
         finish(pool, first, 0.00005, finished)
     settle_capacity(pool)
     assert reported[-1] == pool.capacity == 2, "back to one per child once they drained"
+
+
+# The time budget: ROUND_TRIPS times what a finished job's replacement takes to arrive (the
+# consumer measures it), within MIN_BUDGET_S and MAX_BUDGET_S. A task is short when its recent
+# runs took no longer than that.
+
+
+def test_nothing_is_prefetched_beyond_the_children_before_a_task_ran(pool: PreforkPool) -> None:
+    pool.observe_round_trip(0.002)
+    assert pool._depth == 1 and pool.capacity == 2 and pool.free(0) == 2
+
+
+def test_a_2ms_task_is_short_once_the_round_trip_makes_room_for_it(
+    pool: PreforkPool, app: Conveyor
+) -> None:
+    """2 ms is over the floor of the budget: one such job per child until the consumer has
+    timed the broker; then a few queue behind the running one, and the prefetch grows."""
+    learn(pool, app, "two_ms", took=0.0021)
+    assert not pool._is_short(make_job(app, "two_ms"))
+    assert pool._depth == 1 and pool.capacity == 2
+    reported: list[int] = []
+    pool.on_capacity = lambda: reported.append(pool.capacity)
+    pool.observe_round_trip(0.0012)  # a 1 ms ack delay, and 0.2 ms to the broker and back
+    assert pool._budget == pytest.approx(ROUND_TRIPS * 0.0012)
+    assert pool._is_short(make_job(app, "two_ms"))
+    assert pool._depth == 4, "2 + 4.8 ms // 2.1 ms, a power of two"
+    assert reported == [8]
+    finished: Finished = []
+    for _ in range(8):
+        pool.submit(make_job(app, "two_ms"), recorder(finished))
+    first, second = children(pool)
+    assert len(first.jobs) == len(second.jobs) == 4, "the running job and 3 behind it"
+
+
+@pytest.mark.parametrize("round_trip", [0.0003, 0.0005, 0.0012, 0.002, 0.0035, 0.005])
+def test_the_work_queued_behind_a_running_task_covers_two_round_trips(
+    app: Conveyor, round_trip: float
+) -> None:
+    """For every run time from 0.1 ms to 25 ms: a task over the budget gets nothing behind
+    it; a shorter one gets enough that its child's next task is at hand for twice the time a
+    replacement takes to come (unless the depth is at its most)."""
+    job = make_job(app, "steady")
+    for tenths in range(1, 250):
+        took = tenths / 10_000
+        prefork = PreforkPool(2, app)
+        prefork.observe_round_trip(round_trip)
+        prefork._observe(job, took)
+        if took > prefork._budget:
+            assert prefork._depth == 1 and not prefork._is_short(job), took
+            continue
+        assert prefork._is_short(job), took
+        queued = prefork._depth - 1
+        assert queued * took >= 2 * round_trip or prefork._depth == MAX_DEPTH, took
+        assert queued * took <= prefork._budget + took, "a budget's worth, one task over at most"
+
+
+def test_the_budget_keeps_to_its_floor_and_ceiling(pool: PreforkPool, app: Conveyor) -> None:
+    pool.observe_round_trip(0.0001)
+    assert pool._budget == MIN_BUDGET_S
+    for _ in range(50):  # a broker far away, or a worker's loop starved of CPU
+        pool.observe_round_trip(1.0)
+    assert pool._budget == MAX_BUDGET_S
+    learn(pool, app, "long", took=MAX_BUDGET_S * 1.5, times=1)
+    assert not pool._is_short(make_job(app, "long"))
+    assert pool._depth == 1 and pool.capacity == 2
+
+
+def test_one_slow_round_trip_moves_the_budget_only_part_of_the_way(pool: PreforkPool) -> None:
+    pool.observe_round_trip(0.001)
+    pool.observe_round_trip(0.005)
+    assert pool._round_trip == pytest.approx(0.002)
+    assert pool._budget == pytest.approx(ROUND_TRIPS * 0.002)
+
+
+def test_a_new_task_gets_nothing_behind_it_however_large_the_budget(
+    pool: PreforkPool, app: Conveyor
+) -> None:
+    pool.observe_round_trip(MAX_BUDGET_S)
+    learn(pool, app, "quick", took=0.00005)
+    finished: Finished = []
+    pool.submit(make_job(app, "new"), recorder(finished))
+    busy = next(c for c in children(pool) if c.jobs)
+    assert pool._room(busy, busy.head_since) == 0
+    for _ in range(3):
+        pool.submit(make_job(app, "quick"), recorder(finished))
+    assert len(busy.jobs) == 1, "short jobs go to the idle child, not behind the new one"
+
+
+def test_nothing_more_queues_behind_a_job_running_past_a_measured_budget(
+    pool: PreforkPool, app: Conveyor
+) -> None:
+    pool.observe_round_trip(0.003)  # a budget of 12 ms
+    learn(pool, app, "two_ms", took=0.002)
+    finished: Finished = []
+    pool.submit(make_job(app, "two_ms"), recorder(finished))
+    busy = next(c for c in children(pool) if c.jobs)
+    assert pool._room(busy, busy.head_since + 0.010) > 0, "within the budget"
+    assert pool._room(busy, busy.head_since + 0.013) == 0, "it ran past any short task"
+
+
+def test_a_child_running_a_slow_task_gives_its_share_of_the_prefetch_back(
+    pool: PreforkPool, app: Conveyor
+) -> None:
+    """Short tasks raised the depth; a task not known to be short that starts takes its child's
+    look-ahead out of the prefetch at once, so the broker keeps those messages for workers that
+    can run them now, not for a child that will be busy for who knows how long."""
+    learn(pool, app, "quick", took=0.00005)
+    learn(pool, app, "report", took=0.5, times=1)
+    learn(pool, app, "quick", took=0.00005)  # the depth is back up: "report" is still slow
+    assert pool._depth == MAX_DEPTH and not pool._is_short(make_job(app, "report"))
+    reported: list[int] = []
+    pool.on_capacity = lambda: reported.append(pool.capacity)
+    finished: Finished = []
+    pool.submit(make_job(app, "report"), recorder(finished))
+    assert pool.capacity == 1 + MAX_DEPTH, "the busy child holds its one job, the idle one a depth"
+    settle_capacity(pool)
+    assert reported == [1 + MAX_DEPTH]
+    pool.submit(make_job(app, "report"), recorder(finished))
+    settle_capacity(pool)
+    assert reported == [1 + MAX_DEPTH, 2]
+    assert pool.free(2) == 0
+    first = children(pool)[0]
+    finish(pool, first, 0.00005, finished)  # a quicker run than usual: still slow lately
+    assert reported[-1] == pool.capacity == 1 + MAX_DEPTH, "a rise is told at once"
+
+
+def test_a_job_waiting_for_a_child_not_up_yet_is_counted_once(
+    pool: PreforkPool, app: Conveyor
+) -> None:
+    """The consumer can fetch a job just before the child it was meant for turns out not to
+    be up: it waits in the pool for that child, and the prefetch counts it once, not as well as
+    the child's own slot."""
+    first, second = children(pool)
+    pool._ready_children.remove(second)
+    second.state = State.STARTING
+    finished: Finished = []
+    for _ in range(2):
+        pool.submit(make_job(app, "new"), recorder(finished))
+    assert len(first.jobs) == 1 and len(pool._backlog) == 1
+    assert pool.capacity == 2

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import logging
 import threading
@@ -290,6 +291,58 @@ def test_a_pool_that_sees_runs_die_counts_those_runs_not_deliveries() -> None:
     assert in_process._poisoned(_delivery(3, 0)) is None
     counted = in_process._poisoned(_delivery(4, 0))
     assert counted is not None and counted.startswith("poison message: delivered 4 times")
+    app.close()
+
+
+class _LearnsRoundTrips(ThreadPool):
+    """A pool that notes the round trips the consumer tells it of."""
+
+    def __init__(self, concurrency: int) -> None:
+        super().__init__(concurrency)
+        self.round_trips: list[float] = []
+
+    def observe_round_trip(self, seconds: float) -> None:
+        self.round_trips.append(seconds)
+
+
+def test_a_consumer_on_an_attached_broker_tells_the_pool_what_a_replacement_takes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Its ack waits up to ACK_DELAY_S, then the broker is a round trip away: timed at once,
+    then every ROUND_TRIP_PROBE_S while tasks run; never while none does."""
+    from conveyor.worker import consumer as module
+
+    app = memory_app()
+    pool = _LearnsRoundTrips(1)
+    consumer = Consumer(app, pool, [Q], WorkerStats())
+    consumer._native = True  # as with RabbitMQ on the worker's loop
+    answers = iter([None, 0.0003, 0.0005])
+
+    async def round_trip() -> float | None:
+        return next(answers, 0.0005)
+
+    monkeypatch.setattr(app.broker, "round_trip_async", round_trip)
+    monkeypatch.setattr(module, "ROUND_TRIP_PROBE_S", 0.001)
+
+    async def probe_for(seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(consumer._time_round_trips(), seconds)
+
+    asyncio.run(probe_for(0.1))
+    assert pool.round_trips == [pytest.approx(module.ACK_DELAY_S + 0.0003)], "idle after one"
+    consumer._running.add(object())  # type: ignore[arg-type]
+    asyncio.run(probe_for(0.1))
+    assert len(pool.round_trips) > 2
+    assert pool.round_trips[-1] == pytest.approx(module.ACK_DELAY_S + 0.0005)
+    app.close()
+
+
+def test_a_consumer_on_an_embedded_broker_times_nothing() -> None:
+    app = memory_app()
+    pool = _LearnsRoundTrips(1)
+    consumer = Consumer(app, pool, [Q], WorkerStats())
+    asyncio.run(asyncio.wait_for(consumer._time_round_trips(), 1.0))  # returns at once
+    assert pool.round_trips == []
     app.close()
 
 

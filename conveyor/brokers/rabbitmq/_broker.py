@@ -349,6 +349,19 @@ class RabbitMQBroker(Broker):
         with self._errors():
             return await self._stats(sorted(self._declared if queues is None else queues))
 
+    async def round_trip_async(self) -> float | None:
+        """A passive declare of a queue being consumed (it exists), timed on the attached loop:
+        the answer is read and handled by that loop, so its own load counts, as it does for a
+        delivery."""
+        channel = self._channel
+        queue = next(iter(self._consuming), None)
+        if channel is None or channel.is_closed or queue is None:
+            return None
+        began = time.monotonic()
+        with self._errors():
+            await channel.queue_declare(queue, passive=True)
+        return time.monotonic() - began
+
     # producer side
 
     def publish(self, messages: Sequence[Outgoing]) -> None:

@@ -54,6 +54,10 @@ class Pool(abc.ABC):
         """How many more jobs can start now, with `running` submitted and not yet done."""
         return self.concurrency - running
 
+    def observe_round_trip(self, seconds: float) -> None:  # noqa: B027
+        """Learn what a finished job's replacement takes to arrive from the broker (its ack's
+        wait and a round trip), as the consumer measured it. Default: nothing to learn."""
+
     @abc.abstractmethod
     async def start(self) -> None:
         """Get ready to run jobs (called on the consumer's event loop)."""

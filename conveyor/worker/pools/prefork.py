@@ -6,12 +6,23 @@ by the worker's event loop, and runs one task at a time. Work is written only to
 reported WORKER_UP and is idle, so no task waits behind a busy child, and the consumer fetches
 no more than the pool can start.
 
-Short tasks are the exception that pays: a task whose recent runs in the children all took well
-under `BATCH_BUDGET_S` may be written to a child that is running other such tasks, up to a
-depth that keeps the queued work in a child within that budget (a few milliseconds). A task not
-known to be short (new, or slow lately) only ever goes to an idle child. Frames written in one
-loop turn go down each pipe in one write, so a stream of tiny tasks costs a system call per
-batch, not per task, and keeps a window of work in flight across the broker's round trip.
+Short tasks are the exception that pays. A child that finishes a task and has nothing queued
+waits for its next one: its ack goes out (the consumer holds acks up to a millisecond to send
+them together), the broker pushes a replacement, the worker passes it down the pipe. For a task
+that runs about as long as that trip, the child would stand idle a large share of its time.
+So the pool keeps a time budget, `ROUND_TRIPS` times what that replacement takes (the consumer
+measures it: `observe_round_trip`), and never less than `MIN_BUDGET_S` nor more than
+`MAX_BUDGET_S`. A task is short when every recent run of it in the children took no longer
+than the budget. A child running short tasks may hold a few more of them behind its running
+task: up to 1 + budget / (the slowest recent run time of any task), the jobs in the child in
+all rounded down to a power of two and at most `MAX_DEPTH`. The queued work then covers the
+trip at least twice, so the child's next task is at hand when it finishes, and it is never
+more than the budget and one task. A task not known to be short (new, or slow lately) only
+ever goes to an idle child and nothing queues behind it, nor in the worker for its child (the
+broker's prefetch, `capacity`, counts only what that child holds), and no more queues behind a
+task once it has run past the budget: a slow task never holds messages that another child or
+worker could run now. Frames written in one loop turn go down each pipe in one write, so a
+stream of tiny tasks costs a system call per batch, not per task.
 
 Children are forked by a zygote (see `_children`), so none inherits a broker socket. A zygote
 that dies is replaced by one in a fresh interpreter: its children become orphans that finish
@@ -38,6 +49,7 @@ import contextlib
 import enum
 import itertools
 import logging
+import math
 import os
 import signal
 import socket
@@ -65,14 +77,24 @@ RESTART_BACKOFF_MAX_S = 10.0
 #: Tries at starting a new zygote before the pool gives up (waits of 0.5, 1, 2, 4 s between).
 ZYGOTE_ATTEMPTS = 5
 ZYGOTE_BACKOFF_S = 0.5
-#: The most work, in the children's recent run times, queued in a child behind its running task.
-BATCH_BUDGET_S = 0.002
+#: The time budget is this many times what a finished job's replacement takes to arrive: the
+#: work queued in a child then covers that wait at least twice, and a task counts as short when
+#: waiting for its replacement would idle its child a fifth of the time or more.
+ROUND_TRIPS = 4
+#: The budget's floor, and what it is until the consumer measured a round trip (an embedded
+#: broker's fetch is a call in the worker's own process: the floor is all it needs).
+MIN_BUDGET_S = 0.002
+#: The budget's ceiling, however far away the broker or busy the worker: a child holds at most
+#: this much queued work, and one task more.
+MAX_BUDGET_S = 0.02
 #: A lower capacity is told to the broker once it held this long (see `_capacity_changed`).
 SHRINK_AFTER_S = 0.02
 #: The most jobs written to one child at once.
 MAX_DEPTH = 32
 #: Each run of a task counts fully; older runs fade by this factor per run of the same task.
 RUNTIME_DECAY = 0.95
+#: Each measured round trip moves the pool's estimate this share of the way.
+ROUND_TRIP_WEIGHT = 0.25
 
 
 class State(enum.Enum):
@@ -155,7 +177,9 @@ class PreforkPool(Pool):
         self._stopping = False
         self._gone = asyncio.Event()
         self._runtimes: dict[str, float] = {}  # task name -> recent run time, in the child
-        self._pace = BATCH_BUDGET_S  # recent run time of any task
+        self._pace = 0.0  # recent run time of any task (0: none ran yet)
+        self._round_trip = 0.0  # what a replacement takes to arrive (0: not measured yet)
+        self._budget = MIN_BUDGET_S
         self._depth = 1
         self._reported = concurrency
         self._shrink: asyncio.TimerHandle | None = None
@@ -170,13 +194,19 @@ class PreforkPool(Pool):
 
     @property
     def capacity(self) -> int:
-        """A depth's worth of jobs per child, or what the pool holds plus what its idle
-        children can start, if that is more: when the depth drops (a task ran long), jobs
-        already queued behind it still count against the broker's prefetch, and an idle child
-        must not wait for them to drain before it gets work."""
-        held = len(self._backlog) + sum(len(child.jobs) for child in self._ready_children)
-        idle = sum(1 for child in self._ready_children if not child.jobs)
-        return min(self.most, max(self.concurrency * self._depth, held + idle))
+        """What the broker may hold out to this worker: a depth's worth of jobs for each child
+        that is idle or runs only short tasks, and what it holds for a child running a task not
+        known to be short, which takes nothing more: the broker keeps the rest for workers that
+        can start them now. Jobs already queued count whatever the depth (it drops when a task
+        runs long), so an idle child never waits for them to drain before it gets work. Jobs
+        waiting in the pool go to the next child that can start them: a child not up yet, each
+        counted a depth, takes them first."""
+        depth = self._depth
+        total = max(len(self._backlog), depth * (self.concurrency - len(self._ready_children)))
+        for child in self._ready_children:
+            held = len(child.jobs)
+            total += held if len(child.short) < held else max(held, depth)
+        return min(self.most, total)
 
     def _capacity_changed(self) -> None:
         """Tell the consumer (and through it the broker's prefetch) when the capacity moved.
@@ -213,7 +243,7 @@ class PreforkPool(Pool):
 
     def _room(self, child: _Child, now: float) -> int:
         queued = len(child.jobs)
-        if queued and (len(child.short) < queued or now - child.head_since > BATCH_BUDGET_S):
+        if queued and (len(child.short) < queued or now - child.head_since > self._budget):
             return 0
         if queued > self._depth // 2 and child not in self._unflushed:
             return 0  # topped up once half its work is done: one write per half a batch
@@ -223,15 +253,32 @@ class PreforkPool(Pool):
         return max(room, 0)
 
     def _is_short(self, job: Job) -> bool:
-        return self._runtimes.get(job.task.name, BATCH_BUDGET_S) <= BATCH_BUDGET_S / 2
+        return self._runtimes.get(job.task.name, math.inf) <= self._budget
 
     def _observe(self, job: Job, took: float) -> None:
         """Learn from a finished job's run time; the depth follows the slowest recent task."""
         name = job.task.name
         self._runtimes[name] = max(took, self._runtimes.get(name, took) * RUNTIME_DECAY)
         self._pace = max(took, self._pace * RUNTIME_DECAY)
-        depth = max(1, min(MAX_DEPTH, int(BATCH_BUDGET_S / max(self._pace, 1e-6))))
-        self._depth = 1 << (depth.bit_length() - 1)  # a power of two: changes are rare
+        self._resize()
+
+    def observe_round_trip(self, seconds: float) -> None:
+        """Learn what a finished job's replacement takes to arrive; the budget follows it."""
+        if self._round_trip:
+            seconds = self._round_trip + ROUND_TRIP_WEIGHT * (seconds - self._round_trip)
+        self._round_trip = seconds
+        self._budget = min(MAX_BUDGET_S, max(MIN_BUDGET_S, ROUND_TRIPS * seconds))
+        self._resize()
+        self._capacity_changed()
+
+    def _resize(self) -> None:
+        """Jobs per child: the running one and up to `1 + budget / pace` behind it, in all a
+        power of two (changes are rare); only the running one while a task ran long lately."""
+        if not 0 < self._pace <= self._budget:
+            self._depth = 1
+            return
+        depth = min(MAX_DEPTH, 2 + int(self._budget / max(self._pace, 1e-6)))
+        self._depth = 1 << (depth.bit_length() - 1)
 
     # lifecycle
 
@@ -310,11 +357,14 @@ class PreforkPool(Pool):
     def submit(self, job: Job, done: DoneCallback) -> None:
         """Write a job to a child that can start it (the consumer never submits more than
         `free`); one that none can take now waits here for the next that can."""
-        child = self._pick(self._is_short(job))
+        short = self._is_short(job)
+        child = self._pick(short)
         if child is None:
             self._backlog.append((job, done))
             return
         self._give(child, job, done)
+        if not short:
+            self._capacity_changed()  # that child takes no more for now
 
     def _pick(self, short: bool) -> _Child | None:
         """An idle child, or for a short task the least loaded child with room for it."""
