@@ -31,6 +31,7 @@ from conveyor.brokers import Delivery
 from conveyor.worker.admission import AdmissionPolicy
 from conveyor.worker.execution import Job, Outcome
 from conveyor.worker.pools.base import Pool
+from conveyor.worker.rounds import settle_and_fetch, settle_and_fetch_async
 from conveyor.worker.settlement import Records, SettlementPolicy
 from conveyor.worker.tasklog import TaskLog
 from conveyor.worker.verdict import Settlements, Verdict, WorkerStats
@@ -232,11 +233,14 @@ class Consumer:
         with self._lock:
             batch, self._pending = self._pending, Settlements()
             try:
-                deliveries = self._settle_and_fetch(batch, free)
+                deliveries, stale = settle_and_fetch(
+                    self.broker, self.store, self.queues, batch, free
+                )
             except Exception as exc:
                 log.error("broker or result store failed: %s", exc)
                 self._pending = batch.merge(self._pending)
                 return -1
+            self._count_stale(stale)
             jobs, early = self._admit_all(deliveries)
             if early:
                 try:
@@ -256,50 +260,19 @@ class Consumer:
         """
         with self._lock:
             batch, self._pending = self._pending, Settlements()
+        broker, store, queues = self.broker, self.store, self.queues
         try:
             if self._native:
-                return await self._settle_and_fetch_native(batch, free)
-            return await self._call(self._settle_and_fetch, batch, free)
+                fetched = await settle_and_fetch_async(broker, store, queues, batch, free, self._io)
+            else:
+                fetched = await self._call(settle_and_fetch, broker, store, queues, batch, free)
         except Exception as exc:
             log.error("broker or result store failed: %s", exc)
             with self._lock:
                 self._pending = batch.merge(self._pending)
             return None
-
-    def _settle_and_fetch(self, batch: Settlements, free: int) -> list[Delivery]:
-        broker = self.broker
-        if not batch:
-            return broker.fetch(self.queues, free) if free > 0 else []
-        with broker.batch():
-            # Outcomes are stored before their messages are removed: a crash in between means a
-            # redelivery, never a lost result.
-            if batch.records and self.store is not None:
-                self.store.put(list(batch.records.values()))
-            broker.publish(batch.publish)
-            lost = len(batch.acks) - broker.ack(batch.acks)
-            broker.dead_letter(batch.dead)
-            broker.requeue(batch.release)
-            for delivery, seconds in batch.delay:
-                broker.requeue([delivery], delay=seconds, count_delivery=False)
-            deliveries = broker.fetch(self.queues, free) if free > 0 else []
-        self._count_stale(lost)
-        return deliveries
-
-    async def _settle_and_fetch_native(self, batch: Settlements, free: int) -> list[Delivery]:
-        """`_settle_and_fetch` for a broker attached to this loop (the result store, which
-        blocks, still goes through the I/O thread)."""
-        broker = self.broker
-        if batch.records and self.store is not None:
-            await self._call(self.store.put, list(batch.records.values()))
-        if batch.publish:
-            await broker.publish_async(batch.publish)
-        lost = len(batch.acks) - await broker.ack_async(batch.acks)
-        await broker.dead_letter_async(batch.dead)
-        await broker.requeue_async(batch.release)
-        for delivery, seconds in batch.delay:
-            await broker.requeue_async([delivery], delay=seconds, count_delivery=False)
-        deliveries = await broker.fetch_async(self.queues, free) if free > 0 else []
-        self._count_stale(lost)
+        deliveries, stale = fetched
+        self._count_stale(stale)
         return deliveries
 
     def _count_stale(self, lost: int) -> None:
