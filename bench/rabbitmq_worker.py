@@ -14,8 +14,9 @@ The workers have 2 slots each and late acks, run a no-op task and store no resul
   `--conveyor-pool`, prefork by default; if the installed conveyor refuses prefork, threads
   (one process, 2 threads) and the report says so. Its prefetch starts at its slot count (2)
   and grows to 2 x 32 once its children have run a few no-op tasks (short tasks queue in a
-  child up to a budget of 4 broker round trips). `conveyor` runs with the worker's defaults (`--loop auto`: uvloop
-  when installed, as in the bench environment; queues with `x-max-priority` 9); the variants
+  child up to a budget of 4 broker round trips). `conveyor` runs with the worker's defaults
+  (`--loop auto`: uvloop when installed, as in the bench environment; queues with
+  `x-max-priority` 9); the variants
   change one thing each: `conveyor-asyncio` and `conveyor-uvloop` add `--loop asyncio` or
   `--loop uvloop` (the worker's parent process only: prefork children never run its loop), and
   `conveyor-p0`, `-p3`, `-p5` run on asyncio with `Conveyor(..., queue_max_priority=N)`, against

@@ -16,9 +16,10 @@ from collections.abc import Sequence
 from conveyor.app import Conveyor
 from conveyor.redact import redact_url
 from conveyor.worker import pools
-from conveyor.worker.consumer import Consumer, WorkerStats
+from conveyor.worker.consumer import Consumer
 from conveyor.worker.loops import choose
 from conveyor.worker.tasklog import TaskLog, TaskLogMode
+from conveyor.worker.verdict import WorkerStats
 
 log = logging.getLogger("conveyor.worker")
 
