@@ -107,7 +107,8 @@ def conveyor_round(args: argparse.Namespace, label: str, tree_path: str | None) 
     worker = spy = None
     with tempfile.TemporaryDirectory(prefix="bench-parent-") as tmp:
         workdir = Path(tmp)
-        source = CONVEYOR_APP.format(url=URL, queue=queue) + ledger.TASK_SIDE
+        app = CONVEYOR_APP.replace("{settings}", "")
+        source = app.format(url=URL, queue=queue) + ledger.TASK_SIDE
         (workdir / "bench_app.py").write_text(source)
         sys.path.insert(0, tmp)
         sys.modules.pop("bench_app", None)

@@ -19,6 +19,7 @@ from conveyor.brokers.base import DeadLetter
 from conveyor.errors import ConveyorError
 from conveyor.redact import redact_text, redact_url
 from conveyor.settings import LOG_LEVELS, parse_size
+from conveyor.worker.loops import LOOPS
 from conveyor.worker.pools import POOLS, check_concurrency
 
 if TYPE_CHECKING:
@@ -102,6 +103,12 @@ def main() -> None:
     help="prefork: replace a child after a task leaves it above this size (200MB, 1GiB).",
 )
 @click.option(
+    "--loop",
+    type=click.Choice(LOOPS),
+    help="The worker's event loop: uvloop (conveyor[uvloop]) or asyncio; auto, uvloop when "
+    "installed (default: the app's loop setting, auto).",
+)
+@click.option(
     "--loglevel",
     "-l",
     type=click.Choice(LOG_LEVELS, case_sensitive=False),
@@ -128,6 +135,7 @@ def worker(
     shutdown_grace: float | None,
     max_tasks_per_child: int | None,
     max_memory_per_child: int | None,
+    loop: str | None,
     loglevel: str | None,
     log_config: str | None,
     log_each_task: bool,
@@ -160,6 +168,7 @@ def worker(
         max_tasks_per_child=max_tasks_per_child,
         max_memory_per_child=max_memory_per_child,
         task_log="each" if log_each_task else "quiet" if quiet_tasks else None,
+        loop=loop,
     )
     running.run()
     if running.failure is not None:

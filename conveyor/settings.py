@@ -91,6 +91,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     bytes, or a size such as `200MB` or `1GiB`."""
     child_start_timeout: Positive = 30.0
     """Seconds a new prefork child has to report WORKER_UP before it is killed and replaced."""
+    loop: Literal["auto", "asyncio", "uvloop"] = "auto"
+    """The worker's event loop: uvloop (`conveyor[uvloop]`) or asyncio's; auto, uvloop when it
+    is installed. Only the worker's own process; prefork children are not affected."""
     shutdown_grace: Annotated[float, msgspec.Meta(ge=0)] = 30.0
     """Seconds a warm shutdown waits for running tasks before releasing them."""
     log_level: str = "INFO"

@@ -1,5 +1,10 @@
 """The consumer: fetch deliveries, hand them to the pool, and settle what comes back.
 
+This is the I/O loop. What a delivery or an outcome means is decided without I/O elsewhere:
+admission (`conveyor.worker.admission`) says whether a delivery starts, settlement
+(`conveyor.worker.settlement`) what a job's outcome does to its message; the consumer carries
+out their verdicts.
+
 Everything here runs on the worker's event loop. Calls to a remote broker and its result store
 run on one I/O thread; an embedded broker's (SQLite, memory) are made on the loop itself, as they
 take microseconds. Each I/O round first settles what finished (results stored, retries published,
@@ -19,28 +24,17 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-import msgspec
-
 from conveyor.app import Conveyor
-from conveyor.brokers import Delivery, Outgoing
-from conveyor.errors import (
-    ArgumentError,
-    DecodeError,
-    MaxRetriesExceeded,
-    Retry,
-    TaskExpired,
-    UnknownTaskError,
-)
-from conveyor.message import Envelope, decode, encode
-from conveyor.reasons import DeadLetterReason as Why
-from conveyor.results import ResultRecord, State
-from conveyor.task import resolve
-from conveyor.worker.execution import Job, Kind, Outcome
+from conveyor.brokers import Delivery
+from conveyor.worker.admission import AdmissionPolicy
+from conveyor.worker.execution import Job, Outcome
 from conveyor.worker.pools.base import Pool
+from conveyor.worker.rounds import settle_and_fetch, settle_and_fetch_async
+from conveyor.worker.settlement import Records, SettlementPolicy
 from conveyor.worker.tasklog import TaskLog
+from conveyor.worker.verdict import Settlements, Verdict, WorkerStats
 
 log = logging.getLogger("conveyor.worker")
 
@@ -56,82 +50,8 @@ LOOP_TURN_S = 0.005
 ACK_DELAY_S = 0.001
 DRAIN_CONFIRM_S = 0.1
 DRAIN_CHECK_POLL_S = 0.008
-# A task may start this much before its ETA; earlier deliveries are delayed again.
-EARLY_TOLERANCE_S = 0.01
 # How often, while tasks run, the broker's round trip is timed for the pool.
 ROUND_TRIP_PROBE_S = 1.0
-
-
-@dataclass
-class WorkerStats:
-    """Counts of what a worker did."""
-
-    received: int = 0
-    succeeded: int = 0
-    failed: int = 0
-    """Tasks that raised and will not be tried again (including those out of retries)."""
-    retried: int = 0
-    rejected: int = 0
-    """Messages the worker refused: undecodable, unknown task, bad arguments, poison, or an
-    outcome that could not be settled (a retry grown past the size limit). Dead-lettered, unless
-    the task had acks_late=False and its message was acknowledged before it ran."""
-    dead_lettered: int = 0
-    """Every message dead-lettered: the rejected ones and the tasks out of retries."""
-    expired: int = 0
-    released: int = 0
-    """Messages given back unfinished at shutdown."""
-    lost: int = 0
-    """Tasks whose process died while running them (prefork): their messages went back, counted
-    toward the poison limit, unless acks_late=False had acknowledged them before they ran."""
-    stale: int = 0
-    """Settlements too late to count: the message's lease had expired or its channel had closed
-    while the task ran, so the broker delivers it again."""
-
-    @property
-    def finished(self) -> int:
-        """Tasks that reached their end: succeeded, failed for good, rejected or expired."""
-        return self.succeeded + self.failed + self.rejected + self.expired
-
-
-@dataclass
-class Settlements:
-    """Outcomes waiting for the next I/O round. Each part is cleared once it went through."""
-
-    records: dict[str, ResultRecord] = field(default_factory=dict)
-    """By task id: a task that finished before its STARTED record went out is written once."""
-    publish: list[Outgoing] = field(default_factory=list)
-    acks: list[Delivery] = field(default_factory=list)
-    dead: list[tuple[Delivery, str]] = field(default_factory=list)
-    release: list[Delivery] = field(default_factory=list)
-    delay: list[tuple[Delivery, float]] = field(default_factory=list)
-
-    def __bool__(self) -> bool:
-        return bool(
-            self.records or self.publish or self.acks or self.dead or self.release or self.delay
-        )
-
-    @property
-    def urgent(self) -> bool:
-        """True when something besides STARTED records waits: those can ride along later."""
-        return bool(
-            self.publish
-            or self.acks
-            or self.dead
-            or self.release
-            or self.delay
-            or any(r.state is not State.STARTED for r in self.records.values())
-        )
-
-    def merge(self, later: Settlements) -> Settlements:
-        """These settlements followed by `later` ones, in order."""
-        return Settlements(
-            self.records | later.records,
-            self.publish + later.publish,
-            self.acks + later.acks,
-            self.dead + later.dead,
-            self.release + later.release,
-            self.delay + later.delay,
-        )
 
 
 class Consumer:
@@ -158,6 +78,11 @@ class Consumer:
         self.store = app.results
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}"
         self._settings = app.settings
+        records = Records(
+            app.tasks, self.store is not None, self.worker_id, app.settings.result_expires
+        )
+        self._admission = AdmissionPolicy.of(app, records, isolates_tasks=pool.isolates_tasks)
+        self._settlement = SettlementPolicy.of(app, records)
         self._io = ThreadPoolExecutor(1, thread_name_prefix="conveyor-io")
         self._pending = Settlements()
         self._refused = self.broker.refused
@@ -312,11 +237,14 @@ class Consumer:
         with self._lock:
             batch, self._pending = self._pending, Settlements()
             try:
-                deliveries = self._settle_and_fetch(batch, free)
+                deliveries, stale = settle_and_fetch(
+                    self.broker, self.store, self.queues, batch, free
+                )
             except Exception as exc:
                 log.error("broker or result store failed: %s", exc)
                 self._pending = batch.merge(self._pending)
                 return -1
+            self._count_stale(stale)
             jobs, early = self._admit_all(deliveries)
             if early:
                 try:
@@ -336,50 +264,19 @@ class Consumer:
         """
         with self._lock:
             batch, self._pending = self._pending, Settlements()
+        broker, store, queues = self.broker, self.store, self.queues
         try:
             if self._native:
-                return await self._settle_and_fetch_native(batch, free)
-            return await self._call(self._settle_and_fetch, batch, free)
+                fetched = await settle_and_fetch_async(broker, store, queues, batch, free, self._io)
+            else:
+                fetched = await self._call(settle_and_fetch, broker, store, queues, batch, free)
         except Exception as exc:
             log.error("broker or result store failed: %s", exc)
             with self._lock:
                 self._pending = batch.merge(self._pending)
             return None
-
-    def _settle_and_fetch(self, batch: Settlements, free: int) -> list[Delivery]:
-        broker = self.broker
-        if not batch:
-            return broker.fetch(self.queues, free) if free > 0 else []
-        with broker.batch():
-            # Outcomes are stored before their messages are removed: a crash in between means a
-            # redelivery, never a lost result.
-            if batch.records and self.store is not None:
-                self.store.put(list(batch.records.values()))
-            broker.publish(batch.publish)
-            lost = len(batch.acks) - broker.ack(batch.acks)
-            broker.dead_letter(batch.dead)
-            broker.requeue(batch.release)
-            for delivery, seconds in batch.delay:
-                broker.requeue([delivery], delay=seconds, count_delivery=False)
-            deliveries = broker.fetch(self.queues, free) if free > 0 else []
-        self._count_stale(lost)
-        return deliveries
-
-    async def _settle_and_fetch_native(self, batch: Settlements, free: int) -> list[Delivery]:
-        """`_settle_and_fetch` for a broker attached to this loop (the result store, which
-        blocks, still goes through the I/O thread)."""
-        broker = self.broker
-        if batch.records and self.store is not None:
-            await self._call(self.store.put, list(batch.records.values()))
-        if batch.publish:
-            await broker.publish_async(batch.publish)
-        lost = len(batch.acks) - await broker.ack_async(batch.acks)
-        await broker.dead_letter_async(batch.dead)
-        await broker.requeue_async(batch.release)
-        for delivery, seconds in batch.delay:
-            await broker.requeue_async([delivery], delay=seconds, count_delivery=False)
-        deliveries = await broker.fetch_async(self.queues, free) if free > 0 else []
-        self._count_stale(lost)
+        deliveries, stale = fetched
+        self._count_stale(stale)
         return deliveries
 
     def _count_stale(self, lost: int) -> None:
@@ -495,10 +392,24 @@ class Consumer:
 
     def _admit_all(self, deliveries: list[Delivery]) -> tuple[list[Job], list[Delivery]]:
         """Jobs to start, and the deliveries to ack before starting them (acks_late=False: at
-        most once, so the ack must be stored before the task runs)."""
+        most once, so the ack must be stored before the task runs). Deliveries that may not
+        start are settled as admission says."""
         self._count_refused()
+        self.stats.received += len(deliveries)
         now = time.time()
-        jobs = [job for d in deliveries if (job := self._admit(d, now)) is not None]
+        admit, started, store = self._admission.admit, self._admission.started, self.store
+        jobs: list[Job] = []
+        for delivery in deliveries:
+            admitted = admit(delivery, now)
+            envelope = admitted.envelope
+            if delivery.reply_to is not None and store is not None and envelope is not None:
+                store.route(envelope.id, delivery.reply_to)  # the sender takes its records
+            if not isinstance(admitted, Job):
+                self._apply(delivery, admitted)
+                continue
+            jobs.append(admitted)
+            if store is not None and (record := started(admitted)) is not None:
+                self._pending.records[record.id] = record
         return jobs, [job.delivery for job in jobs if not job.task.options.acks_late]
 
     def _count_refused(self) -> None:
@@ -523,97 +434,6 @@ class Consumer:
             self._running.add(job)
             self.pool.submit(job, self._done)
 
-    def _admit(self, delivery: Delivery, now: float) -> Job | None:
-        """Decode and check a delivery; a job to run, or None if it was settled right away."""
-        self.stats.received += 1
-        try:
-            envelope = decode(
-                delivery.body, max_size=self._settings.max_message_size, signer=self.app.signer
-            )
-        except DecodeError as exc:
-            self._reject(delivery, exc.reason, None, "DecodeError")
-            return None
-        if delivery.reply_to is not None and self.store is not None:
-            self.store.route(envelope.id, delivery.reply_to)  # the sender takes its records
-        reason = self._poisoned(delivery)
-        if reason is not None:
-            self._reject(delivery, reason, envelope, "WorkerLost")
-            return None
-        task = self.app.tasks.get(envelope.task)
-        if task is None:
-            reason = Why.UNKNOWN_TASK(
-                f"{envelope.task!r} is not registered on app {self.app.name!r}"
-            )
-            self._reject(delivery, reason, envelope, UnknownTaskError.__name__)
-            return None
-        job = Job(delivery, envelope, task, started_at=now)
-        try:
-            # Converted here, where a misfit can still be dead-lettered; a pool on this
-            # process's threads runs with these, a prefork child converts its own.
-            job.arguments()
-        except ArgumentError as exc:
-            reason = Why.BAD_ARGUMENTS(f"they do not fit task {task.name}: {exc}")
-            self._reject(delivery, reason, envelope, ArgumentError.__name__)
-            return None
-        if envelope.expires is not None and now > envelope.expires:
-            self.stats.expired += 1
-            log.info("task %s[%s] expired before it started", envelope.task, envelope.id)
-            outcome = Outcome.failure(TaskExpired("expired before it started"))
-            self._record(envelope, State.FAILURE, outcome=outcome)
-            self._pending.acks.append(delivery)
-            return None
-        if envelope.eta is not None and envelope.eta > now + EARLY_TOLERANCE_S:
-            # Delivered early (a broker's delay buckets are coarse): delay it again for the rest.
-            self._pending.delay.append((delivery, envelope.eta - now))
-            return None
-        if not task.options.ignore_result:
-            self._record(envelope, State.STARTED, started_at=now)
-        return job
-
-    def _poisoned(self, delivery: Delivery) -> str | None:
-        """Why a delivery must not run again, if the runs of it so far say so.
-
-        A prefork worker sees each run that dies and counts it (`Delivery.lost`); a message a
-        dead worker only held, or ran in a child killed with it, counts nothing. Other pools run
-        tasks in the worker's own process, so any redelivery may be a task's doing: there every
-        delivery counts.
-        """
-        limit = self._settings.poison_limit
-        count = delivery.delivery_count
-        if not self.pool.isolates_tasks:
-            if count <= limit:
-                return None
-            return Why.POISON(
-                f"delivered {count} times without finishing (poison limit {limit}): the process "
-                "running it probably died"
-            )
-        if delivery.lost >= limit:
-            return Why.POISON(
-                f"the process running it died in {delivery.lost} runs (poison limit {limit})"
-            )
-        most = self._settings.delivery_limit
-        if count > most:
-            return Why.POISON(
-                f"delivered {count} times without finishing (delivery limit {most}, ten times "
-                "poison_limit): the whole worker keeps dying while it runs"
-            )
-        return None
-
-    def _reject(
-        self, delivery: Delivery, reason: str, envelope: Envelope | None, error_type: str
-    ) -> None:
-        """Dead-letter a message that cannot run; logged once, and the worker goes on."""
-        self.stats.rejected += 1
-        self.stats.dead_lettered += 1
-        where = (
-            f"task {envelope.task}[{envelope.id}]" if envelope else f"a message on {delivery.queue}"
-        )
-        log.warning("dead-lettered %s: %s", where, reason)
-        self._pending.dead.append((delivery, reason))
-        if envelope is not None:
-            outcome = Outcome(Kind.FAILURE, None, error_type, reason, "", finished_at=time.time())
-            self._record(envelope, State.FAILURE, outcome=outcome)
-
     # settlement
 
     def _done(self, job: Job, outcome: Outcome) -> None:
@@ -628,23 +448,27 @@ class Consumer:
                 return
             self._running.discard(job)
             try:
-                self._settle(job, outcome)
+                verdict = self._settlement.settle(job, outcome)
             except Exception as exc:
-                # Settling must not fail silently: that would strand the message.
-                reason = Why.SETTLEMENT_FAILED(f"{type(exc).__name__}: {exc}")
-                if job.task.options.acks_late:
-                    self._reject(job.delivery, reason, job.envelope, type(exc).__name__)
-                else:  # acknowledged before it ran: there is no message left to dead-letter
-                    self.stats.rejected += 1
-                    log.error("task %s[%s] failed: %s", job.envelope.task, job.envelope.id, reason)
-                    failure = Outcome(Kind.FAILURE, None, type(exc).__name__, reason, "")
-                    self._record(job.envelope, State.FAILURE, outcome=failure)
+                verdict = self._settlement.unsettled(job, exc)
+            self._apply(job.delivery, verdict)
+            if verdict.finished is not None:
+                env = job.envelope
+                self.task_log.finished(env.task, env.id, verdict.finished, outcome.took)
             if self._direct and not self._stopping and self._cycle(self._free()) > 0:
                 return
             # The loop must still run a round once nothing runs (a drain check, a shutdown).
             if self._native and self._running and self._ack_at_once():
                 return
         self._wake()
+
+    def _apply(self, delivery: Delivery, verdict: Verdict) -> None:
+        """Carry out a verdict: its log line, its counts, and its settlement in the next round."""
+        if verdict.log is not None:
+            level, message, args = verdict.log
+            log.log(level, message, *args)
+        self.stats.count(verdict.counts)
+        self._pending.add(delivery, verdict)
 
     # with a broker attached to the loop (RabbitMQ): a finished task's ack, and a pushed
     # message's start, happen as they arrive, not a loop turn later in the next round
@@ -727,110 +551,7 @@ class Consumer:
                 return
         self._wake()
 
-    def _settle(self, job: Job, outcome: Outcome) -> None:
-        env, task, pending = job.envelope, job.task, self._pending
-        ack = [job.delivery] if task.options.acks_late else []
-        if outcome.kind is Kind.LOST:
-            self.stats.lost += 1
-            if task.options.acks_late:
-                limit = self._settings.poison_limit
-                log.warning(
-                    "task %s[%s] lost: %s; its message goes back (lost runs %d, poison limit %d)",
-                    env.task, env.id, outcome.error_message, job.delivery.lost + 1, limit,
-                )  # fmt: skip
-                pending.release.append(job.delivery)
-            else:  # acknowledged before it ran (at most once): nothing to give back
-                log.error("task %s[%s] lost: %s", env.task, env.id, outcome.error_message)
-                self._record(env, State.FAILURE, outcome=outcome, started_at=job.started_at)
-            self.task_log.finished(env.task, env.id, "lost", outcome.took)
-        elif outcome.kind is Kind.SUCCESS:
-            self.stats.succeeded += 1
-            self._record(env, State.SUCCESS, outcome=outcome, started_at=job.started_at)
-            pending.acks += ack
-            self.task_log.finished(env.task, env.id, "succeeded", outcome.took)
-        elif outcome.kind is Kind.RETRY and env.retries < self._max_retries(job, outcome):
-            delay = task.retry_delay(env.retries, outcome.countdown)
-            retry = env.retried(time.time() + delay if delay > 0 else None)
-            body = encode(retry, max_size=self._settings.max_message_size, signer=self.app.signer)
-            log.info(
-                "task %s[%s] will retry in %.2fs (try %d): %s",
-                env.task, env.id, delay, retry.retries + 1, _error(outcome),
-            )  # fmt: skip
-            self.stats.retried += 1
-            reply_to = job.delivery.reply_to
-            pending.publish.append(Outgoing(retry.queue, body, retry.priority, retry.eta, reply_to))
-            self._record(env, State.RETRY, outcome=outcome, started_at=job.started_at)
-            pending.acks += ack
-            self.task_log.finished(env.task, env.id, "retried", outcome.took)
-        else:
-            self.stats.failed += 1
-            gave_up = outcome.kind is Kind.RETRY
-            if gave_up and outcome.error_type == Retry.__name__:
-                # `raise self.retry()` without exc=: say what happened, not "Retry".
-                outcome.error_type = MaxRetriesExceeded.__name__
-                outcome.error_message = f"still failing after {env.retries} retries"
-            log.error(
-                "task %s[%s] failed: %s\n%s",
-                env.task, env.id, _error(outcome), outcome.traceback,
-            )  # fmt: skip
-            self._record(env, State.FAILURE, outcome=outcome, started_at=job.started_at)
-            self.task_log.finished(env.task, env.id, "failed", outcome.took)
-            if not gave_up:
-                pending.acks += ack
-            elif task.options.acks_late:
-                self.stats.dead_lettered += 1
-                reason = Why.RETRIES_EXHAUSTED(
-                    f"gave up after {env.retries} retries: {_error(outcome)}"
-                )
-                pending.dead.append((job.delivery, reason))
-
-    def _max_retries(self, job: Job, outcome: Outcome) -> int:
-        # The retry() call, then the send, then the task and app (Task.max_retries).
-        return resolve(outcome.max_retries, job.envelope.max_retries, default=job.task.max_retries)
-
-    def _record(
-        self,
-        env: Envelope,
-        state: State,
-        *,
-        outcome: Outcome | None = None,
-        started_at: float | None = None,
-    ) -> None:
-        task = self.app.tasks.get(env.task)
-        if self.store is None or (task is not None and task.options.ignore_result):
-            return
-        now = time.time()
-        keep = task.options.result_expires if task is not None else None
-        record = ResultRecord(
-            id=env.id,
-            state=state,
-            task=env.task,
-            retries=env.retries,
-            worker=self.worker_id,
-            started_at=started_at,
-            updated_at=now,
-            expires_at=now + (keep or self._settings.result_expires),
-        )
-        if outcome is not None:
-            record = _with_outcome(record, outcome)
-        self._pending.records[record.id] = record
-
-
-def _with_outcome(record: ResultRecord, outcome: Outcome) -> ResultRecord:
-    return msgspec.structs.replace(
-        record,
-        value=outcome.value if outcome.value is not None else record.value,
-        error_type=outcome.error_type,
-        error_message=outcome.error_message,
-        traceback=outcome.traceback,
-        finished_at=outcome.finished_at or None,
-    )
-
 
 def _resolve(waiter: asyncio.Future[None]) -> None:
     if not waiter.done():
         waiter.set_result(None)
-
-
-def _error(outcome: Outcome) -> str:
-    return f"{outcome.error_type}: {outcome.error_message}"

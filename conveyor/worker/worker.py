@@ -16,8 +16,10 @@ from collections.abc import Sequence
 from conveyor.app import Conveyor
 from conveyor.redact import redact_url
 from conveyor.worker import pools
-from conveyor.worker.consumer import Consumer, WorkerStats
+from conveyor.worker.consumer import Consumer
+from conveyor.worker.loops import choose
 from conveyor.worker.tasklog import TaskLog, TaskLogMode
+from conveyor.worker.verdict import WorkerStats
 
 log = logging.getLogger("conveyor.worker")
 
@@ -37,6 +39,7 @@ class Worker:
         max_tasks_per_child: int | None = None,
         max_memory_per_child: int | None = None,
         task_log: TaskLogMode | None = None,
+        loop: str | None = None,
     ) -> None:
         settings = app.settings
         self.app = app
@@ -48,6 +51,9 @@ class Worker:
         self.max_memory_per_child = max_memory_per_child or settings.max_memory_per_child
         self.shutdown_grace = settings.shutdown_grace if shutdown_grace is None else shutdown_grace
         self.task_log: TaskLogMode = task_log or settings.task_log
+        #: The event loop the worker runs on, "asyncio" or "uvloop" (`loop`: auto, asyncio or
+        #: uvloop; auto is uvloop when it is installed).
+        self.loop_name, self._loop_factory = choose(loop or settings.loop)
         self.stats = WorkerStats()
         self.started = threading.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -58,7 +64,8 @@ class Worker:
 
     def run(self) -> WorkerStats:
         """Run until stopped (or, with `until_empty`, until the queues are empty)."""
-        asyncio.run(self._main())
+        with asyncio.Runner(loop_factory=self._loop_factory) as runner:
+            runner.run(self._main())
         return self.stats
 
     def stop(self) -> None:
@@ -84,12 +91,13 @@ class Worker:
             task_log=TaskLog(self.task_log),
         )
         log.info(
-            "worker for %s starting: broker %s, queues %s, pool %s x%d",
+            "worker for %s starting: broker %s, queues %s, pool %s x%d, loop %s",
             self.app.name,
             redact_url(self.app.broker.display_url),
             ",".join(self.queues),
             self.pool_name,
             pool.concurrency,
+            self.loop_name,
         )
         self._warn_about_ack_timeout()
         if self.pool_name != "prefork":

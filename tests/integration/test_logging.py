@@ -418,7 +418,9 @@ class Normal:
         line = re.sub(r"\[(\d+)/", lambda m: f"[{self.pid(m[1])}/", line)
         line = re.sub(r"01a23b7c…|[0-9a-f]{32}", "<id>", line)
         line = re.sub(r"in \d+\.\d+m?s\b", "in <duration>", line)
-        return re.sub(r"pool prefork x\d+", "pool prefork x<n>", line)
+        line = re.sub(r"pool prefork x\d+", "pool prefork x<n>", line)
+        # uvloop where it is installed (conveyor[uvloop], as in the dev environment), else asyncio
+        return re.sub(r", loop (asyncio|uvloop)$", ", loop <loop>", line)
 
     def json(self, line: str) -> dict[str, object]:
         entry: dict[str, object] = json.loads(line)

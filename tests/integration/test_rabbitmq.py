@@ -329,6 +329,46 @@ def test_a_queue_with_other_arguments_gets_a_clear_error(queue: str) -> None:
         broker.close()
 
 
+def test_changing_queue_max_priority_takes_a_drained_queue_deleted(queue: str) -> None:
+    """What docs/brokers.md says to do: drain, delete the queue itself, start with the new
+    setting. Its dead letters, in a queue of their own, stay."""
+    old = Conveyor("rmq", broker=URL, results=None, default_queue=queue)
+    new = Conveyor("rmq", broker=URL, results=None, default_queue=queue, queue_max_priority=3)
+
+    @old.task(name="rmq.noop")
+    def noop() -> None:
+        """Nothing."""
+
+    @new.task(name="rmq.noop")
+    def noop_too() -> None:
+        """Nothing."""
+
+    try:
+        noop.delay()
+        old.broker.publish([Outgoing(queue, b"not json")])
+        with pytest.raises(ConfigurationError, match="x-max-priority 9 where conveyor asks for 3"):
+            noop_too.delay()
+        stats = Worker(old, pool="threads", concurrency=1, until_empty=True).run()
+        assert (stats.succeeded, stats.rejected) == (1, 1)
+        (left,) = old.broker.stats([queue])
+        assert (left.ready, left.delayed) == (0, 0)
+
+        async def delete() -> None:
+            connection = await aiormq.connect(URL)
+            channel = await connection.channel()
+            await channel.queue_delete(queue, if_empty=True)
+            await connection.close()
+
+        asyncio.run(delete())
+        noop_too.apply_async(priority=9)  # declared anew, with x-max-priority 3
+        stats = Worker(new, pool="threads", concurrency=1, until_empty=True).run()
+        assert stats.succeeded == 1
+        assert len(new.broker.dead_letters(queue)) == 1
+    finally:
+        old.close()
+        new.close()
+
+
 def test_a_wrong_password_never_shows() -> None:
     broker = RabbitMQBroker("amqp://guest:s3cret-value@127.0.0.1:5672/")
     try:
@@ -385,6 +425,30 @@ def test_worker_runs_tasks_and_dead_letters_bad_input(queue: str) -> None:
         assert (stats.succeeded, stats.rejected) == (201, 2)
         reasons = sorted(d.reason for d in app.broker.dead_letters(queue))
         assert reasons[0].startswith("invalid envelope") and "malformed JSON" in reasons[1]
+    finally:
+        app.close()
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_a_prefork_worker_runs_its_connection_on_the_loop_asked_for(queue: str, loop: str) -> None:
+    """With prefork the worker's own loop holds the connection: deliveries, pipes and acks."""
+    app = Conveyor("rmq", broker=URL, results="memory://", default_queue=queue)
+
+    @app.task
+    def add(x: int, y: int) -> int:
+        return x + y
+
+    try:
+        results = add.map([(n, n) for n in range(500)])
+        worker = Worker(app, pool="prefork", concurrency=2, until_empty=True, loop=loop)
+        stats = worker.run()
+        assert [r.get(timeout=5) for r in results] == [2 * n for n in range(500)]
+        assert (stats.succeeded, stats.failed, stats.stale) == (500, 0, 0)
+        assert worker.loop_name == loop
+        ran_on = type(worker._loop).__module__.partition(".")[0]
+        assert ran_on == loop
+        (left,) = app.broker.stats([queue])
+        assert (left.ready, left.dead) == (0, 0)
     finally:
         app.close()
 

@@ -1217,6 +1217,42 @@ def test_worker_consumes_only_the_queues_given(project: Project) -> None:
     assert "queues a,b" in result.stderr
 
 
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_worker_loop(project: Project, loop: str) -> None:
+    path, app = project.app()
+    added = app.tasks[f"{path.partition(':')[0]}.add"].delay(1, 2)
+    result = cli("worker", path, "--until-empty", "-P", "threads", "--loop", loop)
+    assert result.exit_code == 0, result.output
+    assert f"pool threads x{os.cpu_count() or 1}, loop {loop}" in result.stderr
+    assert added.get(timeout=0) == 3
+
+
+def test_worker_loop_that_does_not_exist(project: Project) -> None:
+    path, _ = project.app()
+    result = cli("worker", path, "--until-empty", "--loop", "trio")
+    assert result.exit_code == 2
+    assert_clear_error(result, "'trio' is not one of 'auto', 'asyncio', 'uvloop'")
+
+
+def test_worker_loop_uvloop_when_it_is_not_installed(
+    project: Project, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "uvloop", None)  # `import uvloop` fails
+    path, app = project.app()
+    app.tasks[f"{path.partition(':')[0]}.add"].delay(1)
+    result = cli("worker", path, "--until-empty", "--loop", "uvloop")
+    assert result.exit_code == 1
+    assert_clear_error(
+        result, "needs uvloop, which is not installed", "pip install 'conveyor[uvloop]'"
+    )
+    assert counts(app) == {"default": (1, 0, 0, 0)}  # nothing ran
+    # auto falls back to asyncio's loop.
+    result = cli("worker", path, "--until-empty", "-P", "solo")
+    assert result.exit_code == 0, result.output
+    assert "loop asyncio" in result.stderr
+    assert counts(app) == {}
+
+
 def test_worker_loglevel(project: Project) -> None:
     path, app = project.app()
     app.tasks[f"{path.partition(':')[0]}.boom"].delay()

@@ -16,7 +16,7 @@ import pytest
 from conftest import run_bounded
 
 from conveyor import Conveyor, State, Task, WorkerStats
-from conveyor.brokers import Delivery, Outgoing
+from conveyor.brokers import Outgoing
 from conveyor.errors import TaskFailed
 from conveyor.message import Envelope, decode, encode, new_id
 from conveyor.results import ResultRecord
@@ -261,37 +261,6 @@ def test_poison_limit_dead_letters_a_message_that_keeps_coming_back(pool: str) -
     [letter] = app.broker.dead_letters(Q)
     assert "delivered 3 times" in letter.reason and "poison limit 2" in letter.reason
     assert result.state is State.FAILURE
-
-
-class _SeesRunsDie(ThreadPool):
-    """A pool that, like prefork, runs each task where the worker sees it die."""
-
-    isolates_tasks = True
-
-
-def _delivery(count: int, lost: int) -> Delivery:
-    return Delivery(Q, b"", None, count, lost=lost)
-
-
-def test_a_pool_that_sees_runs_die_counts_those_runs_not_deliveries() -> None:
-    """Prefork: deliveries after the worker's own death count no lost run, so a message only
-    held through crashes runs; the runs seen to die, or ten times the limit of deliveries,
-    dead-letter it. Pools that run tasks in the worker's process count every delivery."""
-    app = memory_app(poison_limit=3)
-    prefork_like = Consumer(app, _SeesRunsDie(1), [Q], WorkerStats())
-    in_process = Consumer(app, ThreadPool(1), [Q], WorkerStats())
-    assert prefork_like._poisoned(_delivery(4, 0)) is None  # held through three worker deaths
-    assert prefork_like._poisoned(_delivery(30, 2)) is None
-    died = prefork_like._poisoned(_delivery(4, 3))
-    assert died == "poison message: the process running it died in 3 runs (poison limit 3)"
-    unseen = prefork_like._poisoned(_delivery(31, 0))
-    assert unseen is not None and unseen.startswith(
-        "poison message: delivered 31 times without finishing (delivery limit 30, "
-    )
-    assert in_process._poisoned(_delivery(3, 0)) is None
-    counted = in_process._poisoned(_delivery(4, 0))
-    assert counted is not None and counted.startswith("poison message: delivered 4 times")
-    app.close()
 
 
 class _LearnsRoundTrips(ThreadPool):
