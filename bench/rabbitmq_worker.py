@@ -9,18 +9,17 @@ group, and kills what is left of that group and deletes the queues whatever happ
 
 The workers have 2 slots each and late acks, run a no-op task and store no results:
 
-- conveyor: `conveyor worker bench_app:app --pool POOL -c 2 --until-empty`, the task declared
-  with `@app.task(acks_late=True)` on `Conveyor(..., ignore_results=True)`. POOL is
-  `--conveyor-pool`, prefork by default; if the installed conveyor refuses prefork, threads
-  (one process, 2 threads) and the report says so. Its prefetch starts at its slot count (2)
-  and grows to 2 x 32 once its children have run a few no-op tasks (short tasks queue in a
-  child up to a budget of 4 broker round trips). `conveyor` runs with the worker's defaults
-  (`--loop auto`: uvloop when installed, as in the bench environment; queues with
-  `x-max-priority` 9); the variants
-  change one thing each: `conveyor-asyncio` and `conveyor-uvloop` add `--loop asyncio` or
-  `--loop uvloop` (the worker's parent process only: prefork children never run its loop), and
-  `conveyor-p0`, `-p3`, `-p5` run on asyncio with `Conveyor(..., queue_max_priority=N)`, against
-  `conveyor-asyncio` as their 9 (0 declares the queue without `x-max-priority`).
+- conveyor: `conveyor worker bench_app:app --pool POOL -c 2 --until-empty`, the task declared with
+  `@app.task(acks_late=True)` on `Conveyor(..., ignore_results=True)`. POOL is `--conveyor-pool`,
+  prefork by default; if the installed conveyor refuses prefork, threads (one process, 2 threads)
+  and the report says so. Its prefetch starts at its slot count (2) and grows to 2 x 32 once its
+  children have run a few no-op tasks (short tasks queue in a child up to a budget of 4 broker
+  round trips). `conveyor` runs with the worker's defaults (`--loop auto`: uvloop when installed,
+  as in the bench environment; queues with `x-max-priority` 9); the variants change one thing
+  each: `conveyor-asyncio` and `conveyor-uvloop` add `--loop asyncio` or `--loop uvloop` (the
+  worker's parent process only: prefork children never run its loop), and `conveyor-p0`, `-p3`,
+  `-p5` run on asyncio with `Conveyor(..., queue_max_priority=N)`, against `conveyor-asyncio` as
+  their 9 (0 declares the queue without `x-max-priority`).
 - Dramatiq: `dramatiq bench_app -p 2 -t 1`, and `-t 8` (2 processes), `RabbitmqBroker` with the
   default middleware; late acks are Dramatiq's default. Its prefetch is 2 per thread.
 - Celery: `celery -A bench_app worker -P prefork -c 2 -l WARNING --without-gossip

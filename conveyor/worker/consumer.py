@@ -544,7 +544,10 @@ class Consumer:
             settled_by_acks = not (
                 pending.records or pending.publish or pending.dead or pending.delay
             )
-            if settled_by_acks and not pending.release and not self._stopping:
+            # A worker that stops once its queues are empty must check them when a slot frees
+            # and nothing waits for it: the round loop may sleep for want of a free slot.
+            drain = self.until_empty and not deliveries and free > 0
+            if settled_by_acks and not pending.release and not self._stopping and not drain:
                 return
         self._wake()
 

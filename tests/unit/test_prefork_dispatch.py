@@ -289,6 +289,14 @@ def test_nothing_is_prefetched_beyond_the_children_before_a_task_ran(pool: Prefo
     assert pool._depth == 1 and pool.capacity == 2 and pool.free(0) == 2
 
 
+def test_the_depth_grows_over_runs_not_at_the_first_one(pool: PreforkPool, app: Conveyor) -> None:
+    learn(pool, app, "quick", took=0.00005, times=1)
+    assert pool._is_short(make_job(app, "quick")), "known short after one run"
+    assert pool._depth == 2, "but only one job behind the running one yet"
+    learn(pool, app, "quick", took=0.00005, times=100)
+    assert pool._depth == MAX_DEPTH
+
+
 def test_a_2ms_task_is_short_once_the_round_trip_makes_room_for_it(
     pool: PreforkPool, app: Conveyor
 ) -> None:
@@ -323,7 +331,8 @@ def test_the_work_queued_behind_a_running_task_covers_two_round_trips(
         took = tenths / 10_000
         prefork = PreforkPool(2, app)
         prefork.observe_round_trip(round_trip)
-        prefork._observe(job, took)
+        for _ in range(200):
+            prefork._observe(job, took)
         if took > prefork._budget:
             assert prefork._depth == 1 and not prefork._is_short(job), took
             continue

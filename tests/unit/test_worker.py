@@ -306,6 +306,24 @@ def test_a_consumer_on_an_attached_broker_tells_the_pool_what_a_replacement_take
     app.close()
 
 
+def test_a_slot_freed_with_nothing_waiting_wakes_a_worker_that_stops_when_empty(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Its round loop may sleep for want of a free slot; a slot that frees with no message in
+    the broker's inbox must wake it to check the queues (else it never sees them empty)."""
+    app = memory_app()
+    monkeypatch.setattr(app.broker, "take_nowait", lambda limit: [])  # consuming, inbox empty
+    draining = Consumer(app, ThreadPool(1), [Q], WorkerStats(), until_empty=True)
+    draining._loop_thread = threading.get_ident()
+    draining._take_arrivals()
+    assert draining._woken
+    serving = Consumer(app, ThreadPool(1), [Q], WorkerStats())
+    serving._loop_thread = threading.get_ident()
+    serving._take_arrivals()
+    assert not serving._woken, "a worker that runs on waits for arrivals"
+    app.close()
+
+
 def test_a_consumer_on_an_embedded_broker_times_nothing() -> None:
     app = memory_app()
     pool = _LearnsRoundTrips(1)

@@ -259,7 +259,9 @@ class PreforkPool(Pool):
         """Learn from a finished job's run time; the depth follows the slowest recent task."""
         name = job.task.name
         self._runtimes[name] = max(took, self._runtimes.get(name, took) * RUNTIME_DECAY)
-        self._pace = max(took, self._pace * RUNTIME_DECAY)
+        # Before any run, the pace is taken to be the budget: the depth grows over a few dozen
+        # short runs, not at the first one.
+        self._pace = max(took, (self._pace or self._budget) * RUNTIME_DECAY)
         self._resize()
 
     def observe_round_trip(self, seconds: float) -> None:
