@@ -35,6 +35,10 @@ endef
 $(BIN)/.installed: pyproject.toml uv.lock | $(UV)
 	$(check_lock)
 	UV_PROJECT_ENVIRONMENT=$(VENV) $(UV) sync --frozen
+	# The deployment page's image installs pinned requirements offline in a test: resolving them
+	# here once puts the index pages that needs into uv's cache (a sync from the lock does not).
+	$(UV) export --frozen --no-dev --no-emit-project --extra rabbitmq --extra redis --quiet \
+	  | $(UV) pip compile --quiet --no-header - -o /dev/null
 	touch $@
 
 $(BENCH_BIN)/.installed: pyproject.toml uv.lock | $(UV)

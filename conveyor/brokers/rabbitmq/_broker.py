@@ -23,7 +23,7 @@ from pamqp.header import ContentHeader
 from conveyor.brokers.base import Broker, DeadLetter, Delivery, Outgoing, QueueStats, connects
 from conveyor.brokers.rabbitmq import _aiormq
 from conveyor.brokers.rabbitmq._bridge import Bridge
-from conveyor.brokers.rabbitmq._confirms import CONFIRM_TIMEOUT_S, send
+from conveyor.brokers.rabbitmq._confirms import CONFIRM_TIMEOUT_S, _retrieve, send
 from conveyor.brokers.rabbitmq._pamqp_text import has_raw_text, install
 from conveyor.brokers.rabbitmq._topology import (
     BUCKETS_MS,
@@ -358,8 +358,12 @@ class RabbitMQBroker(Broker):
         if channel is None or channel.is_closed or queue is None:
             return None
         began = time.monotonic()
+        declare = asyncio.ensure_future(channel.queue_declare(queue, passive=True))
+        declare.add_done_callback(_retrieve)
         with self._errors():
-            await channel.queue_declare(queue, passive=True)
+            # Shielded: a worker that stops cancels the timing, and aiormq closes a channel
+            # whose RPC was cancelled, which would hand back its deliveries as redelivered.
+            await asyncio.shield(declare)
         return time.monotonic() - began
 
     # producer side
