@@ -15,11 +15,11 @@ The workers have 2 slots each and late acks, run a no-op task and store no resul
   and the report says so. Its prefetch starts at its slot count (2) and grows to 2 x 32 once its
   children have run a few no-op tasks (short tasks queue in a child up to a budget of 4 broker
   round trips). `conveyor` runs with the worker's defaults (`--loop auto`: uvloop when installed,
-  as in the bench environment; queues with `x-max-priority` 9); the variants change one thing
-  each: `conveyor-asyncio` and `conveyor-uvloop` add `--loop asyncio` or `--loop uvloop` (the
-  worker's parent process only: prefork children never run its loop), and `conveyor-p0`, `-p3`,
-  `-p5` run on asyncio with `Conveyor(..., queue_max_priority=N)`, against `conveyor-asyncio` as
-  their 9 (0 declares the queue without `x-max-priority`).
+  as in the bench environment; new queues without `x-max-priority`); the variants change one
+  thing each: `conveyor-asyncio` and `conveyor-uvloop` add `--loop asyncio` or `--loop uvloop`
+  (the worker's parent process only: prefork children never run its loop), and `conveyor-p3`,
+  `-p5`, `-p9` run on asyncio with `Conveyor(..., queue_max_priority=N)`, against `-p9` (the
+  default of earlier releases); `conveyor-asyncio` is their 0.
 - Dramatiq: `dramatiq bench_app -p 2 -t 1`, and `-t 8` (2 processes), `RabbitmqBroker` with the
   default middleware; late acks are Dramatiq's default. Its prefetch is 2 per thread.
 - Celery: `celery -A bench_app worker -P prefork -c 2 -l WARNING --without-gossip
@@ -118,7 +118,7 @@ class Variant:
     loop: str | None = None
     """`conveyor worker --loop`; None: the worker's default (auto)."""
     max_priority: int | None = None
-    """`Conveyor(..., queue_max_priority=N)`; None: conveyor's default (9)."""
+    """`Conveyor(..., queue_max_priority=N)`; None: conveyor's default (none on a new queue)."""
 
 
 VARIANTS = {
@@ -127,7 +127,7 @@ VARIANTS = {
     "conveyor-uvloop": Variant("conveyor, `--loop uvloop`", "uvloop"),
     **{
         f"conveyor-p{n}": Variant(f"conveyor, `--loop asyncio`, x-max-priority {n}", "asyncio", n)
-        for n in (0, 3, 5)
+        for n in (3, 5, 9)
     },
 }
 PEERS = ("dramatiq-t1", "dramatiq-t8", "celery")
@@ -141,7 +141,7 @@ GROUPS = {
     "quick": ("conveyor", PROBE),
     "peers": PEERS,
     "loops": ("conveyor-asyncio", "conveyor-uvloop"),
-    "priorities": ("conveyor-asyncio", "conveyor-p0", "conveyor-p3", "conveyor-p5"),
+    "priorities": ("conveyor-asyncio", "conveyor-p3", "conveyor-p5", "conveyor-p9"),
 }
 LABELS = {
     **{mode: variant.label for mode, variant in VARIANTS.items()},
@@ -902,7 +902,7 @@ class Figures:
         label = dict(LABELS)
         if "conveyor" in rate:
             loops = ", ".join(sorted({str(r.get("loop")) for r in runs["throughput"]["conveyor"]}))
-            label["conveyor"] = f"conveyor, defaults (loop auto: {loops}; x-max-priority 9)"
+            label["conveyor"] = f"conveyor, defaults (loop auto: {loops}; no x-max-priority)"
         return cls(
             runs=runs,
             rate=rate,
@@ -985,9 +985,9 @@ def throughput_lines(f: Figures) -> list[str]:
 
 VARIANT_PAIRS = (
     ("conveyor-uvloop", "conveyor-asyncio", "the worker's loop: uvloop ÷ asyncio"),
-    ("conveyor-p0", "conveyor-asyncio", "x-max-priority 0 (none) ÷ 9, on asyncio"),
-    ("conveyor-p3", "conveyor-asyncio", "x-max-priority 3 ÷ 9, on asyncio"),
-    ("conveyor-p5", "conveyor-asyncio", "x-max-priority 5 ÷ 9, on asyncio"),
+    ("conveyor-asyncio", "conveyor-p9", "no x-max-priority (the default) ÷ 9, on asyncio"),
+    ("conveyor-p3", "conveyor-p9", "x-max-priority 3 ÷ 9, on asyncio"),
+    ("conveyor-p5", "conveyor-p9", "x-max-priority 5 ÷ 9, on asyncio"),
 )
 
 

@@ -67,8 +67,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     visibility_timeout: Positive = 60.0
     """Seconds a fetched message stays leased to a worker; workers extend leases while running."""
     max_message_size: Annotated[int, msgspec.Meta(gt=0)] = 16 * 1024 * 1024
-    queue_max_priority: Annotated[int, msgspec.Meta(ge=0, le=255)] = 9
-    """RabbitMQ queues' x-max-priority; 0 declares queues without priorities."""
+    queue_max_priority: Annotated[int, msgspec.Meta(ge=0, le=255)] | None = None
+    """RabbitMQ queues' x-max-priority: 1 to 255 for that many priority levels, 0 for none.
+    Unset: a queue conveyor creates has no priorities, and a queue that exists keeps the
+    x-max-priority it has (earlier releases declared 9). See docs/brokers.md."""
     queue_type: Literal["classic", "quorum"] = "classic"
     """RabbitMQ queue type. Quorum queues are replicated and count deliveries; no priorities."""
     poison_limit: Annotated[int, msgspec.Meta(ge=1)] = 3

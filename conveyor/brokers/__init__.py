@@ -16,7 +16,7 @@ def from_url(
     url: str,
     *,
     visibility_timeout: float,
-    max_priority: int = 9,
+    max_priority: int | None = None,
     queue_type: str = "classic",
     delivery_limit: int = 30,
     max_message_size: int = DEFAULT_MAX_SIZE,

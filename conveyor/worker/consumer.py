@@ -28,6 +28,7 @@ from typing import Any, TypeVar
 
 from conveyor.app import Conveyor
 from conveyor.brokers import Delivery
+from conveyor.errors import ConfigurationError
 from conveyor.worker.admission import AdmissionPolicy
 from conveyor.worker.execution import Job, Outcome
 from conveyor.worker.pools.base import Pool
@@ -98,6 +99,9 @@ class Consumer:
         self._loop_thread = 0
         self._native = False
         self._started_on_arrival = 0
+        #: Called with the reason when the broker refuses the configuration (a queue declared
+        #: with other arguments): no retry can mend that, so the worker stops.
+        self.on_fatal: Callable[[str], None] | None = None
         self._taking = False
         self._acking = False
         self._direct = pool.threaded and self.broker.local
@@ -241,7 +245,7 @@ class Consumer:
                     self.broker, self.store, self.queues, batch, free
                 )
             except Exception as exc:
-                log.error("broker or result store failed: %s", exc)
+                self._failed(exc)
                 self._pending = batch.merge(self._pending)
                 return -1
             self._count_stale(stale)
@@ -271,13 +275,20 @@ class Consumer:
             else:
                 fetched = await self._call(settle_and_fetch, broker, store, queues, batch, free)
         except Exception as exc:
-            log.error("broker or result store failed: %s", exc)
+            self._failed(exc)
             with self._lock:
                 self._pending = batch.merge(self._pending)
             return None
         deliveries, stale = fetched
         self._count_stale(stale)
         return deliveries
+
+    def _failed(self, exc: Exception) -> None:
+        """A round failed: the next one retries, unless the broker refused the configuration."""
+        if isinstance(exc, ConfigurationError) and self.on_fatal is not None:
+            self.on_fatal(str(exc))
+        else:
+            log.error("broker or result store failed: %s", exc)
 
     def _count_stale(self, lost: int) -> None:
         if lost:

@@ -110,6 +110,7 @@ class Worker:
             for hook in self.app.process_start_hooks:  # this process runs the tasks
                 hook()
         pool.on_broken = self._on_broken
+        consumer.on_fatal = self._on_misconfigured
         await pool.start()
         installed = self._install_signals()
         self.started.set()
@@ -177,10 +178,18 @@ class Worker:
 
     def _on_broken(self, reason: str) -> None:
         """The pool cannot go on: shut down warm, and let `run`'s caller see the failure."""
+        self._fail(reason, "the worker stops so that a new one can start")
+
+    def _on_misconfigured(self, reason: str) -> None:
+        """The broker refused the configuration, which no retry mends: the same, and a new
+        worker started with the same settings would stop too."""
+        self._fail(reason, "the worker stops")
+
+    def _fail(self, reason: str, consequence: str) -> None:
         if self.failure is not None:
             return
         self.failure = reason
-        log.error("%s: the worker stops so that a new one can start", reason)
+        log.error("%s: %s", reason, consequence)
         if self._signals == 0:
             self._on_signal()
 

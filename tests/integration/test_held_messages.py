@@ -60,7 +60,9 @@ class HeldRun:
     def __init__(self, queue: str, folder: Path, ledger: Ledger) -> None:
         self.queue, self.folder, self.ledger = queue, folder, ledger
         self.log = folder / "worker.log"
-        self.producer = Conveyor("held", broker=RABBITMQ_URL, results=None, default_queue=queue)
+        self.producer = Conveyor(
+            "held", broker=RABBITMQ_URL, results=None, default_queue=queue, queue_max_priority=9
+        )
         # The names the worker's app runs; high priority unless sent otherwise.
         self.step = self.producer.task(name="held.step", priority=9)(_nothing)
         self.warm = self.producer.task(name="held.warm", priority=9)(_nothing)
@@ -72,6 +74,7 @@ class HeldRun:
             | {
                 "CONVEYOR_BROKER": RABBITMQ_URL,
                 "CONVEYOR_DEFAULT_QUEUE": queue,
+                "CONVEYOR_QUEUE_MAX_PRIORITY": "9",
                 "PYTHONPATH": str(HERE),
                 "HELD_DIR": str(folder),
             }

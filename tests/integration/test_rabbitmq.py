@@ -65,6 +65,14 @@ def broker() -> Iterator[RabbitMQBroker]:
     b.close()
 
 
+@pytest.fixture
+def prioritized() -> Iterator[RabbitMQBroker]:
+    """A broker that declares its queues with 10 priority levels."""
+    b = RabbitMQBroker(URL, max_priority=9)
+    yield b
+    b.close()
+
+
 def test_the_round_trip_is_timed_on_the_attached_loop_once_consuming(queue: str) -> None:
     broker = RabbitMQBroker(URL)
 
@@ -83,8 +91,9 @@ def test_the_round_trip_is_timed_on_the_attached_loop_once_consuming(queue: str)
 
 
 def test_publish_fetch_ack_in_priority_order(
-    broker: RabbitMQBroker, queue: str, poll: Poll
+    prioritized: RabbitMQBroker, queue: str, poll: Poll
 ) -> None:
+    broker = prioritized
     broker.publish([Outgoing(queue, f"p{p}".encode(), p) for p in (0, 9, 5)])
     got: list[Any] = []
 
@@ -101,10 +110,11 @@ def test_publish_fetch_ack_in_priority_order(
 
 
 def test_a_run_given_back_as_lost_is_counted_in_the_message_with_its_priority(
-    broker: RabbitMQBroker, queue: str, poll: Poll
+    prioritized: RabbitMQBroker, queue: str, poll: Poll
 ) -> None:
     """A nack could not carry the count: the copy published instead says `x-conveyor-lost`,
     keeps the priority, and an uncounted give-back moves neither count."""
+    broker = prioritized
     broker.publish([Outgoing(queue, b"x", 5), Outgoing(queue, b"low", 0)])
     (first,) = poll(lambda: broker.fetch([queue], 1) or None, what="the message")
     assert (first.body, first.priority, first.lost) == (b"x", 5, 0)
@@ -159,11 +169,13 @@ def test_dead_letters_keep_their_reason(broker: RabbitMQBroker, queue: str, poll
     assert broker.purge(queue, dead=True) == 1
 
 
-def _dead_letters_of(queue: str, items: list[tuple[bytes, int, str]], poll: Poll) -> None:
+def _dead_letters_of(
+    queue: str, items: list[tuple[bytes, int, str]], poll: Poll, max_priority: int | None = None
+) -> None:
     """Publish (body, priority) pairs, give each back once as a lost run, then dead-letter
     each with its reason: dead letters whose headers carry counts. A broker of its own does
     it, so that the test's broker is not consuming the queue."""
-    worker = RabbitMQBroker(URL)
+    worker = RabbitMQBroker(URL, max_priority=max_priority)
     try:
         worker.publish([Outgoing(queue, body, priority) for body, priority, _ in items])
         worker.requeue(_take(worker, queue, len(items), poll))
@@ -200,17 +212,18 @@ def _depths(queue: str) -> tuple[int, int]:
 
 
 def test_requeue_dead_sends_fresh_copies_and_keeps_the_rest_in_order(
-    broker: RabbitMQBroker, queue: str, poll: Poll
+    prioritized: RabbitMQBroker, queue: str, poll: Poll
 ) -> None:
     """Selected dead letters come back with no delivery or lost-run counts and their priority;
     the others stay in the dead-letter queue, in their order."""
+    broker = prioritized
     items = [
         (b"a", 2, "poison message: 1"),
         (b"b", 0, "unknown task: 2"),
         (b"c", 7, "poison message: 3"),
         (b"d", 0, "bad arguments: 4"),
     ]
-    _dead_letters_of(queue, items, poll)
+    _dead_letters_of(queue, items, poll, max_priority=9)
     assert sorted((d.body, d.priority) for d in broker.dead_letters(queue))[2] == (b"c", 7)
     progress: list[int] = []
 
@@ -309,16 +322,22 @@ def test_a_stale_delivery_tag_is_never_acked(
     assert broker.ack([again]) == 1
 
 
-def test_a_queue_with_other_arguments_gets_a_clear_error(queue: str) -> None:
+def _declare_with_priorities(queue: str, most: int) -> None:
+    """Declare `queue` as an earlier conveyor would have: with `x-max-priority` `most`."""
+
     async def declare() -> None:
         connection = await aiormq.connect(URL)
         channel = await connection.channel()
-        arguments = {"x-dead-letter-exchange": "conveyor.dead", "x-max-priority": 3}
+        arguments = {"x-dead-letter-exchange": "conveyor.dead", "x-max-priority": most}
         await channel.queue_declare(queue, durable=True, arguments=arguments)
         await connection.close()
 
     asyncio.run(declare())
-    broker = RabbitMQBroker(URL)
+
+
+def test_a_queue_with_other_arguments_gets_a_clear_error(queue: str) -> None:
+    _declare_with_priorities(queue, 3)
+    broker = RabbitMQBroker(URL, max_priority=9)
     try:
         with pytest.raises(ConfigurationError, match="x-max-priority") as caught:
             broker.publish([Outgoing(queue, b"x")])
@@ -329,10 +348,65 @@ def test_a_queue_with_other_arguments_gets_a_clear_error(queue: str) -> None:
         broker.close()
 
 
+def test_a_new_queue_has_no_priorities_but_its_messages_keep_theirs(
+    broker: RabbitMQBroker, queue: str, poll: Poll
+) -> None:
+    """The default: first in, first out, whatever the priority; each message still carries
+    the priority it was sent with."""
+    broker.publish([Outgoing(queue, f"p{p}".encode(), p) for p in (0, 9, 5)])
+    got = _take(broker, queue, 3, poll)
+    assert [(d.body, d.priority) for d in got] == [(b"p0", 0), (b"p9", 9), (b"p5", 5)]
+    broker.ack(got)
+    assert broker._priorities == {queue: 0}
+
+
+def test_an_existing_queue_keeps_its_priorities_when_the_setting_is_unset(
+    broker: RabbitMQBroker, queue: str, poll: Poll
+) -> None:
+    """A queue declared with priorities (as by earlier releases, whose default was 9) is used
+    with them, and priorities above its maximum count as the maximum."""
+    _declare_with_priorities(queue, 5)
+    broker.publish([Outgoing(queue, f"p{p}".encode(), p) for p in (0, 9, 3, 5)])
+    got = _take(broker, queue, 4, poll)
+    assert [(d.body, d.priority) for d in got] == [(b"p9", 5), (b"p5", 5), (b"p3", 3), (b"p0", 0)]
+    broker.ack(got)
+    assert broker._priorities == {queue: 5}
+
+
+def test_the_priorities_example_of_the_docs_declares_three_levels(queue: str) -> None:
+    """docs/brokers.md's example, run against this RabbitMQ on a queue of the test's own."""
+    page = (Path(__file__).resolve().parents[2] / "docs" / "brokers.md").read_text()
+    blocks = [b.split("```")[0] for b in page.split("```python\n")[1:]]
+    (example,) = [b for b in blocks if "queue_max_priority=3" in b]
+    namespace: dict[str, Any] = {}
+    exec(example, namespace)
+    app = namespace["app"]
+    try:
+        namespace["charge"].apply_async((7,), queue=queue)
+        assert app.broker._priorities == {queue: 3}
+    finally:
+        app.close()
+
+
+def test_a_worker_stops_at_a_queue_declared_otherwise_instead_of_retrying(queue: str) -> None:
+    """No retry can mend a refused declaration: the worker stops at once and says why."""
+    _declare_with_priorities(queue, 3)
+    app = Conveyor("rmq", broker=URL, results=None, default_queue=queue, queue_max_priority=9)
+    try:
+        worker = Worker(app, pool="threads", concurrency=1)
+        stats = worker.run()  # returns: no signal needed
+        assert worker.failure is not None
+        assert "x-max-priority 3 where conveyor asks for 9" in worker.failure
+        assert "unset it" in worker.failure
+        assert stats.succeeded == 0
+    finally:
+        app.close()
+
+
 def test_changing_queue_max_priority_takes_a_drained_queue_deleted(queue: str) -> None:
     """What docs/brokers.md says to do: drain, delete the queue itself, start with the new
     setting. Its dead letters, in a queue of their own, stay."""
-    old = Conveyor("rmq", broker=URL, results=None, default_queue=queue)
+    old = Conveyor("rmq", broker=URL, results=None, default_queue=queue, queue_max_priority=9)
     new = Conveyor("rmq", broker=URL, results=None, default_queue=queue, queue_max_priority=3)
 
     @old.task(name="rmq.noop")

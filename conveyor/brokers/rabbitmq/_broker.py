@@ -34,6 +34,7 @@ from conveyor.brokers.rabbitmq._topology import (
     dead_queue,
     declare,
     delay_queue,
+    existing_priority,
 )
 from conveyor.errors import BrokerError, ConfigurationError
 from conveyor.reasons import DeadLetterReason as Why
@@ -71,7 +72,7 @@ class RabbitMQBroker(Broker):
         self,
         url: str,
         *,
-        max_priority: int = 9,
+        max_priority: int | None = None,
         queue_type: str = "classic",
         delivery_limit: int = 30,
     ) -> None:
@@ -97,7 +98,9 @@ class RabbitMQBroker(Broker):
         connects(self)
         self.queue_type = queue_type
         # Quorum queues have no x-max-priority (RabbitMQ 3.10); they count deliveries themselves.
+        # None: a new queue gets none, an existing one keeps its own (`existing_priority`).
         self.max_priority = 0 if queue_type == "quorum" else max_priority
+        self._priorities: dict[str, int] = {}  # queue -> its x-max-priority, once declared
         self.delivery_limit = delivery_limit
         self._side: RabbitMQBroker | None = None
         self._slots = self._most = 0
@@ -232,13 +235,18 @@ class RabbitMQBroker(Broker):
     async def _declare(self, queue: str) -> aiormq.abc.AbstractChannel:
         channel = await self._chan()
         if queue not in self._declared:
+            most = self._priorities.get(queue, self.max_priority)
+            if most is None:
+                assert self._connection is not None
+                most = await existing_priority(self._connection, queue, self.delivery_limit)
             await declare(
                 channel,
                 queue,
                 queue_type=self.queue_type,
-                max_priority=self.max_priority,
+                max_priority=most,
                 delivery_limit=self.delivery_limit,
             )
+            self._priorities[queue] = most
             self._declared.add(queue)
         return channel
 
@@ -287,6 +295,15 @@ class RabbitMQBroker(Broker):
                 delivery_limit=self.delivery_limit,
             )
         return self._side
+
+    def _priority(self, message: Outgoing) -> int | None:
+        """The priority property of `message`: at most its queue's `x-max-priority`. A classic
+        queue without priorities orders nothing by it, but the message keeps it (a dead letter
+        moved to a queue with priorities is ordered by it there)."""
+        if self.queue_type == "quorum":
+            return None
+        most = self._priorities.get(message.queue, 0)
+        return min(message.priority, most) if most else message.priority or None
 
     async def fetch_async(self, queues: Sequence[str], limit: int) -> list[Delivery]:
         """`fetch`, awaited on the attached loop."""
@@ -400,7 +417,7 @@ class RabbitMQBroker(Broker):
                 exchange, key = "", delay_queue(message.queue, bucket(delay))
             properties = Basic.Properties(
                 delivery_mode=2,
-                priority=min(message.priority, self.max_priority) if self.max_priority else None,
+                priority=self._priority(message),
                 content_type=_content_type(message.body),
                 headers=headers[n] if headers else None,
                 reply_to=message.reply_to,

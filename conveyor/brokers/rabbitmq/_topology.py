@@ -3,7 +3,9 @@
 The exchanges `conveyor` and `conveyor.dead`; `Q` and `Q.dead` bound to them with routing key
 `Q`; one delay queue `Q.delay.<ms>` per bucket of `BUCKETS_MS`, whose messages expire back to
 `Q` (the package docstring says why). A queue that exists with other arguments is reported with
-the one that differs and the setting that fixes it, never redeclared.
+the one that differs and the setting that fixes it, never redeclared; the one exception is
+`x-max-priority` when `queue_max_priority` is unset, where conveyor takes the queue's own
+(`existing_priority`), so that queues declared with priorities by an earlier default keep them.
 """
 
 from __future__ import annotations
@@ -41,6 +43,46 @@ def bucket(delay: float) -> int:
     return fitting[-1] if fitting else BUCKETS_MS[0]
 
 
+def queue_arguments(queue_type: str, max_priority: int, delivery_limit: int) -> dict[str, Any]:
+    """The arguments conveyor declares a queue with."""
+    arguments: dict[str, Any] = {"x-dead-letter-exchange": DEAD_EXCHANGE}
+    if queue_type == "quorum":
+        # RabbitMQ's own limit is a backstop one past the worker's, which dead-letters
+        # with a reason first.
+        arguments["x-queue-type"] = "quorum"
+        arguments["x-delivery-limit"] = delivery_limit + 1
+    elif max_priority:
+        arguments["x-max-priority"] = max_priority
+    return arguments
+
+
+async def existing_priority(
+    connection: aiormq.abc.AbstractConnection, queue: str, delivery_limit: int
+) -> int:
+    """The `x-max-priority` of a classic `queue`, declaring it without one if it is new.
+
+    AMQP has no call that reads a queue's arguments, but RabbitMQ names the current value when a
+    declaration differs from it. The declaration goes on a channel of its own, since a refused
+    one closes its channel, and the connection's channel may hold deliveries and consumers.
+    """
+    arguments = queue_arguments("classic", 0, delivery_limit)
+    channel = await connection.channel()
+    try:
+        await channel.queue_declare(queue, durable=True, arguments=arguments)
+    except aiormq.exceptions.ChannelPreconditionFailed as exc:
+        # "inequivalent arg 'x-max-priority' for queue 'q' in vhost '/': received none but
+        # current is the value '9' of type 'byte'"
+        found = re.search(r"arg 'x-max-priority'.*received none but current is (.+)", str(exc))
+        current = _value(found.group(1)) if found else ""
+        if not current.isdigit():
+            raise ConfigurationError(mismatch(queue, exc, arguments)) from None
+        return int(current)
+    finally:
+        if not channel.is_closed:
+            await channel.close()
+    return 0
+
+
 async def declare(
     channel: aiormq.abc.AbstractChannel,
     queue: str,
@@ -52,15 +94,10 @@ async def declare(
     """Declare `queue`, its dead-letter queue and its delay queues, and the exchanges."""
     await channel.exchange_declare(EXCHANGE, exchange_type="direct", durable=True)
     await channel.exchange_declare(DEAD_EXCHANGE, exchange_type="direct", durable=True)
-    arguments: dict[str, Any] = {"x-dead-letter-exchange": DEAD_EXCHANGE}
+    arguments = queue_arguments(queue_type, max_priority, delivery_limit)
     dead_arguments: dict[str, Any] = {}
     if queue_type == "quorum":
-        # RabbitMQ's own limit is a backstop one past the worker's, which dead-letters
-        # with a reason first.
-        arguments["x-queue-type"] = dead_arguments["x-queue-type"] = "quorum"
-        arguments["x-delivery-limit"] = delivery_limit + 1
-    elif max_priority:
-        arguments["x-max-priority"] = max_priority
+        dead_arguments["x-queue-type"] = "quorum"
     try:
         await channel.queue_declare(queue, durable=True, arguments=arguments)
         await channel.queue_declare(dead_queue(queue), durable=True, arguments=dead_arguments)
@@ -92,7 +129,8 @@ def mismatch(queue: str, exc: BaseException, wanted: dict[str, Any]) -> str:
         name, received, current = match.groups()
         what = f"{name} {_value(current)} where conveyor asks for {_value(received)}"
     hint = {
-        "x-max-priority": "set queue_max_priority (CONVEYOR_QUEUE_MAX_PRIORITY) to match",
+        "x-max-priority": "set queue_max_priority (CONVEYOR_QUEUE_MAX_PRIORITY) to match or "
+        "unset it (conveyor then takes the queue's own)",
         "x-queue-type": "set queue_type (CONVEYOR_QUEUE_TYPE) to match",
         "x-delivery-limit": "it is 10 x poison_limit + 1: set poison_limit (CONVEYOR_POISON_LIMIT) "
         "to match",
