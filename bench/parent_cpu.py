@@ -43,13 +43,13 @@ from bench.rabbitmq_worker import (
     ROOT,
     URL,
     BenchError,
-    Peer,
     Probe,
     delete,
     kill_group,
     log_tail,
     make_peer,
     publish,
+    start_worker,
     tree,
     wait_exit,
     wait_queued,
@@ -118,7 +118,7 @@ def conveyor_round(args: argparse.Namespace, label: str, tree_path: str | None) 
             publish("conveyor", args.tasks)
             asyncio.run(wait_queued(queue, args.tasks))
             os.environ.update(ledger.fresh(workdir / "ledger"))
-            worker = start(peer, workdir, env, tree_path)
+            worker = start_worker(peer, workdir, env, tree_path)
             for k, v in saved.items():
                 if v is None:
                     os.environ.pop(k, None)
@@ -158,24 +158,6 @@ def conveyor_round(args: argparse.Namespace, label: str, tree_path: str | None) 
             if worker is not None:
                 kill_group(worker)
             asyncio.run(delete(peer))
-
-
-def start(
-    peer: Peer, workdir: Path, env: dict[str, str], tree_path: str | None
-) -> subprocess.Popen[bytes]:
-    """`start_worker`, with `env` (which may set CONVEYOR_* variables) added, and conveyor
-    imported from `tree_path` (another checkout) if given."""
-    path = str(workdir) if tree_path is None else f"{workdir}:{tree_path}"
-    with open(workdir / "worker.log", "wb") as log:
-        return subprocess.Popen(
-            peer.command,
-            cwd=workdir,
-            env={**os.environ, **env, "PYTHONPATH": path},
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
 
 
 def probe_round(args: argparse.Namespace) -> dict[str, Any]:

@@ -314,14 +314,21 @@ class Probe:
 # Worker processes.
 
 
-def start_worker(peer: Peer, workdir: Path) -> subprocess.Popen[bytes]:
-    """The worker in a new session: its process group is exactly the tree it starts."""
+def start_worker(
+    peer: Peer, workdir: Path, extra: dict[str, str] | None = None, tree_path: str | None = None
+) -> subprocess.Popen[bytes]:
+    """The worker in a new session: its process group is exactly the tree it starts.
+
+    The peers' own variables are left out of its environment and `extra` (which may set some)
+    added; `tree_path` puts another checkout's packages after the app module on its path.
+    """
     env = {
         k: v
         for k, v in os.environ.items()
         if not k.startswith(("CONVEYOR_", "dramatiq_", "CELERY_"))
     }
-    env["PYTHONPATH"] = str(workdir)
+    env.update(extra or {})
+    env["PYTHONPATH"] = str(workdir) if tree_path is None else f"{workdir}:{tree_path}"
     with open(workdir / "worker.log", "wb") as log:
         return subprocess.Popen(
             peer.command,
