@@ -8,7 +8,7 @@ import sys
 import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Final, ParamSpec, TypeVar, overload
+from typing import TYPE_CHECKING, Any, Final, ParamSpec, TypeVar, overload
 
 from conveyor import brokers, results
 from conveyor.brokers import Broker, Outgoing
@@ -21,6 +21,11 @@ from conveyor.results.handle import Result
 from conveyor.settings import Settings
 from conveyor.signing import Signer
 from conveyor.task import Task, parse_options
+
+if TYPE_CHECKING:
+    import datetime as dt
+
+    from conveyor.scheduler.schedules import Missed, Schedule
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -62,6 +67,7 @@ class Conveyor:
         self.signer = None if key is None else Signer(key, self.settings.verify_keys)
         self.tasks: dict[str, Task[Any, Any]] = {}
         self.process_start_hooks: list[Callable[[], None]] = []
+        self.schedules: dict[str, Schedule] = {}
         self.resources = Resources()
         self._lock = threading.Lock()
         self._broker: Broker | None = None
@@ -191,6 +197,86 @@ class Conveyor:
         """
         self.process_start_hooks.append(fn)
         return fn
+
+    def schedule(
+        self,
+        task: Task[..., Any] | str,
+        *,
+        cron: str | None = None,
+        every: dt.timedelta | None = None,
+        tz: str = "UTC",
+        name: str | None = None,
+        args: Sequence[Any] = (),
+        kwargs: dict[str, Any] | None = None,
+        missed: Missed = "once",
+        max_missed: int = 100,
+        grace: dt.timedelta | None = None,
+    ) -> Schedule:
+        """Send `task` at every tick of `cron` (in time zone `tz`) or `every` interval.
+
+        `conveyor scheduler` (or `conveyor worker --scheduler`) sends the ticks; see
+        docs/periodic-tasks.md. The schedule is named after the task unless `name` is given; an
+        invalid expression, time zone or a second schedule of the same name raises
+        `ConfigurationError` here.
+        """
+        from conveyor.scheduler.schedules import Schedule
+
+        task_name = task if isinstance(task, str) else task.name
+        name = name or task_name
+        if name in self.schedules:
+            raise ConfigurationError(f"two schedules are named {name!r}: pass name=... to one")
+        entry = Schedule(
+            name,
+            task_name,
+            cron=cron,
+            every=every,
+            tz=tz,
+            args=tuple(args),
+            kwargs=dict(kwargs or {}),
+            missed=missed,
+            max_missed=max_missed,
+            grace=grace,
+        )
+        if isinstance(task, Task):  # the arguments are checked now, as a send would
+            task.envelope(entry.args, entry.kwargs)
+        self.schedules[name] = entry
+        return entry
+
+    def periodic(
+        self,
+        *,
+        cron: str | None = None,
+        every: dt.timedelta | None = None,
+        tz: str = "UTC",
+        name: str | None = None,
+        args: Sequence[Any] = (),
+        kwargs: dict[str, Any] | None = None,
+        missed: Missed = "once",
+        max_missed: int = 100,
+        grace: dt.timedelta | None = None,
+    ) -> Callable[[Task[P, R]], Task[P, R]]:
+        """`app.schedule` as a decorator, above `@app.task`."""
+
+        def register(task: Task[P, R]) -> Task[P, R]:
+            if not isinstance(task, Task):
+                raise ConfigurationError(
+                    f"@app.periodic goes above @app.task, not on {task!r} itself"
+                )
+            self.schedule(
+                task,
+                cron=cron,
+                every=every,
+                tz=tz,
+                name=name,
+                args=args,
+                kwargs=kwargs,
+                missed=missed,
+                max_missed=max_missed,
+                grace=grace,
+            )
+            return task
+
+        return register
 
     def get_task(self, name: str) -> Task[Any, Any]:
         """The task registered under `name`, or `UnknownTaskError`."""

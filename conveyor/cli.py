@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from rich.table import Table
 
     from conveyor.deadletters import Described
+    from conveyor.scheduler import Scheduler
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -125,6 +126,12 @@ def main() -> None:
 @click.option(
     "--quiet-tasks", is_flag=True, help="Log nothing about tasks that succeed (failures still)."
 )
+@click.option(
+    "--scheduler",
+    "with_scheduler",
+    is_flag=True,
+    help="Also send APP's periodic tasks (any number of schedulers may run).",
+)
 @_clear_errors
 def worker(
     app_path: str,
@@ -140,6 +147,7 @@ def worker(
     log_config: str | None,
     log_each_task: bool,
     quiet_tasks: bool,
+    with_scheduler: bool,
 ) -> None:
     """Run a worker for APP.
 
@@ -170,7 +178,12 @@ def worker(
         task_log="each" if log_each_task else "quiet" if quiet_tasks else None,
         loop=loop,
     )
-    running.run()
+    scheduler = _start_scheduler(app) if with_scheduler else None
+    try:
+        running.run()
+    finally:
+        if scheduler is not None:
+            scheduler.stop()
     if running.failure is not None:
         # A supervisor (systemd, Kubernetes) restarts a worker that exits with an error.
         raise click.ClickException(f"the worker stopped: {running.failure}")
@@ -215,6 +228,93 @@ def send(
     click.echo(result.id)
     if wait is not None:
         click.echo(msgspec.json.encode(result.get(timeout=wait)).decode())
+
+
+def _start_scheduler(app: Conveyor) -> Scheduler:
+    """A scheduler on a thread of its own, beside the worker."""
+    import threading
+
+    from conveyor.scheduler import Scheduler
+
+    scheduler = Scheduler(app)
+    threading.Thread(target=scheduler.run, name="conveyor-scheduler", daemon=True).start()
+    return scheduler
+
+
+@main.command()
+@click.argument("app_path", metavar="APP")
+@click.option("--loglevel", "-l", type=click.Choice(LOG_LEVELS, case_sensitive=False))
+@click.option(
+    "--lease",
+    type=click.FloatRange(min=0.1),
+    default=30.0,
+    show_default=True,
+    help="Seconds a claimed tick waits for its scheduler before another one sends it.",
+)
+@_clear_errors
+def scheduler(app_path: str, loglevel: str | None, lease: float) -> None:
+    """Send APP's periodic tasks: each tick once, however many schedulers run."""
+    import signal
+
+    from conveyor.scheduler import Scheduler
+
+    app = _load_app(app_path)
+    log.setup(loglevel or app.settings.log_level, level_given=loglevel is not None)
+    if not app.schedules:
+        raise click.ClickException(
+            f"{app_path} declares no schedules: add @app.periodic(...) or app.schedule(...)"
+        )
+    running = Scheduler(app, lease=lease)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: running.stop())
+    try:
+        running.run()
+    finally:
+        running.close()
+        app.close()
+
+
+@main.command()
+@click.argument("app_path", metavar="APP")
+@_clear_errors
+def schedule(app_path: str) -> None:
+    """List APP's schedules: when each ticks next, its last tick and who sent it."""
+    import datetime as dt
+
+    from rich.console import Console
+    from rich.table import Table
+    from rich.text import Text
+
+    from conveyor.scheduler.claims import from_url
+    from conveyor.scheduler.runner import store_url
+
+    app = _load_app(app_path)
+    claims = from_url(store_url(app))
+    now = dt.datetime.now(dt.UTC)
+    table = Table(title=f"{app.name}: schedules, claims in {claims.display_url}")
+    for column in ("schedule", "task", "when", "next tick", "last tick", "sent by"):
+        table.add_column(column)
+    try:
+        for entry in app.schedules.values():
+            zone = entry.zone
+            upcoming = next(entry.ticks(now)).astimezone(zone)
+            last = claims.last(entry.name)
+            if last is None:
+                previous, by = "never", "-"
+            else:
+                previous = last.tick.astimezone(zone).isoformat(sep=" ", timespec="seconds")
+                by = last.owner if last.sent else f"{last.owner} (claimed, not sent yet)"
+            table.add_row(
+                Text(entry.name),
+                Text(entry.task),
+                Text(entry.what),
+                upcoming.isoformat(sep=" ", timespec="seconds"),
+                previous,
+                Text(by),
+            )
+    finally:
+        claims.close()
+    Console().print(table)
 
 
 @main.command()
