@@ -239,7 +239,7 @@ if not redis.call('SET', KEYS[1], 'claimed|' .. ARGV[2], 'NX', 'PX', ARGV[3]) th
 end
 redis.call('ZADD', KEYS[2], 0, ARGV[1])
 local last = redis.call('GET', KEYS[3])
-if not last or string.sub(last, 1, 27) < ARGV[1] then
+if not last or string.sub(last, 1, 27) <= ARGV[1] then
   redis.call('SET', KEYS[3], ARGV[1] .. '|' .. ARGV[2])
 end
 return 1

@@ -30,6 +30,8 @@ LEASE_S = 30.0
 MAX_SLEEP_S = 1.0
 """The longest the loop sleeps: it also looks for claims that ran out unsent."""
 RETRY_MAX_S = 30.0
+RECENT_MAX = 10_000
+"""The most ticks of one schedule sent in one step (an `every=` of 10 ms has 500 on time)."""
 HEADER_SCHEDULE = "conveyor-schedule"
 HEADER_TICK = "conveyor-tick"
 
@@ -128,17 +130,25 @@ class Scheduler:
         return after
 
     def _due(self, schedule: Schedule, after: dt.datetime, now: dt.datetime) -> None:
-        most = schedule.max_missed if schedule.missed == "all" else 1
-        due, skipped = schedule.due(after, now, most)
-        if not due:
+        """Send the ticks in (after, now]: each one that is at most `ON_TIME` late, and of the
+        older ones (missed: no scheduler ran then) what the schedule's `missed` policy says."""
+        cutoff = now - ON_TIME
+        recent, _ = schedule.due(max(after, cutoff), now, RECENT_MAX)
+        old: list[dt.datetime] = []
+        skipped = 0
+        if after < cutoff:
+            most = schedule.max_missed if schedule.missed == "all" else 1
+            old, skipped = schedule.due(after, cutoff, most)
+        if not recent and not old:
             return
-        self._after[schedule.name] = due[-1]
-        chosen = due
-        if schedule.missed == "skip":
-            chosen = [t for t in due if now - t <= ON_TIME]
+        self._after[schedule.name] = (recent or old)[-1]
+        chosen = old
+        if schedule.missed == "skip" or (schedule.missed == "once" and recent):
+            chosen = []
+        chosen = chosen + recent
         if schedule.grace is not None:
             chosen = [t for t in chosen if now - t <= schedule.grace]
-        skipped += len(due) - len(chosen)
+        skipped += len(old) + len(recent) - len(chosen)
         if skipped:
             log.warning(
                 "schedule %s: %d ticks after %s skipped (missed=%s%s)",

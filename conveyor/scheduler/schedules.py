@@ -29,8 +29,9 @@ UTC = dt.UTC
 EPOCH = dt.datetime(1970, 1, 1, tzinfo=UTC)
 # Task ids of ticks: the same schedule and instant give the same id on every scheduler.
 TICK_NAMESPACE = uuid.UUID("5c0f3e52-5d0e-4d55-9a49-2f1f2f0c6d3b")
-# A tick this late is still on time for `missed="skip"`: a scheduler's loop wakes at most a
-# second late, and a store call can take a moment.
+# A tick at most this late is sent by a running scheduler whatever the `missed` policy: its loop
+# can wake late on a busy machine. Older ticks were missed (no scheduler ran) and the policy
+# decides.
 ON_TIME = dt.timedelta(seconds=5)
 _NAME = re.compile(r"^[^\x00-\x1f\x7f@|]{1,200}$")
 
@@ -47,8 +48,9 @@ class Schedule:
     args: tuple[Any, ...] = ()
     kwargs: dict[str, Any] = field(default_factory=dict)
     missed: Missed = "once"
-    """After downtime: `once`, the latest missed tick only; `skip`, none of them; `all`, each
-    (up to `max_missed`, the latest ones)."""
+    """Ticks more than 5 s late when a scheduler gets to them (none ran then): `once`, the latest
+    of them, unless a tick on time is due too; `skip`, none; `all`, each (up to `max_missed`, the
+    latest ones)."""
     max_missed: int = 100
     grace: dt.timedelta | None = None
     """A tick older than this when a scheduler gets to it is skipped and logged; None: no limit."""
