@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import datetime as dt
+import sys
 from pathlib import Path
 from typing import Any
+from uuid import uuid4
 from zoneinfo import ZoneInfo
 
 import pytest
+from click.testing import CliRunner
 
 from conveyor import Conveyor, Worker
+from conveyor.cli import main
 from conveyor.errors import ArgumentError, ConfigurationError, UnknownTaskError
 from conveyor.message import decode
 from conveyor.scheduler import HEADER_TICK, Schedule, Scheduler, tick_id, tick_task_id
@@ -290,3 +294,67 @@ def test_a_tick_runs_with_its_id_in_the_request(tmp_path: Path) -> None:
     tick = T0 + dt.timedelta(seconds=30)
     assert seen == [(tick_task_id("half-minute", tick), tick_id("half-minute", tick))]
     app.close()
+
+
+def test_the_docs_example_declares_its_three_schedules(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)  # its app uses the embedded broker's default file
+    page = (Path(__file__).resolve().parents[2] / "docs" / "periodic-tasks.md").read_text()
+    example = page.split("```python\n")[1].split("```")[0]
+    namespace: dict[str, Any] = {"__name__": "shop"}
+    exec(example, namespace)
+    app = namespace["app"]
+    try:
+        schedules = app.schedules
+        assert set(schedules) == {"shop.nightly_report", "shop.refresh", "weekday-cleanup"}
+        assert schedules["weekday-cleanup"].kwargs == {"days": 30}
+        nightly = schedules["shop.nightly_report"]
+        after = dt.datetime(2026, 12, 3, 12, 0, tzinfo=UTC)
+        assert next(nightly.ticks(after)) == dt.datetime(2026, 12, 4, 2, 0, tzinfo=UTC)
+    finally:
+        app.close()
+
+
+def _cli_app(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, body: str) -> str:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(tmp_path)
+    monkeypatch.setenv("COLUMNS", "250")
+    name = f"sched_app_{uuid4().hex[:8]}"
+    (tmp_path / f"{name}.py").write_text(
+        "import datetime as dt\nfrom conveyor import Conveyor\n\n"
+        f"app = Conveyor('cli', broker='sqlite:///{tmp_path}/app.db')\n\n{body}"
+    )
+    return f"{name}:app"
+
+
+def test_conveyor_schedule_lists_next_and_last_ticks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = _cli_app(
+        tmp_path,
+        monkeypatch,
+        "@app.periodic(cron='0 3 * * *', tz='Europe/Berlin', name='nightly')\n"
+        "@app.task(name='cli.report')\ndef report() -> None:\n    pass\n",
+    )
+    shown = CliRunner().invoke(main, ["schedule", path])
+    assert shown.exit_code == 0, shown.output
+    assert "nightly" in shown.output and "cron 0 3 * * * (Europe/Berlin)" in shown.output
+    assert "03:00:00+01:00" in shown.output and "never" in shown.output
+    app = sys.modules[path.split(":")[0]].app
+    scheduler = Scheduler(app, clock=Clock(dt.datetime(2026, 12, 4, 1, 59, 59, tzinfo=UTC)))
+    scheduler.step()
+    scheduler.clock = Clock(dt.datetime(2026, 12, 4, 2, 0, 1, tzinfo=UTC))
+    scheduler.step()
+    scheduler.close()
+    shown = CliRunner().invoke(main, ["schedule", path])
+    assert "2026-12-04 03:00:00+01:00" in shown.output and scheduler.owner in shown.output
+
+
+def test_conveyor_scheduler_without_schedules_says_what_to_add(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = _cli_app(tmp_path, monkeypatch, "")
+    result = CliRunner().invoke(main, ["scheduler", path])
+    assert result.exit_code == 1
+    assert "declares no schedules: add @app.periodic(...) or app.schedule(...)" in result.output
