@@ -227,3 +227,50 @@ def test_three_schedulers_with_their_claimer_killed_send_every_tick_once(
 
 def _at(tick: str) -> dt.datetime:
     return dt.datetime.fromisoformat(tick.split("@")[1].replace("Z", "+00:00"))
+
+
+WORKER_APP = textwrap.dedent(
+    """
+    import datetime as dt
+    import os
+    from conveyor import Conveyor
+    from conveyor.task import current_request
+
+    app = Conveyor("embedded")
+
+    @app.periodic(every=dt.timedelta(milliseconds=200), name="often")
+    @app.task(name="embedded.tick")
+    def tick() -> None:
+        request = current_request.get()
+        with open(os.environ["TICKS_FILE"], "a") as out:
+            out.write(request.headers["conveyor-tick"] + "\\n")
+    """
+)
+
+
+@pytest.mark.timeout(120)
+def test_a_worker_with_the_scheduler_sends_and_runs_the_ticks(tmp_path: Path) -> None:
+    (tmp_path / "worker_app.py").write_text(WORKER_APP)
+    ticks = tmp_path / "ticks.txt"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CONVEYOR_")}
+    env |= {"PYTHONPATH": str(tmp_path), "TICKS_FILE": str(ticks)}
+    command = [sys.executable, "-m", "conveyor", "worker", "worker_app:app", "--scheduler"]
+    with open(tmp_path / "worker.log", "wb") as log:
+        worker = subprocess.Popen(
+            [*command, "--pool", "threads", "-c", "2"],
+            cwd=tmp_path,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        wait_for(
+            lambda: ticks.exists() and len(ticks.read_text().split()) >= 5,
+            timeout=60,
+            what="five ticks run",
+        )
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        assert worker.wait(timeout=30) == 0, (tmp_path / "worker.log").read_text()[-3000:]
+    ran = ticks.read_text().split()
+    assert len(ran) == len(set(ran)) and all(t.startswith("often@") for t in ran)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 from uuid import uuid4
@@ -11,6 +12,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 from click.testing import CliRunner
+from conftest import wait_for
 
 from conveyor import Conveyor, Worker
 from conveyor.cli import main
@@ -358,3 +360,23 @@ def test_conveyor_scheduler_without_schedules_says_what_to_add(
     result = CliRunner().invoke(main, ["scheduler", path])
     assert result.exit_code == 1
     assert "declares no schedules: add @app.periodic(...) or app.schedule(...)" in result.output
+
+
+def test_a_scheduler_whose_store_is_down_retries_and_sends_nothing(
+    memory_app: Conveyor, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    class Down(SQLiteClaims):
+        def last(self, schedule: str) -> Any:
+            raise OSError("connection refused")
+
+    memory_app.schedule("sched.tick", every=dt.timedelta(milliseconds=10), name="fast")
+    scheduler = Scheduler(memory_app, Down(f"sqlite:///{tmp_path}/c.db"))
+    thread = threading.Thread(target=scheduler.run)
+    with caplog.at_level("ERROR", logger="conveyor.scheduler"):
+        thread.start()
+        wait_for(lambda: len(caplog.records) >= 2, what="two failed steps")
+        scheduler.stop()
+        thread.join(timeout=30)
+    assert not thread.is_alive()
+    assert "connection refused; nothing is sent that is not claimed, retrying in" in caplog.text
+    assert memory_app.broker.fetch(["default"], 10) == []
