@@ -6,6 +6,7 @@ import functools
 import math
 import os
 import sys
+import threading
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
@@ -178,7 +179,7 @@ def worker(
         task_log="each" if log_each_task else "quiet" if quiet_tasks else None,
         loop=loop,
     )
-    scheduler = _start_scheduler(app) if with_scheduler else None
+    scheduler = _start_scheduler(app, running.started) if with_scheduler else None
     try:
         running.run()
     finally:
@@ -230,14 +231,22 @@ def send(
         click.echo(msgspec.json.encode(result.get(timeout=wait)).decode())
 
 
-def _start_scheduler(app: Conveyor) -> Scheduler:
-    """A scheduler on a thread of its own, beside the worker."""
-    import threading
+def _start_scheduler(app: Conveyor, started: threading.Event) -> Scheduler:
+    """A scheduler on a thread of its own, beside the worker, once the worker has started.
 
+    Made now, so that a schedule of an unknown task stops the command before the worker starts;
+    run only once the pool is up, because the worker forks its zygote at start and a thread
+    that holds a lock (logging's, a database's) at a fork leaves it held in the child.
+    """
     from conveyor.scheduler import Scheduler
 
     scheduler = Scheduler(app)
-    threading.Thread(target=scheduler.run, name="conveyor-scheduler", daemon=True).start()
+
+    def run() -> None:
+        if started.wait() and not scheduler.stopped:
+            scheduler.run()
+
+    threading.Thread(target=run, name="conveyor-scheduler", daemon=True).start()
     return scheduler
 
 

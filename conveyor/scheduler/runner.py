@@ -86,6 +86,11 @@ class Scheduler:
         """Make `run` return after its current step (from any thread)."""
         self._stop.set()
 
+    @property
+    def stopped(self) -> bool:
+        """`stop()` was called."""
+        return self._stop.is_set()
+
     def run(self) -> None:
         """Send ticks until `stop()`."""
         log.info(

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from conftest import wait_for
+from conftest import RABBITMQ_URL, delete_rabbitmq_queues, require_rabbitmq, wait_for
 from stores import postgresql_store, redis_store
 
 from conveyor import Conveyor
@@ -249,15 +249,26 @@ WORKER_APP = textwrap.dedent(
 
 
 @pytest.mark.timeout(120)
-def test_a_worker_with_the_scheduler_sends_and_runs_the_ticks(tmp_path: Path) -> None:
+@pytest.mark.parametrize("broker", ["sqlite", "rabbitmq"])
+def test_a_worker_with_the_scheduler_sends_and_runs_the_ticks(tmp_path: Path, broker: str) -> None:
+    """In the prefork worker's own process, started once its pool is up (it forks then)."""
     (tmp_path / "worker_app.py").write_text(WORKER_APP)
     ticks = tmp_path / "ticks.txt"
     env = {k: v for k, v in os.environ.items() if not k.startswith("CONVEYOR_")}
     env |= {"PYTHONPATH": str(tmp_path), "TICKS_FILE": str(ticks)}
+    queue = f"sched-{uuid.uuid4().hex[:8]}"
+    if broker == "rabbitmq":
+        require_rabbitmq()
+        env |= {
+            "CONVEYOR_BROKER": RABBITMQ_URL,
+            "CONVEYOR_DEFAULT_QUEUE": queue,
+            "CONVEYOR_RESULTS": "",
+            "CONVEYOR_SCHEDULER_STORE": f"sqlite:///{tmp_path}/claims.db",
+        }
     command = [sys.executable, "-m", "conveyor", "worker", "worker_app:app", "--scheduler"]
     with open(tmp_path / "worker.log", "wb") as log:
         worker = subprocess.Popen(
-            [*command, "--pool", "threads", "-c", "2"],
+            [*command, "-c", "2"],
             cwd=tmp_path,
             env=env,
             stdout=log,
@@ -271,6 +282,9 @@ def test_a_worker_with_the_scheduler_sends_and_runs_the_ticks(tmp_path: Path) ->
         )
     finally:
         worker.send_signal(signal.SIGTERM)
-        assert worker.wait(timeout=30) == 0, (tmp_path / "worker.log").read_text()[-3000:]
+        status = worker.wait(timeout=30)
+        if broker == "rabbitmq":
+            delete_rabbitmq_queues(queue)
+    assert status == 0, (tmp_path / "worker.log").read_text()[-3000:]
     ran = ticks.read_text().split()
     assert len(ran) == len(set(ran)) and all(t.startswith("often@") for t in ran)
