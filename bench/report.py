@@ -76,25 +76,26 @@ also includes the publisher confirm: conveyor's send returns only once RabbitMQ 
 on disk (6-7 ms here), which the peers do not wait for by default.
 
 Idle memory: the worker tree is four processes (the parent, the zygote that forks children, and
-two children), about 30 MiB PSS with cached bytecode; read page by page (/proc/PID/pagemap), it
+two children), about 29 MiB PSS with cached bytecode; read page by page (/proc/PID/pagemap), it
 holds three things. First the parent's heap at the fork, about 18 MiB, shared by all four and
 counted once: the interpreter and its imports, half of it code objects (asyncio with ssl, aiormq
-with pamqp, yarl and, for aiormq's version string, importlib.metadata with email and zipfile;
-click, msgspec, logging, conveyor). Then about 8 MiB of copies: CPython 3.11 writes to every
-object it touches (reference counts) and to every function it runs, and a process that writes
-to a page it shares gets its own copy. The parent, which connects and consumes, copies about 4.3
-MiB; the zygote and each idle child 1.1-1.5 MiB (after-fork hooks, start-up, the interpreter's
-own data). Last, about 4 MiB of shares of libpython, OpenSSL and extension modules. Dramatiq's
-children import their own copies of everything (9.4 MiB private each). The target of 0.7x
-Dramatiq (about 25 MiB) would leave 3 MiB for all the copies, less than the parent makes alone.
-Handing the C heap's free pages back before the fork (malloc_trim) matters without cached
-bytecode: compiling the imports leaves about 3 MiB of them, which every process inherited and
-reused (PSS 33.3 to 30.2 MiB, RSS 113 to 100 MiB). logging.config, imported only for
---log-config, saves 0.7 MiB of RSS per process. Measured and left out: freezing the collector's
-objects before the fork (idle children run no full collection, nor did children that ran
-30,000 tasks), forking the zygote before the broker's client is imported (RSS 8 MiB less, PSS 2
-MiB more: the parent's imports after the fork land in pages it shares with the zygote), and a
-zygote in a fresh interpreter (PSS 11 MiB more).
+with pamqp and yarl, click, msgspec, logging, conveyor). Then about 8 MiB of copies: CPython
+3.11 writes to every object it touches (reference counts) and to every function it runs, and a
+process that writes to a page it shares gets its own copy. The parent, which connects and
+consumes, copies about 4.3 MiB; the zygote and each idle child 1.2-1.4 MiB (after-fork hooks,
+start-up, the interpreter's own data). Last, about 4 MiB of shares of libpython, OpenSSL and
+extension modules. Dramatiq's children import their own copies of everything (9.4 MiB private
+each). The target of 0.7x Dramatiq (about 25 MiB) would leave 3 MiB for all the copies, less
+than the parent makes alone. Handing the C heap's free pages back before the fork (malloc_trim)
+matters without cached bytecode: compiling the imports leaves about 3 MiB of them, which every
+process inherited and reused (PSS 33.3 to 30.2 MiB, RSS 113 to 100 MiB). logging.config,
+imported only for --log-config, saves 0.7 MiB of RSS per process. aiormq, imported without
+importlib.metadata (which it asks for its own version), saves 1.2 MiB of the shared heap; the
+children skip conveyor's after-fork callbacks, which ran in the zygote, 0.45 MiB. Measured and
+left out: freezing the collector's objects before the fork (idle children run no full
+collection, nor did children that ran 30,000 tasks), forking the zygote before the broker's
+client is imported (RSS 8 MiB less, PSS 2 MiB more: the parent's imports after the fork land in
+pages it shares with the zygote), and a zygote in a fresh interpreter (PSS 11 MiB more).
 """
 
 

@@ -36,7 +36,15 @@ from conftest import (
 )
 from values_cases import EVERYTHING, Everything, same
 
-from conveyor import Conveyor, DeadLetterReason, SoftTimeLimitExceeded, Task, Worker, WorkerStats
+from conveyor import (
+    Conveyor,
+    DeadLetterReason,
+    SoftTimeLimitExceeded,
+    Task,
+    Worker,
+    WorkerStats,
+    _fork,
+)
 from conveyor.errors import EncodeError, TaskFailed, TimeLimitExceeded
 from conveyor.message import decode
 from conveyor.results import ResultRecord, State
@@ -477,6 +485,34 @@ def test_start_hooks_run_in_each_child_after_the_fork(make_app: MakeApp, tmp_pat
     assert all(pid == made_in for pid, made_in in answers), "a resource crossed a fork"
     assert {pid for pid, _ in answers} <= pids_in(hooks)
     assert os.getpid() not in pids_in(hooks) and resource == {}, "a hook ran in the worker"
+
+
+def test_the_zygote_forgets_the_worker_once_and_its_children_have_nothing_left_to_forget(
+    make_app: MakeApp, tmp_path: Path
+) -> None:
+    # The `_fork` callbacks run in the zygote forked from the worker; each would copy pages
+    # into every child (docs/worker-performance.md, Memory), where there is nothing to forget.
+    app = make_app()
+    ran = tmp_path / "forgot"
+
+    def mark() -> None:
+        with open(ran, "a") as f:
+            f.write(f"{os.getpid()}\n")
+
+    @app.task
+    def family() -> tuple[int, int]:
+        return os.getpid(), os.getppid()
+
+    _fork.forget_in_child(mark)
+    try:
+        results = family.map([() for _ in range(4)])
+        run_until_empty(app)
+    finally:
+        _fork._callbacks.remove(mark)
+    answers = [r.get(timeout=5) for r in results]
+    zygotes = {zygote for _, zygote in answers}
+    assert ran.read_text().split() == [str(zygote) for zygote in zygotes]
+    assert not {pid for pid, _ in answers} & set(ran.read_text().split())
 
 
 def test_a_child_that_never_reports_up_is_killed_and_replaced(

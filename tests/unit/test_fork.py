@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from conveyor import _fork
 from conveyor.brokers.base import Outgoing
 from conveyor.brokers.sqlite import SQLiteBroker
 
@@ -31,3 +32,40 @@ def test_a_forked_child_opens_its_own_sqlite_connection(tmp_path: Path) -> None:
         assert stats.ready == 3
     finally:
         broker.close()
+
+
+def test_a_child_forked_with_nothing_to_forget_skips_the_callbacks_but_its_own_child_runs_them(
+    tmp_path: Path,
+) -> None:
+    ran = tmp_path / "ran"
+
+    def mark() -> None:
+        with open(ran, "a") as f:
+            f.write(f"{os.getpid()}\n")
+
+    _fork.forget_in_child(mark)
+    try:
+        with _fork.nothing_to_forget():
+            pid = os.fork()
+        if pid == 0:  # runs no callback; a process it forks does
+            code = 1
+            try:
+                grandchild = os.fork()
+                if grandchild == 0:
+                    os._exit(0)
+                os.waitpid(grandchild, 0)
+                code = 0
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        after = os.fork()  # outside the block, as ever
+        if after == 0:
+            os._exit(0)
+        os.waitpid(after, 0)
+        marks = ran.read_text().split()
+        assert len(marks) == 2
+        assert str(pid) not in marks
+        assert marks[1] == str(after)
+    finally:
+        _fork._callbacks.remove(mark)

@@ -42,6 +42,39 @@ def test_a_worker_imports_no_logging_config_nor_difflib_until_they_are_needed() 
     assert out == ""
 
 
+def test_a_rabbitmq_worker_imports_no_importlib_metadata() -> None:
+    # aiormq asks importlib.metadata for its own version at import; conveyor answers instead.
+    out = run(
+        """
+        import sys
+        import conveyor.cli
+        from conveyor import Conveyor
+        from conveyor.worker.pools import prefork
+        app = Conveyor("t", broker="amqp://guest:guest@127.0.0.1:5672/")
+        unused = ("importlib.metadata", "email", "zipfile", "csv")
+        print("imported:", ",".join(name for name in unused if name in sys.modules))
+        import aiormq.connection
+        import importlib.metadata
+        print(aiormq.connection.__version__ == importlib.metadata.version("aiormq"))
+        """
+    )
+    assert out.splitlines() == ["imported: ", "True"]
+
+
+def test_the_metadata_stand_in_hands_every_other_question_to_importlib_metadata() -> None:
+    import importlib.metadata
+
+    from conveyor.brokers.rabbitmq._aiormq import _MetadataStandIn, installed_version
+
+    assert installed_version("aiormq") == importlib.metadata.version("aiormq")
+    assert installed_version("no-such-package") is None
+    stand_in = _MetadataStandIn("0.0.1")
+    assert stand_in.version("aiormq") == "0.0.1"
+    assert stand_in.version("msgspec") == importlib.metadata.version("msgspec")
+    assert stand_in.PackageNotFoundError is importlib.metadata.PackageNotFoundError
+    assert not hasattr(stand_in, "__path__")
+
+
 def test_an_unknown_setting_still_gets_its_did_you_mean() -> None:
     from conveyor.settings import unknown_name_message
 

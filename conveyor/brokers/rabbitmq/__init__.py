@@ -27,6 +27,8 @@ is declared, and the names it goes by), `_confirms` (publishing with confirms), 
 `_pamqp_text` (pamqp decoding text that is not UTF-8).
 """
 
+# First: it imports aiormq without importlib.metadata (see its docstring).
+from conveyor.brokers.rabbitmq import _aiormq  # noqa: F401
 from conveyor.brokers.rabbitmq._broker import (
     CALL_TIMEOUT_S,
     CONTENT_TYPE,

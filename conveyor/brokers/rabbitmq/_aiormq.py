@@ -44,28 +44,101 @@ variable, so only the coroutine that connects and the tasks it starts see it), r
 by aiormq's `Connection.connect` itself are dropped: what they say reaches the user in
 conveyor's error. Every other aiormq record, and aiormq's records about connections the user's
 own code opens, pass as before.
+
+Importing. `aiormq.connection` asks `importlib.metadata.version("aiormq")` at import, for the
+version in the client properties it sends. importlib.metadata brings email, zipfile, csv and
+more along: 1.3 MiB in a worker, which every process of a prefork pool maps, and which nothing
+else of an idle worker uses. So while aiormq is imported here (first, before any other module of
+this package), a stand-in for importlib.metadata answers that question from the name of aiormq's
+`.dist-info` directory; whatever else it is asked, the real module answers. Where that directory
+cannot be found (an unusual install), aiormq is imported as it is.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib
+import importlib.machinery
 import logging
+import sys
+import types
 import weakref
 from collections.abc import Callable, Coroutine, Iterable, Iterator, Sequence
 from contextvars import ContextVar
+from pathlib import Path
 from typing import Any
 
-import aiormq
-import aiormq.abc
-import aiormq.connection
-import pamqp.frame
-from aiormq.abc import ChannelFrame
-from aiormq.exceptions import AMQPConnectionError, InvalidFrameError
-from pamqp.body import ContentBody
-from pamqp.commands import Basic
-from pamqp.exceptions import PAMQPException
-from pamqp.header import ContentHeader
+_METADATA = "importlib.metadata"
+
+
+class _MetadataStandIn(types.ModuleType):
+    """importlib.metadata while aiormq is imported: `version("aiormq")` from what was found."""
+
+    def __init__(self, aiormq_version: str) -> None:
+        super().__init__(_METADATA)
+        self._aiormq_version = aiormq_version
+
+    def version(self, name: str) -> str:
+        """The version of distribution `name`, as importlib.metadata.version gives it."""
+        if name == "aiormq":
+            return self._aiormq_version
+        return str(self._real().version(name))
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__"):  # the import system's questions (`__path__`): not a package
+            raise AttributeError(name)
+        return getattr(self._real(), name)
+
+    @staticmethod
+    def _real() -> types.ModuleType:
+        if isinstance(sys.modules.get(_METADATA), _MetadataStandIn):
+            del sys.modules[_METADATA]
+        return importlib.import_module(_METADATA)
+
+
+def installed_version(name: str) -> str | None:
+    """The version in the name of package `name`'s `<name>-<version>.dist-info` directory beside
+    it, or None if there is not exactly one."""
+    spec = importlib.machinery.PathFinder.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    beside = Path(next(iter(spec.submodule_search_locations))).parent
+    found = list(beside.glob(f"{name}-*.dist-info"))
+    if len(found) != 1:
+        return None
+    return found[0].name[len(name) + 1 : -len(".dist-info")]
+
+
+@contextlib.contextmanager
+def _without_metadata() -> Iterator[None]:
+    """While the body runs, `importlib.metadata` is the stand-in (see the module docstring)."""
+    version = None
+    if _METADATA not in sys.modules and "aiormq" not in sys.modules:
+        version = installed_version("aiormq")
+    if version is None:
+        yield
+        return
+    stand_in = _MetadataStandIn(version)
+    sys.modules[_METADATA] = stand_in
+    try:
+        yield
+    finally:
+        if sys.modules.get(_METADATA) is stand_in:
+            del sys.modules[_METADATA]
+
+
+with _without_metadata():
+    import aiormq
+    import aiormq.abc
+    import aiormq.connection
+    import pamqp.frame
+    from aiormq.abc import ChannelFrame
+    from aiormq.exceptions import AMQPConnectionError, InvalidFrameError
+    from pamqp.body import ContentBody
+    from pamqp.commands import Basic
+    from pamqp.exceptions import PAMQPException
+    from pamqp.header import ContentHeader
 
 log = logging.getLogger("conveyor.brokers.rabbitmq")
 

@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from conveyor import log
+from conveyor import _fork, log
 from conveyor.brokers.base import Delivery
 from conveyor.errors import SoftTimeLimitExceeded
 from conveyor.log import LogSpec
@@ -147,7 +147,7 @@ def start_zygote(app: Conveyor, options: ChildOptions) -> tuple[int, socket.sock
         code = 0
         try:
             ours.close()
-            serve_zygote(theirs, app, options)
+            serve_zygote(theirs, app, options, forgotten=True)
         except BaseException:  # whatever happens, never return into the worker's code
             traceback.print_exc()
             code = 70
@@ -305,8 +305,16 @@ def inherited_connections(ours: Iterable[tuple[str, int]] = ()) -> list[str]:
     return found
 
 
-def serve_zygote(control: socket.socket, app: Conveyor, options: ChildOptions) -> None:
-    """Fork a child for each request on `control`, reap them, and report how each ended."""
+def serve_zygote(
+    control: socket.socket, app: Conveyor, options: ChildOptions, *, forgotten: bool = False
+) -> None:
+    """Fork a child for each request on `control`, reap them, and report how each ended.
+
+    `forgotten`: this zygote was forked from the worker, so the `_fork` callbacks already ran
+    here and its children have nothing to forget. A fresh zygote imported the app, whose
+    module may have opened what its children must forget.
+    """
+    skip = _fork.nothing_to_forget if forgotten else contextlib.nullcontext
     signal.set_wakeup_fd(-1)
     wake_r, wake_w = _quiet_signals()
     _drop_sockets([control.fileno(), wake_r, wake_w, 0, 1, 2])
@@ -327,12 +335,7 @@ def serve_zygote(control: socket.socket, app: Conveyor, options: ChildOptions) -
             except OSError:
                 packet, fds = b"", []
             if not packet:  # the worker is gone or done: so are its children
-                for pid in children.values():
-                    with contextlib.suppress(OSError):
-                        os.kill(pid, signal.SIGKILL)
-                for pid in children.values():  # reaped here, not left to whatever adopts them
-                    with contextlib.suppress(ChildProcessError):
-                        os.waitpid(pid, 0)
+                _kill_all(children.values())
                 return
             generation = _GEN.unpack(packet[1:9])[0]
             if packet[:1] == b"K":
@@ -340,7 +343,8 @@ def serve_zygote(control: socket.socket, app: Conveyor, options: ChildOptions) -
                 if target is not None:
                     os.kill(target, signal.SIGKILL)
                 continue
-            pid = os.fork()
+            with skip():
+                pid = os.fork()
             if pid == 0:  # the child
                 code = 0
                 try:
@@ -360,6 +364,16 @@ def serve_zygote(control: socket.socket, app: Conveyor, options: ChildOptions) -
                 os.close(fd)
             children[generation] = pid
             generations[pid] = generation
+
+
+def _kill_all(pids: Iterable[int]) -> None:
+    pids = list(pids)
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+    for pid in pids:  # reaped here, not left to whatever adopts them
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, 0)
 
 
 def _reap(control: socket.socket, children: dict[int, int], generations: dict[int, int]) -> None:
