@@ -1,16 +1,18 @@
-"""The AMQP frames conveyor writes for a publish: no server needed."""
+"""The AMQP frames conveyor writes for a publish, and the confirms it reads: no server needed."""
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 from typing import Any
 
 import pytest
 from pamqp.body import ContentBody
-from pamqp.commands import Basic
+from pamqp.commands import Basic, Channel
 from pamqp.frame import marshal as pamqp_marshal
 from pamqp.header import ContentHeader
 
+from conveyor.brokers.rabbitmq._aiormq import ConfirmFrames
 from conveyor.brokers.rabbitmq._confirms import marshal
 
 
@@ -65,3 +67,41 @@ def test_the_method_frame_is_made_once_per_exchange_and_key() -> None:
 def test_a_name_longer_than_a_short_string_is_refused() -> None:
     with pytest.raises(ValueError, match="short string"):
         marshal([], ("", "q" * 256, b"x", Basic.Properties()), 1, 100, True, {})
+
+
+class _Channel:
+    def __init__(self) -> None:
+        self.frames: asyncio.Queue[Any] = asyncio.Queue()
+
+
+def test_confirms_and_returns_are_taken_and_everything_else_goes_on() -> None:
+    confirms: list[tuple[int, bool, bool]] = []
+    returns: list[tuple[str, str]] = []
+
+    async def scenario() -> list[Any]:
+        channel = _Channel()
+        ConfirmFrames(
+            channel,  # type: ignore[arg-type]
+            lambda *confirm: confirms.append(confirm),
+            lambda *returned: returns.append(returned),
+        )
+        returned = Basic.Properties(message_id="m1")
+        for frame in [
+            Basic.Ack(1),
+            Basic.Return(312, "NO_ROUTE", "conveyor", "gone"),
+            ContentHeader(0, 6, returned),
+            ContentBody(b"abc"),
+            ContentBody(b"def"),
+            Basic.Ack(2),
+            Basic.Nack(4, multiple=True),
+            Basic.Return(312, "NO_ROUTE", "conveyor", "gone"),
+            ContentHeader(0, 0, Basic.Properties(message_id="m2")),
+            Channel.Close(406, "PRECONDITION_FAILED"),
+        ]:
+            await channel.frames.put((0, frame))
+        return [channel.frames.get_nowait()[1] for _ in range(channel.frames.qsize())]
+
+    passed = asyncio.run(scenario())
+    assert confirms == [(1, False, True), (2, False, True), (4, True, False)]
+    assert returns == [("m1", "NO_ROUTE"), ("m2", "NO_ROUTE")]
+    assert [type(frame) for frame in passed] == [Channel.Close]

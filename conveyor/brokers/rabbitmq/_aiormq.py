@@ -34,6 +34,13 @@ the same way: under `Channel.lock`, `Channel.delivery_tag` numbers messages,
 `forget_confirms`). `Channel.closing` gives a new future per access, done when the channel
 closes, which its caller cancels (`closing`).
 
+Publishing from other threads (`_direct`). A plain TCP connection is opened with a transport
+factory (`aiormq.TransportFactory`, aiormq's own hook) that keeps the `asyncio.StreamWriter`
+aiormq's writer task writes through (`stream_writer`). On the channel those threads publish on,
+`ConfirmFrames` takes the confirms (`Basic.Ack`, `Basic.Nack`) and returns (`Basic.Return`
+with its content frames) off `Channel.frames` the way `InlineDeliveries` takes deliveries, and
+hands them to plain functions; aiormq's own confirm bookkeeping never sees that channel's.
+
 Logging. aiormq logs a connect whose socket cannot be opened at ERROR, as `error when creating
 transport: <...>` from `Connection.connect` on the `aiormq.connection` logger, and then raises.
 conveyor turns that exception into one clear error (`cannot connect to RabbitMQ at ...: ...`).
@@ -70,6 +77,8 @@ from pamqp.header import ContentHeader
 log = logging.getLogger("conveyor.brokers.rabbitmq")
 
 OnMessage = Callable[[Basic.Deliver, ContentHeader, bytes], None]
+OnConfirm = Callable[[int, bool, bool], None]  # delivery tag, multiple, acked (else nacked)
+OnReturn = Callable[[str, str], None]  # the returned message's id, RabbitMQ's reply text
 
 _HEADER_SIZE = 7  # frame type, channel, payload size; the payload and a frame-end byte follow
 
@@ -135,6 +144,50 @@ class InlineDeliveries:
             on_message(deliver, header, body)
 
 
+class ConfirmFrames:
+    """Confirms and returns of one channel, handed to functions as they arrive.
+
+    A return comes as `Basic.Return`, a content header (whose properties carry the message id)
+    and body frames up to the header's size; RabbitMQ sends it before the message's confirm.
+    Every other frame goes on to aiormq's channel reader.
+    """
+
+    def __init__(
+        self, channel: aiormq.abc.AbstractChannel, on_confirm: OnConfirm, on_return: OnReturn
+    ) -> None:
+        self._on_confirm, self._on_return = on_confirm, on_return
+        frames: asyncio.Queue[Any] = channel.frames
+        self._forward = frames.put
+        self._returned: Basic.Return | None = None
+        self._message_id = ""
+        self._left = -1  # body bytes of the returned message still to come; -1: no header yet
+        frames.put = self._put  # type: ignore[method-assign]
+
+    async def _put(self, item: tuple[int, Any]) -> None:
+        frame = item[1]
+        kind = type(frame)
+        if self._returned is not None:
+            if self._left < 0 and kind is ContentHeader:
+                self._message_id = frame.properties.message_id or ""
+                self._left = frame.body_size
+            elif self._left > 0 and kind is ContentBody:
+                self._left -= len(frame.value)
+            else:  # out of order: aiormq's reader sees this frame alone
+                self._returned, self._left = None, -1
+                await self._forward(item)
+                return
+            if self._left <= 0:
+                returned, self._returned, self._left = self._returned, None, -1
+                self._on_return(self._message_id, returned.reply_text or "")
+            return
+        if kind is Basic.Ack or kind is Basic.Nack:
+            self._on_confirm(frame.delivery_tag or 0, bool(frame.multiple), kind is Basic.Ack)
+        elif kind is Basic.Return:
+            self._returned = frame
+        else:
+            await self._forward(item)
+
+
 class FrameReceiver(aiormq.connection.FrameReceiver):
     """aiormq's frame receiver, reading each frame in two reads (header, then the rest)."""
 
@@ -189,11 +242,37 @@ _FUNCTION = "connect"
 _connecting: ContextVar[bool] = ContextVar("conveyor_amqp_connecting", default=False)
 
 
+_writers: weakref.WeakKeyDictionary[Any, asyncio.StreamWriter] = weakref.WeakKeyDictionary()
+
+
 async def connect(url: str) -> aiormq.abc.AbstractConnection:
     """`aiormq.connect`, reading frames with `FrameReceiver`; aiormq's record of a failure is
-    dropped (conveyor's own error says what it would)."""
+    dropped (conveyor's own error says what it would). A plain TCP connection's stream writer
+    is kept for `stream_writer`."""
+    factory = _KeepWriter() if url.startswith("amqp:") else None
     with quiet_connect(), fast_frames():
-        return await aiormq.connect(url)
+        connection = await aiormq.connect(url, transport_factory=factory)
+    if factory is not None and factory.writer is not None:
+        _writers[connection] = factory.writer
+    return connection
+
+
+def stream_writer(connection: aiormq.abc.AbstractConnection) -> asyncio.StreamWriter | None:
+    """The stream writer a plain TCP connection (opened by `connect`) writes its frames through;
+    None for TLS."""
+    return _writers.get(connection)
+
+
+class _KeepWriter(aiormq.connection.TCPTransportFactory):
+    """aiormq's plain TCP transport, remembering the stream writer it makes."""
+
+    writer: asyncio.StreamWriter | None = None
+
+    async def create(
+        self, url: Any, **kwargs: Any
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        reader, self.writer = await super().create(url, **kwargs)
+        return reader, self.writer
 
 
 class _OwnConnect(logging.Filter):
