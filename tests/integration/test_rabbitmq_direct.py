@@ -157,3 +157,17 @@ def _nowhere(broker: RabbitMQBroker) -> list[Any]:
     exchange = f"missing-{uuid.uuid4().hex[:8]}"
     ((_, _, body, properties),) = broker._items([Outgoing("q", b"nowhere")])
     return [(exchange, "q", body, properties)]
+
+
+def test_a_send_with_a_reply_address_goes_through_the_channel_that_takes_the_replies(
+    broker: RabbitMQBroker, queue: str, poll: Poll, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """RabbitMQ takes a direct reply-to address only on the channel consuming the replies."""
+    address = broker.on_reply(lambda body: None)
+    broker.publish([Outgoing(queue, b"first")])
+    through_loop = _no_loop_sends(broker, monkeypatch)
+    broker.publish([Outgoing(queue, b"asks", reply_to=address)])
+    broker.publish([Outgoing(queue, b"tells")])
+    assert through_loop == ["asks"]
+    assert broker._direct is not None and not broker._direct.closed
+    assert _bodies(broker, queue, 3, poll) == [b"first", b"asks", b"tells"]

@@ -379,12 +379,16 @@ class RabbitMQBroker(Broker):
 
     def _publish_direct(self, messages: Sequence[Outgoing]) -> bool:
         """Publish from this thread on the direct channel (`_direct`), if it is open and every
-        queue is declared; False if it cannot (nothing was sent)."""
+        queue is declared; False if it cannot (nothing was sent).
+
+        A message with a reply address goes through the loop: RabbitMQ takes one for direct
+        reply-to only on the channel that consumes the replies (it closes any other).
+        """
         direct = self._direct
         if direct is None or direct.closed or len(messages) > CHUNK:
             return False
         declared = self._declared
-        if not all(m.queue in declared for m in messages):
+        if not all(m.queue in declared and m.reply_to is None for m in messages):
             return False
         with self._errors():
             return direct.send(self._items(messages), CONFIRM_TIMEOUT_S)
