@@ -15,7 +15,8 @@ aiormq does:
   message: no queue hop, no task. Every other frame (confirms, RPC replies, returns and their
   content, deliveries to other consumers) goes through the queue as before.
 - `FrameReceiver` reads a frame with two reads instead of three, without a lock or a buffer copy,
-  for connections opened inside `fast_frames()`.
+  for connections opened inside `fast_frames()`, and decodes a `Basic.Deliver` and a content
+  header with only the properties conveyor sets itself, into the objects pamqp would make.
 
 It relies on `Channel.frames` (an asyncio.Queue that the connection's reader `put`s `(weight,
 frame)` into), `aiormq.connection.FrameReceiver` (built by `connect`) and the frame exceptions it
@@ -58,6 +59,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import struct
 import weakref
 from collections.abc import Callable, Coroutine, Iterable, Iterator, Sequence
 from contextvars import ContextVar
@@ -211,10 +213,78 @@ class FrameReceiver(aiormq.connection.FrameReceiver):
             ) from exc
         except OSError as exc:  # ConnectionError included, as aiormq reports them
             raise AMQPConnectionError(f"Server communication error: {exc!r}") from exc
+        if rest[-1:] == _FRAME_END:
+            try:
+                frame = _simple_frame(head[0], rest[:-1])
+            except (IndexError, ValueError, struct.error):
+                frame = None  # pamqp says what is wrong with it
+            if frame is not None:
+                return size + _HEADER_SIZE + 1, int.from_bytes(head[1:3], "big"), frame
         try:
             return pamqp.frame.unmarshal(head + rest)
         except PAMQPException as exc:
             raise InvalidFrameError(str(exc)) from exc
+
+
+_FRAME_END = b"\xce"
+_DELIVER = b"\x00\x3c\x00\x3c"  # class 60 (basic), method 60 (deliver)
+_LONG = struct.Struct(">Q")
+_CONTENT = struct.Struct(">HHQH")  # class, weight, body size, property flags
+# The properties conveyor sets on what it publishes, by flag bit, in the order AMQP encodes them.
+_CONTENT_TYPE, _DELIVERY_MODE, _PRIORITY, _REPLY_TO, _MESSAGE_ID = (
+    1 << 15,
+    1 << 12,
+    1 << 11,
+    1 << 9,
+    1 << 7,
+)
+_SIMPLE = _CONTENT_TYPE | _DELIVERY_MODE | _PRIORITY | _REPLY_TO | _MESSAGE_ID
+
+
+def _simple_frame(kind: int, payload: bytes) -> Basic.Deliver | ContentHeader | None:
+    """A `Basic.Deliver`, or a content header with no other properties than conveyor sets,
+    decoded as pamqp decodes it (short strings as `_pamqp_text` has them); None for pamqp.
+
+    pamqp decodes every field of a frame generically, checking each: for these two, three times
+    as long (docs/worker-performance.md, "Latency").
+    """
+    if kind == 1 and payload[:4] == _DELIVER:
+        consumer_tag, at = _short(payload, 4)
+        (delivery_tag,) = _LONG.unpack_from(payload, at)
+        redelivered = bool(payload[at + 8] & 1)
+        exchange, at = _short(payload, at + 9)
+        routing_key, at = _short(payload, at)
+        if at != len(payload):
+            return None
+        return Basic.Deliver(consumer_tag, delivery_tag, redelivered, exchange, routing_key)
+    if kind != 2:
+        return None
+    class_id, weight, body_size, flags = _CONTENT.unpack_from(payload)
+    if class_id != 60 or flags & ~_SIMPLE:
+        return None
+    at = _CONTENT.size
+    values: dict[str, Any] = {}
+    if flags & _CONTENT_TYPE:
+        values["content_type"], at = _short(payload, at)
+    if flags & _DELIVERY_MODE:
+        values["delivery_mode"], at = payload[at], at + 1
+    if flags & _PRIORITY:
+        values["priority"], at = payload[at], at + 1
+    if flags & _REPLY_TO:
+        values["reply_to"], at = _short(payload, at)
+    if flags & _MESSAGE_ID:
+        values["message_id"], at = _short(payload, at)
+    if at != len(payload):
+        return None
+    return ContentHeader(weight, body_size, Basic.Properties(**values))
+
+
+def _short(data: bytes, at: int) -> tuple[str, int]:
+    """The short string at `at`, and where the next field starts."""
+    end = at + 1 + data[at]
+    if end > len(data):
+        raise ValueError("a short string runs past its frame")
+    return data[at + 1 : end].decode("utf-8", "surrogateescape"), end
 
 
 @contextlib.contextmanager
