@@ -324,6 +324,71 @@ def test_a_slot_freed_with_nothing_waiting_wakes_a_worker_that_stops_when_empty(
     app.close()
 
 
+class _Submits(ThreadPool):
+    """A pool that notes what it is given, and runs nothing."""
+
+    def __init__(self, concurrency: int) -> None:
+        super().__init__(concurrency)
+        self.given: list[str] = []
+
+    def submit(self, job: Any, done: Any) -> None:
+        self.given.append(job.envelope.id)
+
+
+def _pushing(app: Conveyor, count: int) -> tuple[Consumer, _Submits, list[str]]:
+    """A consumer on the running loop as with RabbitMQ (native), whose broker's inbox holds
+    `count` sent tasks."""
+
+    @app.task(name="t.pushed")
+    def pushed() -> None:
+        pass
+
+    ids = [pushed.delay().id for _ in range(count)]
+    inbox = app.broker.fetch([Q], count)
+    pool = _Submits(count + 1)
+    consumer = Consumer(app, pool, [Q], WorkerStats())
+    consumer._native, consumer._loop_thread = True, threading.get_ident()
+    consumer._loop = asyncio.get_running_loop()
+
+    def take_nowait(limit: int) -> list[Any]:
+        taken, inbox[:limit] = inbox[:limit], []
+        return taken
+
+    app.broker.take_nowait = take_nowait  # type: ignore[method-assign]
+    return consumer, pool, ids
+
+
+def test_a_message_pushed_to_an_idle_worker_starts_at_once_and_its_started_record_follows() -> None:
+    """No loop turn between a push and its start on an idle worker; the round that writes its
+    STARTED record comes STARTED_DELAY_S later, not at once (it would compete with the start)."""
+    from conveyor.worker import consumer as module
+
+    async def scenario() -> None:
+        consumer, pool, ids = _pushing(memory_app(), 1)
+        consumer._pushed()
+        assert pool.given == ids, "started within the push"
+        assert consumer._pending.records and not consumer._woken
+        await asyncio.sleep(module.STARTED_DELAY_S / 2)
+        assert not consumer._woken
+        await asyncio.sleep(module.STARTED_DELAY_S * 2)
+        assert consumer._woken, "a round writes the STARTED record"
+
+    asyncio.run(scenario())
+
+
+def test_messages_pushed_while_tasks_run_start_together_at_the_end_of_the_loop_turn() -> None:
+    async def scenario() -> None:
+        consumer, pool, ids = _pushing(memory_app(), 2)
+        consumer._running.add(object())  # type: ignore[arg-type]
+        consumer._pushed()
+        consumer._pushed()
+        assert pool.given == []
+        await asyncio.sleep(0)
+        assert pool.given == ids
+
+    asyncio.run(scenario())
+
+
 def test_a_consumer_on_an_embedded_broker_times_nothing() -> None:
     app = memory_app()
     pool = _LearnsRoundTrips(1)

@@ -12,7 +12,10 @@ Topology for a conveyor queue `Q`, declared once per process on first use:
 
 Every publish is persistent and mandatory and waits for the broker's confirm; a nack, a return
 (no route) or a timeout raises `PublishError`. Calls are synchronous for any thread: they run on
-the broker's own event-loop thread, which owns the connection. A forked child never touches it.
+the broker's own event-loop thread, which owns the connection, except a blocking send from any
+other thread, which once the connection is open writes its frames to the socket itself, on a
+channel of its own (`_direct`), and waits for the confirms that loop reads. A forked child
+never touches the connection.
 
 RabbitMQ marks a message redelivered but does not count deliveries on classic queues, so a
 redelivered message is published again with the `x-conveyor-deliveries` header one higher
@@ -22,8 +25,9 @@ with that header one higher, never nacked, since a nack could not carry the coun
 
 The parts: `_broker` (`RabbitMQBroker`: its calls, consuming and settling), `_bridge` (the
 event loop the connection lives on, and how calls from any thread reach it), `_topology` (what
-is declared, and the names it goes by), `_confirms` (publishing with confirms), `_aiormq`
-(every use of aiormq's internals, in one file checked against one aiormq version) and
+is declared, and the names it goes by), `_confirms` (publishing with confirms), `_direct`
+(blocking sends written by the calling thread), `_aiormq` (every use of aiormq's internals,
+in one file checked against one aiormq version) and
 `_pamqp_text` (pamqp decoding text that is not UTF-8).
 """
 

@@ -15,7 +15,8 @@ aiormq does:
   message: no queue hop, no task. Every other frame (confirms, RPC replies, returns and their
   content, deliveries to other consumers) goes through the queue as before.
 - `FrameReceiver` reads a frame with two reads instead of three, without a lock or a buffer copy,
-  for connections opened inside `fast_frames()`.
+  for connections opened inside `fast_frames()`, and decodes a `Basic.Deliver` and a content
+  header with only the properties conveyor sets itself, into the objects pamqp would make.
 
 It relies on `Channel.frames` (an asyncio.Queue that the connection's reader `put`s `(weight,
 frame)` into), `aiormq.connection.FrameReceiver` (built by `connect`) and the frame exceptions it
@@ -33,6 +34,13 @@ the same way: under `Channel.lock`, `Channel.delivery_tag` numbers messages,
 `Channel.message_id_delivery_tag` maps a message id to its tag for returns (`reserve_confirm`,
 `forget_confirms`). `Channel.closing` gives a new future per access, done when the channel
 closes, which its caller cancels (`closing`).
+
+Publishing from other threads (`_direct`). A plain TCP connection is opened with a transport
+factory (`aiormq.TransportFactory`, aiormq's own hook) that keeps the `asyncio.StreamWriter`
+aiormq's writer task writes through (`stream_writer`). On the channel those threads publish on,
+`ConfirmFrames` takes the confirms (`Basic.Ack`, `Basic.Nack`) and returns (`Basic.Return`
+with its content frames) off `Channel.frames` the way `InlineDeliveries` takes deliveries, and
+hands them to plain functions; aiormq's own confirm bookkeeping never sees that channel's.
 
 Logging. aiormq logs a connect whose socket cannot be opened at ERROR, as `error when creating
 transport: <...>` from `Connection.connect` on the `aiormq.connection` logger, and then raises.
@@ -61,6 +69,7 @@ import contextlib
 import importlib
 import importlib.machinery
 import logging
+import struct
 import sys
 import types
 import weakref
@@ -143,6 +152,8 @@ with _without_metadata():
 log = logging.getLogger("conveyor.brokers.rabbitmq")
 
 OnMessage = Callable[[Basic.Deliver, ContentHeader, bytes], None]
+OnConfirm = Callable[[int, bool, bool], None]  # delivery tag, multiple, acked (else nacked)
+OnReturn = Callable[[str, str], None]  # the returned message's id, RabbitMQ's reply text
 
 _HEADER_SIZE = 7  # frame type, channel, payload size; the payload and a frame-end byte follow
 
@@ -208,6 +219,50 @@ class InlineDeliveries:
             on_message(deliver, header, body)
 
 
+class ConfirmFrames:
+    """Confirms and returns of one channel, handed to functions as they arrive.
+
+    A return comes as `Basic.Return`, a content header (whose properties carry the message id)
+    and body frames up to the header's size; RabbitMQ sends it before the message's confirm.
+    Every other frame goes on to aiormq's channel reader.
+    """
+
+    def __init__(
+        self, channel: aiormq.abc.AbstractChannel, on_confirm: OnConfirm, on_return: OnReturn
+    ) -> None:
+        self._on_confirm, self._on_return = on_confirm, on_return
+        frames: asyncio.Queue[Any] = channel.frames
+        self._forward = frames.put
+        self._returned: Basic.Return | None = None
+        self._message_id = ""
+        self._left = -1  # body bytes of the returned message still to come; -1: no header yet
+        frames.put = self._put  # type: ignore[method-assign]
+
+    async def _put(self, item: tuple[int, Any]) -> None:
+        frame = item[1]
+        kind = type(frame)
+        if self._returned is not None:
+            if self._left < 0 and kind is ContentHeader:
+                self._message_id = frame.properties.message_id or ""
+                self._left = frame.body_size
+            elif self._left > 0 and kind is ContentBody:
+                self._left -= len(frame.value)
+            else:  # out of order: aiormq's reader sees this frame alone
+                self._returned, self._left = None, -1
+                await self._forward(item)
+                return
+            if self._left <= 0:
+                returned, self._returned, self._left = self._returned, None, -1
+                self._on_return(self._message_id, returned.reply_text or "")
+            return
+        if kind is Basic.Ack or kind is Basic.Nack:
+            self._on_confirm(frame.delivery_tag or 0, bool(frame.multiple), kind is Basic.Ack)
+        elif kind is Basic.Return:
+            self._returned = frame
+        else:
+            await self._forward(item)
+
+
 class FrameReceiver(aiormq.connection.FrameReceiver):
     """aiormq's frame receiver, reading each frame in two reads (header, then the rest)."""
 
@@ -231,10 +286,78 @@ class FrameReceiver(aiormq.connection.FrameReceiver):
             ) from exc
         except OSError as exc:  # ConnectionError included, as aiormq reports them
             raise AMQPConnectionError(f"Server communication error: {exc!r}") from exc
+        if rest[-1:] == _FRAME_END:
+            try:
+                frame = _simple_frame(head[0], rest[:-1])
+            except (IndexError, ValueError, struct.error):
+                frame = None  # pamqp says what is wrong with it
+            if frame is not None:
+                return size + _HEADER_SIZE + 1, int.from_bytes(head[1:3], "big"), frame
         try:
             return pamqp.frame.unmarshal(head + rest)
         except PAMQPException as exc:
             raise InvalidFrameError(str(exc)) from exc
+
+
+_FRAME_END = b"\xce"
+_DELIVER = b"\x00\x3c\x00\x3c"  # class 60 (basic), method 60 (deliver)
+_LONG = struct.Struct(">Q")
+_CONTENT = struct.Struct(">HHQH")  # class, weight, body size, property flags
+# The properties conveyor sets on what it publishes, by flag bit, in the order AMQP encodes them.
+_CONTENT_TYPE, _DELIVERY_MODE, _PRIORITY, _REPLY_TO, _MESSAGE_ID = (
+    1 << 15,
+    1 << 12,
+    1 << 11,
+    1 << 9,
+    1 << 7,
+)
+_SIMPLE = _CONTENT_TYPE | _DELIVERY_MODE | _PRIORITY | _REPLY_TO | _MESSAGE_ID
+
+
+def _simple_frame(kind: int, payload: bytes) -> Basic.Deliver | ContentHeader | None:
+    """A `Basic.Deliver`, or a content header with no other properties than conveyor sets,
+    decoded as pamqp decodes it (short strings as `_pamqp_text` has them); None for pamqp.
+
+    pamqp decodes every field of a frame generically, checking each: for these two, three times
+    as long (docs/worker-performance.md, "Latency").
+    """
+    if kind == 1 and payload[:4] == _DELIVER:
+        consumer_tag, at = _short(payload, 4)
+        (delivery_tag,) = _LONG.unpack_from(payload, at)
+        redelivered = bool(payload[at + 8] & 1)
+        exchange, at = _short(payload, at + 9)
+        routing_key, at = _short(payload, at)
+        if at != len(payload):
+            return None
+        return Basic.Deliver(consumer_tag, delivery_tag, redelivered, exchange, routing_key)
+    if kind != 2:
+        return None
+    class_id, weight, body_size, flags = _CONTENT.unpack_from(payload)
+    if class_id != 60 or flags & ~_SIMPLE:
+        return None
+    at = _CONTENT.size
+    values: dict[str, Any] = {}
+    if flags & _CONTENT_TYPE:
+        values["content_type"], at = _short(payload, at)
+    if flags & _DELIVERY_MODE:
+        values["delivery_mode"], at = payload[at], at + 1
+    if flags & _PRIORITY:
+        values["priority"], at = payload[at], at + 1
+    if flags & _REPLY_TO:
+        values["reply_to"], at = _short(payload, at)
+    if flags & _MESSAGE_ID:
+        values["message_id"], at = _short(payload, at)
+    if at != len(payload):
+        return None
+    return ContentHeader(weight, body_size, Basic.Properties(**values))
+
+
+def _short(data: bytes, at: int) -> tuple[str, int]:
+    """The short string at `at`, and where the next field starts."""
+    end = at + 1 + data[at]
+    if end > len(data):
+        raise ValueError("a short string runs past its frame")
+    return data[at + 1 : end].decode("utf-8", "surrogateescape"), end
 
 
 @contextlib.contextmanager
@@ -262,11 +385,37 @@ _FUNCTION = "connect"
 _connecting: ContextVar[bool] = ContextVar("conveyor_amqp_connecting", default=False)
 
 
+_writers: weakref.WeakKeyDictionary[Any, asyncio.StreamWriter] = weakref.WeakKeyDictionary()
+
+
 async def connect(url: str) -> aiormq.abc.AbstractConnection:
     """`aiormq.connect`, reading frames with `FrameReceiver`; aiormq's record of a failure is
-    dropped (conveyor's own error says what it would)."""
+    dropped (conveyor's own error says what it would). A plain TCP connection's stream writer
+    is kept for `stream_writer`."""
+    factory = _KeepWriter() if url.startswith("amqp:") else None
     with quiet_connect(), fast_frames():
-        return await aiormq.connect(url)
+        connection = await aiormq.connect(url, transport_factory=factory)
+    if factory is not None and factory.writer is not None:
+        _writers[connection] = factory.writer
+    return connection
+
+
+def stream_writer(connection: aiormq.abc.AbstractConnection) -> asyncio.StreamWriter | None:
+    """The stream writer a plain TCP connection (opened by `connect`) writes its frames through;
+    None for TLS."""
+    return _writers.get(connection)
+
+
+class _KeepWriter(aiormq.connection.TCPTransportFactory):
+    """aiormq's plain TCP transport, remembering the stream writer it makes."""
+
+    writer: asyncio.StreamWriter | None = None
+
+    async def create(
+        self, url: Any, **kwargs: Any
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        reader, self.writer = await super().create(url, **kwargs)
+        return reader, self.writer
 
 
 class _OwnConnect(logging.Filter):

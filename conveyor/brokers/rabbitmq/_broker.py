@@ -23,7 +23,8 @@ from pamqp.header import ContentHeader
 from conveyor.brokers.base import Broker, DeadLetter, Delivery, Outgoing, QueueStats, connects
 from conveyor.brokers.rabbitmq import _aiormq
 from conveyor.brokers.rabbitmq._bridge import Bridge
-from conveyor.brokers.rabbitmq._confirms import CONFIRM_TIMEOUT_S, _retrieve, send
+from conveyor.brokers.rabbitmq._confirms import CHUNK, CONFIRM_TIMEOUT_S, _retrieve, send
+from conveyor.brokers.rabbitmq._direct import DirectChannel, Item
 from conveyor.brokers.rabbitmq._pamqp_text import has_raw_text, install
 from conveyor.brokers.rabbitmq._topology import (
     BUCKETS_MS,
@@ -119,6 +120,7 @@ class RabbitMQBroker(Broker):
         self._consuming: dict[str, str] = {}  # queue -> consumer tag
         self._tags: dict[str, str] = {}  # consumer tag -> queue
         self._inline: _aiormq.InlineDeliveries | None = None
+        self._direct: DirectChannel | None = None  # the channel other threads publish on
         self._receiving: set[asyncio.Task[Any]] = set()  # deliveries being taken in
         self._inbox: collections.deque[Delivery] = collections.deque()
         # Delivery tags of the current channel not yet acked, nacked or dead-lettered, in order.
@@ -389,8 +391,47 @@ class RabbitMQBroker(Broker):
         """Publish persistent, mandatory messages and wait for every confirm."""
         if self._bridge.blocked():
             self._beside().publish(messages)
-        elif messages:
-            self._run(self._publish(messages))
+        elif messages and not self._publish_direct(messages):
+            self._run(self._publish_opening_direct(messages))
+
+    def _publish_direct(self, messages: Sequence[Outgoing]) -> bool:
+        """Publish from this thread on the direct channel (`_direct`), if it is open and every
+        queue is declared; False if it cannot (nothing was sent).
+
+        A message with a reply address goes through the loop: RabbitMQ takes one for direct
+        reply-to only on the channel that consumes the replies (it closes any other).
+        """
+        direct = self._direct
+        if direct is None or direct.closed or len(messages) > CHUNK:
+            return False
+        declared = self._declared
+        if not all(m.queue in declared and m.reply_to is None for m in messages):
+            return False
+        with self._errors():
+            return direct.send(self._items(messages), CONFIRM_TIMEOUT_S)
+
+    async def _publish_opening_direct(self, messages: Sequence[Outgoing]) -> None:
+        """`_publish`, then open the direct channel for this thread's next sends."""
+        await self._publish(messages)
+        if self._direct is None or self._direct.closed:
+            await self._open_direct()
+
+    async def _open_direct(self) -> None:
+        """Open the channel other threads publish on themselves, on a plain TCP connection of
+        the broker's own thread's loop (`_direct`); where there is none, they go through it."""
+        connection = self._connection
+        writer = None if connection is None else _aiormq.stream_writer(connection)
+        selector = isinstance(asyncio.get_running_loop(), asyncio.SelectorEventLoop)
+        if writer is None or self._bridge.attached or not selector:
+            return
+        assert connection is not None
+        try:
+            channel = await connection.channel(publisher_confirms=True)
+        except (aiormq.exceptions.AMQPError, OSError) as exc:
+            # The send itself is done; later ones go through the loop until a channel opens.
+            log.debug("no channel for direct sends: %s", redact_text(str(exc)))
+            return
+        self._direct = DirectChannel(channel, writer)
 
     async def publish_async(self, messages: Sequence[Outgoing]) -> None:
         """`publish` for asyncio producers: thousands of calls can wait for confirms at once."""
@@ -408,6 +449,12 @@ class RabbitMQBroker(Broker):
         for queue in {m.queue for m in messages}:
             await self._declare(queue)
         channel = await self._chan()
+        await send(channel, self._items(messages, headers))
+
+    def _items(
+        self, messages: Sequence[Outgoing], headers: Sequence[dict[str, Any]] | None = None
+    ) -> list[Item]:
+        """What `send` publishes for each message: exchange, routing key, body, properties."""
         now = time.time()
         items = []
         for n, message in enumerate(messages):
@@ -423,7 +470,7 @@ class RabbitMQBroker(Broker):
                 reply_to=message.reply_to,
             )
             items.append((exchange, key, message.body, properties))
-        await send(channel, items)
+        return items
 
     # consumer side
 
