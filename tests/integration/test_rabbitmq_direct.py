@@ -38,7 +38,7 @@ def queue() -> Iterator[str]:
 
 @pytest.fixture
 def broker() -> Iterator[RabbitMQBroker]:
-    b = RabbitMQBroker(URL)
+    b = RabbitMQBroker(URL, max_priority=9)  # queues with priorities: the order shows them kept
     yield b
     b.close()
 
