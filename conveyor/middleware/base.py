@@ -15,7 +15,9 @@ keeps per hook only the middleware that override it (`conveyor.middleware.hooks`
 
 Every hook but `before_send` is isolated: what it raises is logged with the middleware's name and
 the hook, and the worker goes on as if the middleware were not there. `before_send` runs before
-anything is sent, so its exception reaches the caller of `delay()` and nothing is lost.
+anything is sent, so its exception reaches the caller of `delay()` and nothing is lost. The one
+exception a hook raises on purpose is `TaskSkipped`, from `before_admit`: the delivery does not
+run.
 """
 
 from __future__ import annotations
@@ -57,7 +59,7 @@ class RunOutcome:
     """Seconds the task ran."""
 
 
-Outcome = Literal["succeeded", "failed", "retried", "lost", "rejected", "expired"]
+Outcome = Literal["succeeded", "failed", "retried", "lost", "rejected", "expired", "skipped"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,7 +69,8 @@ class Settled:
     `succeeded`, `failed` and `retried` runs are acknowledged (a failure out of retries is
     dead-lettered); `lost` ones (the prefork child died) go back to the broker; `rejected`
     messages (undecodable, unknown task, bad arguments, poison) are dead-lettered without running;
-    `expired` ones are acknowledged without running.
+    `expired` and `skipped` ones (`TaskSkipped` from `before_admit`) are acknowledged without
+    running.
     """
 
     outcome: Outcome
@@ -113,7 +116,11 @@ class Middleware:
         """The worker's pool is up and it is about to fetch its first message."""
 
     def before_admit(self, task: Task[Any, Any], request: Request) -> None:
-        """A delivery passed admission and is about to go to the pool (the worker's process)."""
+        """A delivery passed admission and is about to go to the pool (the worker's process).
+
+        Raise `conveyor.errors.TaskSkipped(reason)` to not run it: its message is acknowledged
+        and the task recorded as failed with that reason. Any other exception is isolated.
+        """
 
     def before_run(self, task: Task[Any, Any], request: Request) -> None:
         """The task is about to run, in the process, thread and context that run it."""

@@ -14,7 +14,7 @@ from typing import Any
 
 import msgspec
 
-from conveyor.errors import ConfigurationError
+from conveyor.errors import ConfigurationError, TaskSkipped
 from conveyor.middleware.base import HOOK_NAMES, Middleware
 from conveyor.settings import unknown_name_message
 
@@ -51,6 +51,19 @@ def call(hooks: tuple[Hook, ...], hook: str, *args: Any) -> None:
             fn(*args)
         except Exception:
             log.exception("middleware %s raised in %s; ignored", name, hook)
+
+
+def admit(hooks: tuple[Hook, ...], *args: Any) -> TaskSkipped | None:
+    """Call each `before_admit`; the `TaskSkipped` one raised, if any (the rest are not called
+    then). Any other exception is logged and ignored, as in `call`."""
+    for name, fn in hooks:
+        try:
+            fn(*args)
+        except TaskSkipped as skip:
+            return skip
+        except Exception:
+            log.exception("middleware %s raised in before_admit; ignored", name)
+    return None
 
 
 def name_of(middleware: object) -> str:

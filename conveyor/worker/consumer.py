@@ -30,6 +30,7 @@ from conveyor.app import Conveyor
 from conveyor.brokers import Delivery
 from conveyor.errors import ConfigurationError
 from conveyor.middleware.base import Settled
+from conveyor.middleware.hooks import admit as admit_hooks
 from conveyor.middleware.hooks import call
 from conveyor.worker.admission import AdmissionPolicy
 from conveyor.worker.execution import Job, Outcome, request_for
@@ -424,7 +425,13 @@ class Consumer:
                 self._apply(delivery, admitted)
                 continue
             if before_admit:
-                call(before_admit, "before_admit", admitted.task, request_for(admitted))
+                skip = admit_hooks(before_admit, admitted.task, request_for(admitted))
+                if skip is not None:
+                    verdict = self._admission.skipped(admitted, skip)
+                    self._apply(
+                        delivery, verdict, admitted, Outcome.failure(skip, with_traceback=False)
+                    )
+                    continue
             jobs.append(admitted)
             if store is not None and (record := started(admitted)) is not None:
                 self._pending.records[record.id] = record

@@ -13,6 +13,7 @@ import pytest
 from middleware_cases import Exploding, Recorder, Scenario, by_hook, check_scenario, read
 
 from conveyor import ConfigurationError, Conveyor, Request, Task
+from conveyor.errors import TaskFailed, TaskSkipped
 from conveyor.message import Envelope, decode
 from conveyor.middleware import Middleware, RunOutcome
 from conveyor.testing import memory_app, run_until_empty
@@ -373,3 +374,41 @@ def test_an_inline_call_is_its_own_root() -> None:
     task_id, root = whoami()
     assert root == task_id
     app.close()
+
+
+# a middleware that decides at admission (the seam revocation is built on)
+
+
+class SkipOdd(Middleware):
+    """Skips every delivery whose first argument is odd."""
+
+    def before_admit(self, task: Task[Any, Any], request: Request) -> None:
+        if request.args and request.args[0] % 2:
+            raise TaskSkipped(f"{request.args[0]} is odd")
+
+
+@pytest.mark.parametrize("pool", POOLS)
+def test_before_admit_can_skip_a_delivery(app: Conveyor, pool: str, tmp_path: Path) -> None:
+    ledger = tmp_path / "hooks.jsonl"
+    app.add_middleware(SkipOdd())
+    app.add_middleware(Recorder(ledger))
+
+    @app.task(acks_late=pool == "threads")  # either way the message goes
+    def half(x: int) -> int:
+        return x // 2
+
+    even, odd = half.delay(4), half.delay(3)
+    stats = run_until_empty(app, pool=pool)
+    assert (stats.succeeded, stats.skipped, stats.failed, stats.finished) == (1, 1, 0, 2)
+    assert even.get(timeout=1) == 2
+    with pytest.raises(TaskFailed) as failed:
+        odd.get(timeout=1)
+    assert (failed.value.type_name, failed.value.message) == ("TaskSkipped", "3 is odd")
+    hooks = by_hook(read(ledger))
+    assert [n["id"] for n in hooks["before_run"]] == [even.id]
+    assert [n["id"] for n in hooks["before_admit"]] == [even.id], "later middleware not called"
+    skipped = [n for n in hooks["after_settle"] if n["id"] == odd.id]
+    assert [(n["outcome"], n["error_type"], n["ran"]) for n in skipped] == [
+        ("skipped", "TaskSkipped", False)
+    ]
+    assert broker_is_empty(app)
