@@ -133,9 +133,18 @@ class Request:
     """The task's hard time limit in seconds, if it has one."""
     soft_time_limit: float | None = None
     """The task's soft time limit in seconds, if it has one."""
-    delivery_info: dict[str, Any] = field(default_factory=dict)
-    """Where the message came from: its `queue` (also as `routing_key`), `priority` and
-    `redelivered`, as Celery's `delivery_info` has them."""
+    priority: int = 0
+
+    @property
+    def delivery_info(self) -> dict[str, Any]:
+        """Where the message came from, as Celery's `delivery_info` has it: `queue` (also as
+        `routing_key`), `priority` and `redelivered`."""
+        return {
+            "queue": self.queue,
+            "routing_key": self.queue,
+            "priority": self.priority,
+            "redelivered": self.redelivered,
+        }
 
 
 current_request: contextvars.ContextVar[Request | None] = contextvars.ContextVar(

@@ -114,12 +114,7 @@ def request_for(job: Job) -> Request:
         headers=env.headers,
         time_limit=options.time_limit,
         soft_time_limit=options.soft_time_limit,
-        delivery_info={
-            "queue": delivery.queue,
-            "routing_key": delivery.queue,
-            "priority": env.priority,
-            "redelivered": delivery.redelivered,
-        },
+        priority=env.priority,
     )
 
 
