@@ -7,7 +7,6 @@ logged once, with the middleware's name and the hook, and the next middleware ru
 
 from __future__ import annotations
 
-import difflib
 import logging
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -97,6 +96,8 @@ def check_middleware(middleware: object, taken: dict[str, str]) -> type[msgspec.
             f"middleware {name_of(middleware)}: `options` must be a msgspec.Struct class "
             f"naming the task options it adds, not {options!r}"
         )
+    import difflib  # only when a middleware is added: workers without one never load it
+
     for attribute in dir(middleware):
         if attribute.startswith("_") or attribute in HOOK_NAMES:
             continue
