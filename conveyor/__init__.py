@@ -27,6 +27,7 @@ from conveyor.errors import (
     SoftTimeLimitExceeded,
     TaskExpired,
     TaskFailed,
+    TaskSkipped,
     TimeLimitExceeded,
     UnknownTaskError,
 )
@@ -60,6 +61,7 @@ __all__ = [
     "Task",
     "TaskExpired",
     "TaskFailed",
+    "TaskSkipped",
     "TimeLimitExceeded",
     "UnknownTaskError",
     "Worker",

@@ -6,21 +6,24 @@ import importlib
 import os
 import sys
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, ParamSpec, TypeVar, overload
+
+import msgspec
 
 from conveyor import brokers, results
 from conveyor.brokers import Broker, Outgoing
 from conveyor.errors import ConfigurationError, UnknownTaskError
 from conveyor.message import Envelope, encode
+from conveyor.middleware.hooks import Hooks, check_middleware
 from conveyor.redact import redact_url
 from conveyor.resources import Resource, ResourceDecorator, Resources, Scope
 from conveyor.results import ResultStore
 from conveyor.results.handle import Result
 from conveyor.settings import Settings
 from conveyor.signing import Signer
-from conveyor.task import Task, parse_options
+from conveyor.task import TASK_OPTION_NAMES, Task, parse_options
 
 if TYPE_CHECKING:
     import datetime as dt
@@ -46,7 +49,8 @@ class Conveyor:
     `broker` defaults to the embedded SQLite broker (`sqlite:///conveyor.db`). `results` defaults
     to the same SQLite file with the SQLite broker, to memory with `memory://`, and to none
     otherwise; `results=None` stores no results. Other settings (see `Settings`) can be passed as
-    keyword arguments or `CONVEYOR_*` environment variables.
+    keyword arguments or `CONVEYOR_*` environment variables. `middleware` is added in order,
+    as by `add_middleware`.
     """
 
     def __init__(
@@ -55,6 +59,7 @@ class Conveyor:
         *,
         broker: str | None = None,
         results: str | _Unset | None = UNSET,
+        middleware: Iterable[object] = (),
         **settings: Any,
     ) -> None:
         if results is None:
@@ -74,6 +79,15 @@ class Conveyor:
         self._results: ResultStore | _Unset | None = UNSET
         #: `module:attribute`, when `load_app` imported this app (the worker command does).
         self.import_path: str | None = None
+        self.middleware: list[object] = []
+        #: The middleware's hooks by kind (see `conveyor.middleware.hooks`); a worker adds the
+        #: built-in signal middleware when `conveyor.signals` have receivers (`worker_hooks`).
+        self.hooks = Hooks()
+        #: The options structs middleware declared, and task option name -> who declared it.
+        self.option_structs: list[type[msgspec.Struct]] = []
+        self._option_owners: dict[str, str] = {}
+        for m in middleware:
+            self.add_middleware(m)
 
     def __repr__(self) -> str:
         return f"<Conveyor {self.name} broker={redact_url(self.settings.broker)}>"
@@ -122,13 +136,13 @@ class Conveyor:
 
         Unknown or ill-typed options raise `ConfigurationError` right here.
         """
-        parsed, autoretry_for = parse_options(options)
+        parsed, autoretry_for, extra = parse_options(options, self.option_structs)
 
         def register(fn: Callable[P, R]) -> Task[P, R]:
             name = parsed.name or _default_name(fn)
             if name in self.tasks and self.tasks[name].fn is not fn:
                 raise ConfigurationError(f"two tasks are named {name!r}: pass name=... to one")
-            task: Task[P, R] = Task(self, fn, name, parsed, autoretry_for)
+            task: Task[P, R] = Task(self, fn, name, parsed, autoretry_for, extra)
             self.tasks[name] = task
             return task
 
@@ -186,6 +200,24 @@ class Conveyor:
             return resource
 
         return register if factory is None else register(factory)
+
+    def add_middleware(self, middleware: object, /) -> None:
+        """Add a middleware (see `conveyor.middleware.Middleware`); its hooks run after those
+        of the middleware added before it.
+
+        Add it before decorating tasks that use the task options it declares. An object with
+        no hook and no options, a misspelled hook, or an option another middleware (or
+        conveyor itself) already declares raises `ConfigurationError`.
+        """
+        taken = self._option_owners or dict.fromkeys(TASK_OPTION_NAMES, "conveyor")
+        options = check_middleware(middleware, taken)
+        self.middleware.append(middleware)
+        if options is not None:
+            self.option_structs.append(options)
+            owner = f"middleware {type(middleware).__qualname__}"
+            taken.update((field, owner) for field in options.__struct_fields__)
+            self._option_owners = taken
+        self.hooks = Hooks(self.middleware)
 
     def on_process_start(self, fn: Callable[[], None], /) -> Callable[[], None]:
         """Register a function every process that runs tasks calls before its first task.
@@ -290,14 +322,39 @@ class Conveyor:
             ) from None
 
     def send(self, envelopes: Sequence[Envelope]) -> None:
-        """Encode and publish envelopes in one batch; returns once the broker stored them all."""
+        """Encode and publish envelopes in one batch; returns once the broker stored them all.
+
+        Middleware (`before_send`) may add headers to each on the way.
+        """
         if envelopes:
-            self.broker.publish(self._outgoing(envelopes))
+            self.broker.publish(self._outgoing(self._before_send(envelopes)))
 
     async def send_async(self, envelopes: Sequence[Envelope]) -> None:
         """`send` for asyncio producers."""
         if envelopes:
-            await self.broker.publish_async(self._outgoing(envelopes))
+            await self.broker.publish_async(self._outgoing(self._before_send(envelopes)))
+
+    def _before_send(self, envelopes: Sequence[Envelope]) -> Sequence[Envelope]:
+        """The envelopes with the headers middleware add. Not isolated: an exception reaches
+        the sender, before anything was sent."""
+        hooks = self.hooks.before_send
+        if not hooks:
+            return envelopes
+        sent = []
+        for given in envelopes:
+            headers = dict(given.headers)
+            for _, hook in hooks:
+                hook(given, headers)
+            if headers == given.headers:
+                sent.append(given)
+                continue
+            if not all(isinstance(k, str) and isinstance(v, str) for k, v in headers.items()):
+                raise ConfigurationError(
+                    f"task {given.task}: middleware added headers that are not strings "
+                    "mapped to strings"
+                )
+            sent.append(msgspec.structs.replace(given, headers=headers))
+        return sent
 
     def result(self, task_id: str) -> Result[Any]:
         """A handle on the result of any task id."""

@@ -13,6 +13,7 @@ ConveyorError
 ├── TaskError
 │   ├── TaskFailed              Result.get() of a task that failed
 │   ├── TaskExpired             the task's `expires` passed before it ran
+│   ├── TaskSkipped             a middleware's before_admit said not to run it (raised there)
 │   ├── MaxRetriesExceeded      a retry was asked for after the last try
 │   ├── TimeLimitExceeded       the hard time limit passed
 │   └── SoftTimeLimitExceeded   the soft time limit passed (raised inside the task)
@@ -103,6 +104,14 @@ class TaskFailed(TaskError):
 
 class TaskExpired(TaskError):
     """The task reached a worker after its `expires` time and was not run."""
+
+
+class TaskSkipped(TaskError):
+    """Raised by a middleware's `before_admit` so that a delivery does not run.
+
+    The worker acknowledges the message and records the task as failed with this error and its
+    message as the reason; every other exception from a hook is logged and ignored instead.
+    """
 
 
 class MaxRetriesExceeded(TaskError):

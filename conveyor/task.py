@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 P = ParamSpec("P")
 R = TypeVar("R")
 T = TypeVar("T")
+S = TypeVar("S", bound=msgspec.Struct)
 
 # Longest delay a send may ask for; keeps envelope timestamps within their valid range.
 MAX_DELAY_S = 100 * 365 * 86_400.0
@@ -56,15 +57,32 @@ class TaskOptions(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
 TASK_OPTION_NAMES = (*TaskOptions.__struct_fields__, "autoretry_for")
 
 
-def parse_options(options: dict[str, Any]) -> tuple[TaskOptions, tuple[type[BaseException], ...]]:
-    """Validate `@app.task` keyword arguments; unknown or ill-typed ones fail right here."""
+#: A task's values of middleware's options, by options struct.
+ExtraOptions = dict[type[msgspec.Struct], msgspec.Struct]
+
+
+def parse_options(
+    options: dict[str, Any], extra: Sequence[type[msgspec.Struct]] = ()
+) -> tuple[TaskOptions, tuple[type[BaseException], ...], ExtraOptions]:
+    """Validate `@app.task` keyword arguments; unknown or ill-typed ones fail right here.
+
+    `extra` are the options structs middleware declared: their fields are task options too,
+    validated the same way, and returned by struct (only those given a value).
+    """
     options = dict(options)
     autoretry_for = options.pop("autoretry_for", ())
-    for key in options:
-        if key not in TaskOptions.__struct_fields__:
-            raise ConfigurationError(unknown_name_message(key, TASK_OPTION_NAMES, "task option"))
+    given: dict[type[msgspec.Struct], dict[str, Any]] = {}
+    owners = {field: struct for struct in extra for field in struct.__struct_fields__}
+    for key in list(options):
+        if key in TaskOptions.__struct_fields__:
+            continue
+        if key not in owners:
+            known = (*TASK_OPTION_NAMES, *owners)
+            raise ConfigurationError(unknown_name_message(key, known, "task option"))
+        given.setdefault(owners[key], {})[key] = options.pop(key)
     try:
         parsed = msgspec.convert(options, TaskOptions)
+        converted = {struct: msgspec.convert(values, struct) for struct, values in given.items()}
     except msgspec.ValidationError as exc:
         raise ConfigurationError(f"invalid task option: {exc}") from None
     if isinstance(autoretry_for, type):
@@ -78,7 +96,7 @@ def parse_options(options: dict[str, Any]) -> tuple[TaskOptions, tuple[type[Base
         raise ConfigurationError(
             f"soft_time_limit ({soft}s) must be lower than time_limit ({hard}s)"
         )
-    return parsed, autoretry_for
+    return parsed, autoretry_for, converted
 
 
 def resolve(*candidates: T | None, default: T) -> T:
@@ -105,11 +123,28 @@ class Request:
     eta: float | None = None
     expires: float | None = None
     root_id: str | None = None
+    """The id of the first task of the chain of sends: this task's own id for a top-level one."""
     parent_id: str | None = None
     idempotency_key: str | None = None
     headers: dict[str, str] = field(default_factory=dict)
     inline: bool = False
     """True when the task was called as a plain function, not by a worker."""
+    time_limit: float | None = None
+    """The task's hard time limit in seconds, if it has one."""
+    soft_time_limit: float | None = None
+    """The task's soft time limit in seconds, if it has one."""
+    priority: int = 0
+
+    @property
+    def delivery_info(self) -> dict[str, Any]:
+        """Where the message came from, as Celery's `delivery_info` has it: `queue` (also as
+        `routing_key`), `priority` and `redelivered`."""
+        return {
+            "queue": self.queue,
+            "routing_key": self.queue,
+            "priority": self.priority,
+            "redelivered": self.redelivered,
+        }
 
 
 current_request: contextvars.ContextVar[Request | None] = contextvars.ContextVar(
@@ -127,12 +162,14 @@ class Task(Generic[P, R]):
         name: str,
         options: TaskOptions,
         autoretry_for: tuple[type[BaseException], ...],
+        extra_options: ExtraOptions | None = None,
     ) -> None:
         self.app = app
         self.fn = fn
         self.name = name
         self.options = options
         self.autoretry_for = autoretry_for
+        self._extra_options = dict(extra_options or {})
         self.is_async = inspect.iscoroutinefunction(fn)
         signature = inspect.signature(fn)
         if options.bind:
@@ -151,7 +188,9 @@ class Task(Generic[P, R]):
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
         """Run the function here and now, as a plain call."""
         if current_request.get() is None:
-            token = current_request.set(Request(new_id(), self.name, args, kwargs, inline=True))
+            task_id = new_id()
+            request = Request(task_id, self.name, args, kwargs, root_id=task_id, inline=True)
+            token = current_request.set(request)
             try:
                 return self.run(args, kwargs)  # type: ignore[no-any-return]
             finally:
@@ -163,6 +202,13 @@ class Task(Generic[P, R]):
         if self.options.bind:
             return self.fn(self, *args, **kwargs)
         return self.fn(*args, **kwargs)
+
+    def options_for(self, options: type[S]) -> S:
+        """This task's values of a middleware's options struct (its defaults where unset)."""
+        value = self._extra_options.get(options)
+        if value is None:
+            value = self._extra_options[options] = options()
+        return value  # type: ignore[return-value]
 
     @property
     def request(self) -> Request:

@@ -10,7 +10,8 @@ start now; it makes no call to a broker or store and keeps no state. In order:
 6. it is not early for its ETA (a broker's delay buckets are coarse): else delayed again for the
    rest, counted as no delivery.
 
-A job that starts gets a STARTED record (`started`) unless its task ignores results.
+A job that starts gets a STARTED record (`started`) unless its task ignores results. A job that
+a middleware's `before_admit` skips gets the verdict `skipped` says instead.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from typing import Any
 
 from conveyor.app import Conveyor
 from conveyor.brokers import Delivery
-from conveyor.errors import ArgumentError, DecodeError, TaskExpired, UnknownTaskError
+from conveyor.errors import ArgumentError, DecodeError, TaskExpired, TaskSkipped, UnknownTaskError
 from conveyor.message import Envelope, decode
 from conveyor.reasons import DeadLetterReason as Why
 from conveyor.results import ResultRecord, State
@@ -98,6 +99,23 @@ class AdmissionPolicy:
     def started(self, job: Job) -> ResultRecord | None:
         """The STARTED record of a job admitted to run, or None if none is kept."""
         return self.records.of(job.envelope, State.STARTED, started_at=job.started_at)
+
+    def skipped(self, job: Job, skip: TaskSkipped) -> Verdict:
+        """A job that a middleware said not to run: acknowledged, recorded as failed."""
+        envelope = job.envelope
+        return Verdict(
+            ("skipped",),
+            ack=True,
+            record=self.records.of(
+                envelope, State.FAILURE, outcome=Outcome.failure(skip, with_traceback=False)
+            ),
+            log=(
+                logging.INFO,
+                "task %s[%s] skipped: %s",
+                (envelope.task, envelope.id, skip),
+            ),
+            envelope=envelope,
+        )
 
     def poisoned(self, delivery: Delivery) -> str | None:
         """Why a delivery must not run again, if the runs of it so far say so.

@@ -29,8 +29,11 @@ from typing import Any, TypeVar
 from conveyor.app import Conveyor
 from conveyor.brokers import Delivery
 from conveyor.errors import ConfigurationError
+from conveyor.middleware.base import Settled
+from conveyor.middleware.hooks import admit as admit_hooks
+from conveyor.middleware.hooks import call
 from conveyor.worker.admission import AdmissionPolicy
-from conveyor.worker.execution import Job, Outcome
+from conveyor.worker.execution import Job, Outcome, request_for
 from conveyor.worker.pools.base import Pool
 from conveyor.worker.rounds import settle_and_fetch, settle_and_fetch_async
 from conveyor.worker.settlement import Records, SettlementPolicy
@@ -87,6 +90,8 @@ class Consumer:
         )
         self._admission = AdmissionPolicy.of(app, records, isolates_tasks=pool.isolates_tasks)
         self._settlement = SettlementPolicy.of(app, records)
+        self._before_admit = app.hooks.before_admit
+        self._after_settle = app.hooks.after_settle
         self._io = ThreadPoolExecutor(1, thread_name_prefix="conveyor-io")
         self._pending = Settlements()
         self._refused = self.broker.refused
@@ -413,6 +418,7 @@ class Consumer:
         self.stats.received += len(deliveries)
         now = time.time()
         admit, started, store = self._admission.admit, self._admission.started, self.store
+        before_admit = self._before_admit
         jobs: list[Job] = []
         for delivery in deliveries:
             admitted = admit(delivery, now)
@@ -422,6 +428,14 @@ class Consumer:
             if not isinstance(admitted, Job):
                 self._apply(delivery, admitted)
                 continue
+            if before_admit:
+                skip = admit_hooks(before_admit, admitted.task, request_for(admitted))
+                if skip is not None:
+                    verdict = self._admission.skipped(admitted, skip)
+                    self._apply(
+                        delivery, verdict, admitted, Outcome.failure(skip, with_traceback=False)
+                    )
+                    continue
             jobs.append(admitted)
             if store is not None and (record := started(admitted)) is not None:
                 self._pending.records[record.id] = record
@@ -466,7 +480,7 @@ class Consumer:
                 verdict = self._settlement.settle(job, outcome)
             except Exception as exc:
                 verdict = self._settlement.unsettled(job, exc)
-            self._apply(job.delivery, verdict)
+            self._apply(job.delivery, verdict, job, outcome)
             if verdict.finished is not None:
                 env = job.envelope
                 self.task_log.finished(env.task, env.id, verdict.finished, outcome.took)
@@ -477,13 +491,46 @@ class Consumer:
                 return
         self._wake()
 
-    def _apply(self, delivery: Delivery, verdict: Verdict) -> None:
-        """Carry out a verdict: its log line, its counts, and its settlement in the next round."""
+    def _apply(
+        self,
+        delivery: Delivery,
+        verdict: Verdict,
+        job: Job | None = None,
+        outcome: Outcome | None = None,
+    ) -> None:
+        """Carry out a verdict: its log line, its counts, and its settlement in the next round;
+        then tell middleware (`after_settle`), once the message cannot be stranded by them."""
         if verdict.log is not None:
             level, message, args = verdict.log
             log.log(level, message, *args)
         self.stats.count(verdict.counts)
         self._pending.add(delivery, verdict)
+        if self._after_settle and verdict.counts:
+            call(self._after_settle, "after_settle", self._settled(delivery, verdict, job, outcome))
+
+    def _settled(
+        self, delivery: Delivery, verdict: Verdict, job: Job | None, outcome: Outcome | None
+    ) -> Settled:
+        """What `after_settle` is told about a verdict (one with counts: not a mere delay)."""
+        envelope = job.envelope if job is not None else verdict.envelope
+        task = job.task if job is not None else None
+        if task is None and envelope is not None:
+            task = self.app.tasks.get(envelope.task)
+        record = verdict.record
+        error_type = outcome.error_type if outcome is not None else None
+        error_message = outcome.error_message if outcome is not None else None
+        if error_type is None and record is not None:
+            error_type, error_message = record.error_type, record.error_message
+        return Settled(
+            outcome=verdict.finished or verdict.counts[0],  # type: ignore[arg-type]
+            queue=delivery.queue,
+            envelope=envelope,
+            task=task,
+            error_type=error_type,
+            error_message=error_message if error_message is not None else verdict.dead,
+            dead_letter=verdict.dead,
+            took=None if outcome is None or verdict.finished is None else outcome.took,
+        )
 
     # with a broker attached to the loop (RabbitMQ): a finished task's ack, and a pushed
     # message's start, happen as they arrive, not a loop turn later in the next round

@@ -2,7 +2,8 @@
 
 This is the code every pool shares, wherever it runs the task (a thread, the main thread, a child
 process). It never raises: a task that fails, asks to retry, or returns something that cannot be
-encoded produces an outcome the consumer settles.
+encoded produces an outcome the consumer settles. Middleware's `before_run` and `after_run` hooks
+run here, around the task, with its request set; with no middleware they cost a check each.
 """
 
 from __future__ import annotations
@@ -23,7 +24,9 @@ from conveyor._fork import forget_in_child
 from conveyor.brokers import Delivery
 from conveyor.errors import EncodeError, Retry, SoftTimeLimitExceeded, TimeLimitExceeded
 from conveyor.message import Envelope
-from conveyor.task import Request, Task, current_request
+from conveyor.middleware.base import RunOutcome
+from conveyor.middleware.hooks import call
+from conveyor.task import Request, Task, current_request, resolve
 from conveyor.values import Types, convert_arguments, encode_result
 from conveyor.worker.limits import Watchdog
 
@@ -92,7 +95,7 @@ class Outcome:
 
 def request_for(job: Job) -> Request:
     """The `self.request` a task sees."""
-    env = job.envelope
+    env, delivery, options = job.envelope, job.delivery, job.task.options
     return Request(
         id=env.id,
         task=env.task,
@@ -101,14 +104,17 @@ def request_for(job: Job) -> Request:
         queue=env.queue,
         retries=env.retries,
         max_retries=env.max_retries,
-        redelivered=job.delivery.redelivered,
-        delivery_count=job.delivery.delivery_count,
+        redelivered=delivery.redelivered,
+        delivery_count=delivery.delivery_count,
         eta=env.eta,
         expires=env.expires,
-        root_id=env.root_id,
+        root_id=env.root_id or env.id,
         parent_id=env.parent_id,
         idempotency_key=env.idempotency_key,
         headers=env.headers,
+        time_limit=options.time_limit,
+        soft_time_limit=options.soft_time_limit,
+        priority=env.priority,
     )
 
 
@@ -116,6 +122,8 @@ class _Run:
     """Collects the outcome of one run; `capture` turns exceptions into outcomes."""
 
     outcome: Outcome
+    value: Any = None
+    error: BaseException | None = None
 
     def __init__(self, types: Types) -> None:
         self.types = types
@@ -125,28 +133,56 @@ class _Run:
             raw = msgspec.Raw(encode_result(value, self.types))
         except EncodeError as error:
             self.outcome = Outcome.failure(error, with_traceback=False)
+            self.error = error
             return
+        self.value = value
         self.outcome = Outcome(Kind.SUCCESS, raw, finished_at=time.time())
 
 
 @contextmanager
 def _capture(job: Job) -> Iterator[_Run]:
     run = _Run(job.task.types)
-    token = current_request.set(request_for(job))
+    request = request_for(job)
+    token = current_request.set(request)
+    hooks = job.task.app.hooks
+    if hooks.before_run:
+        call(hooks.before_run, "before_run", job.task, request)
     began = time.perf_counter()
     try:
         yield run
     except Retry as retry:
-        run.outcome = _retry_outcome(retry.exc or retry, retry.countdown, retry.max_retries)
+        run.error = retry.exc or retry
+        run.outcome = _retry_outcome(run.error, retry.countdown, retry.max_retries)
     except job.task.autoretry_for as exc:
+        run.error = exc
         run.outcome = _retry_outcome(exc, None, None)
     except BaseException as exc:
         # Whatever a task raises (sys.exit(), CancelledError, KeyboardInterrupt) fails the task;
         # it never ends a pool thread or strands the message.
+        run.error = exc
         run.outcome = Outcome.failure(exc)
     finally:
+        run.outcome.took = time.perf_counter() - began
+        if hooks.after_run:
+            call(hooks.after_run, "after_run", job.task, request, _ran(job, run))
         current_request.reset(token)
-    run.outcome.took = time.perf_counter() - began
+
+
+def _ran(job: Job, run: _Run) -> RunOutcome:
+    """How the run ended, for `after_run`: a retry past the task's limit is a failure."""
+    outcome = run.outcome
+    kind = outcome.kind
+    if kind is Kind.SUCCESS:
+        return RunOutcome("success", run.value, None, outcome.took)
+    if kind is Kind.RETRY and job.envelope.retries < max_retries(job, outcome):
+        return RunOutcome("retry", None, run.error, outcome.took)
+    return RunOutcome("failure", None, run.error, outcome.took)
+
+
+def max_retries(job: Job, outcome: Outcome) -> int:
+    """How many retries `job` may have: the retry() call's limit, then the message's, then the
+    task's (which falls back to the app's)."""
+    return resolve(outcome.max_retries, job.envelope.max_retries, default=job.task.max_retries)
 
 
 def _retry_outcome(exc: BaseException, countdown: float | None, max_retries: int | None) -> Outcome:

@@ -35,8 +35,8 @@ from conveyor.message import Envelope, encode
 from conveyor.reasons import DeadLetterReason as Why
 from conveyor.results import ResultRecord, State
 from conveyor.signing import Signer
-from conveyor.task import Task, resolve
-from conveyor.worker.execution import Job, Kind, Outcome
+from conveyor.task import Task
+from conveyor.worker.execution import Job, Kind, Outcome, max_retries
 from conveyor.worker.verdict import LogLine, Verdict
 
 _NULL = msgspec.Raw(b"null")
@@ -238,12 +238,6 @@ class SettlementPolicy:
             )
         # Out of retries with early acks, the message is gone already: nothing to acknowledge.
         return Verdict(("failed",), "failed", ack=acks_late and not gave_up, record=record, log=log)
-
-
-def max_retries(job: Job, outcome: Outcome) -> int:
-    """How many retries `job` may have: the retry() call's limit, then the message's, then the
-    task's (which falls back to the app's)."""
-    return resolve(outcome.max_retries, job.envelope.max_retries, default=job.task.max_retries)
 
 
 def _error(outcome: Outcome) -> str:

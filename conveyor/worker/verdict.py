@@ -18,7 +18,9 @@ from conveyor.message import Envelope
 from conveyor.results import ResultRecord, State
 
 #: A `WorkerStats` counter a verdict adds one to.
-Counter = Literal["succeeded", "failed", "retried", "rejected", "dead_lettered", "expired", "lost"]
+Counter = Literal[
+    "succeeded", "failed", "retried", "rejected", "dead_lettered", "expired", "skipped", "lost"
+]
 #: A log line to write: level, format, arguments (formatted by logging, as ever).
 LogLine = tuple[int, str, tuple[object, ...]]
 
@@ -64,6 +66,8 @@ class WorkerStats:
     dead_lettered: int = 0
     """Every message dead-lettered: the rejected ones and the tasks out of retries."""
     expired: int = 0
+    skipped: int = 0
+    """Deliveries a middleware's `before_admit` skipped (`TaskSkipped`): acknowledged unrun."""
     released: int = 0
     """Messages given back unfinished at shutdown."""
     lost: int = 0
@@ -75,8 +79,9 @@ class WorkerStats:
 
     @property
     def finished(self) -> int:
-        """Tasks that reached their end: succeeded, failed for good, rejected or expired."""
-        return self.succeeded + self.failed + self.rejected + self.expired
+        """Tasks that reached their end: succeeded, failed for good, rejected, expired or
+        skipped."""
+        return self.succeeded + self.failed + self.rejected + self.expired + self.skipped
 
     def count(self, counters: tuple[Counter, ...]) -> None:
         """Add one to each of `counters` (a verdict's)."""

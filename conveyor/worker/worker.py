@@ -14,6 +14,8 @@ import threading
 from collections.abc import Sequence
 
 from conveyor.app import Conveyor
+from conveyor.middleware.hooks import call
+from conveyor.middleware.signals import worker_hooks
 from conveyor.redact import redact_url
 from conveyor.worker import pools
 from conveyor.worker.consumer import Consumer
@@ -75,6 +77,9 @@ class Worker:
 
     async def _main(self) -> None:
         self._loop = asyncio.get_running_loop()
+        # Before the pool starts: prefork children are forked with the hooks worked out here.
+        app = self.app
+        app.hooks = worker_hooks(app.middleware)
         pool = pools.create(
             self.pool_name,
             self.concurrency,
@@ -109,10 +114,13 @@ class Worker:
                 )
             for hook in self.app.process_start_hooks:  # this process runs the tasks
                 hook()
+            app.hooks = worker_hooks(app.middleware)  # receivers those hooks connected
+            call(app.hooks.process_start, "process_start")
         pool.on_broken = self._on_broken
         consumer.on_fatal = self._on_misconfigured
         await pool.start()
         installed = self._install_signals()
+        call(app.hooks.worker_start, "worker_start", self)
         self.started.set()
         try:
             await consumer.run()
@@ -120,6 +128,7 @@ class Worker:
             for sig in installed:
                 self._loop.remove_signal_handler(sig)
             await pool.stop()
+            call(app.hooks.worker_stop, "worker_stop", self)
             # Connections the tasks opened in this process (a prefork child closes its own).
             self.app.resources.close_all()
             s = self.stats

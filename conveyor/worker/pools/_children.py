@@ -45,6 +45,8 @@ from conveyor.brokers.base import Delivery
 from conveyor.errors import SoftTimeLimitExceeded
 from conveyor.log import LogSpec
 from conveyor.message import decode
+from conveyor.middleware.hooks import call
+from conveyor.middleware.signals import worker_hooks
 from conveyor.worker.execution import Job, Kind, Outcome, execute
 
 if TYPE_CHECKING:
@@ -422,6 +424,9 @@ def child_main(
 def _serve(app: Conveyor, options: ChildOptions, tasks: int, results: int) -> int:
     for hook in app.process_start_hooks:
         hook()
+    # Again here: a fresh zygote imported the app anew, and start-up hooks may connect signals.
+    app.hooks = worker_hooks(app.middleware)
+    call(app.hooks.process_start, "process_start")
     if options.before_up is not None:
         options.before_up()
     frames = Frames()
