@@ -299,18 +299,15 @@ class FrameReceiver(aiormq.connection.FrameReceiver):
             raise InvalidFrameError(str(exc)) from exc
 
 
-_FRAME_END = b"\xce"
+FRAME_END = b"\xce"
 _DELIVER = b"\x00\x3c\x00\x3c"  # class 60 (basic), method 60 (deliver)
 _LONG = struct.Struct(">Q")
-_CONTENT = struct.Struct(">HHQH")  # class, weight, body size, property flags
-# The properties conveyor sets on what it publishes, by flag bit, in the order AMQP encodes them.
-_CONTENT_TYPE, _DELIVERY_MODE, _PRIORITY, _REPLY_TO, _MESSAGE_ID = (
-    1 << 15,
-    1 << 12,
-    1 << 11,
-    1 << 9,
-    1 << 7,
-)
+CONTENT = struct.Struct(">HHQH")  # class, weight, body size, property flags
+# The properties conveyor sets on what it publishes, by flag bit, in the order AMQP encodes them:
+# content type, delivery mode, priority, reply-to, message id.
+PROPERTY_FLAGS = (1 << 15, 1 << 12, 1 << 11, 1 << 9, 1 << 7)
+_FRAME_END, _CONTENT = FRAME_END, CONTENT
+_CONTENT_TYPE, _DELIVERY_MODE, _PRIORITY, _REPLY_TO, _MESSAGE_ID = PROPERTY_FLAGS
 _SIMPLE = _CONTENT_TYPE | _DELIVERY_MODE | _PRIORITY | _REPLY_TO | _MESSAGE_ID
 
 

@@ -107,17 +107,11 @@ def marshal(
 # pamqp does (a test compares them byte for byte).
 
 _FRAME = struct.Struct(">BHI")  # frame type, channel, payload size
-_FRAME_END = b"\xce"
 _PUBLISH = struct.Struct(">HHH")  # class 60 (basic), method 40 (publish), the reserved ticket
-_CONTENT = struct.Struct(">HHQH")  # class 60, weight 0, body size, property flags
-# The properties conveyor sets, each with its flag bit, in the order AMQP encodes them.
-_CONTENT_TYPE, _DELIVERY_MODE, _PRIORITY, _REPLY_TO, _MESSAGE_ID = (
-    1 << 15,
-    1 << 12,
-    1 << 11,
-    1 << 9,
-    1 << 7,
-)
+# The frame end, the content header's layout and the property flags conveyor sets: the same as
+# the worker reads deliveries with.
+_FRAME_END, _CONTENT = _aiormq.FRAME_END, _aiormq.CONTENT
+_CONTENT_TYPE, _DELIVERY_MODE, _PRIORITY, _REPLY_TO, _MESSAGE_ID = _aiormq.PROPERTY_FLAGS
 
 
 def _short(text: str) -> bytes:
