@@ -107,6 +107,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     """What a worker logs at INFO about tasks that succeed: auto, a line each while at most 10
     finish a second and a summary every 5 s above that; each, always a line; quiet, nothing.
     Failures and retries are logged in every mode. See docs/logging.md."""
+    events: bool = False
+    """Workers publish task events and heartbeats all the time. Unset, they publish them only
+    while a reader asks (`conveyor events`). See docs/events.md."""
     signing_key: Secret | None = None
     """Sign every message sent with HMAC-SHA256 under this key, and run only messages signed
     with it (or with one of `verify_keys`). At least 16 bytes. Unset: nothing is signed, and a

@@ -59,7 +59,9 @@ class RunOutcome:
     """Seconds the task ran."""
 
 
-Outcome = Literal["succeeded", "failed", "retried", "lost", "rejected", "expired", "skipped"]
+Outcome = Literal[
+    "succeeded", "failed", "retried", "lost", "rejected", "expired", "skipped", "revoked"
+]
 
 
 @dataclass(frozen=True, slots=True)

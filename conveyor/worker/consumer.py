@@ -28,6 +28,7 @@ from typing import Any, TypeVar
 
 from conveyor.app import Conveyor
 from conveyor.brokers import Delivery
+from conveyor.control.events import TaskEvents
 from conveyor.errors import ConfigurationError
 from conveyor.middleware.base import Settled
 from conveyor.middleware.hooks import admit as admit_hooks
@@ -84,6 +85,8 @@ class Consumer:
         self.broker = app.broker
         self.store = app.results
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}"
+        #: Task events, reported only while `events.on` (see `conveyor.control`).
+        self.events = TaskEvents(self.worker_id)
         self._settings = app.settings
         records = Records(
             app.tasks, self.store is not None, self.worker_id, app.settings.result_expires
@@ -228,6 +231,11 @@ class Consumer:
     def running(self) -> int:
         """Jobs running now."""
         return len(self._running)
+
+    def jobs(self) -> list[Job]:
+        """The jobs submitted to the pool and not yet settled, from any thread."""
+        with self._lock:
+            return list(self._running)
 
     # I/O
 
@@ -419,9 +427,12 @@ class Consumer:
         now = time.time()
         admit, started, store = self._admission.admit, self._admission.started, self.store
         before_admit = self._before_admit
+        events = self.events
         jobs: list[Job] = []
         for delivery in deliveries:
             admitted = admit(delivery, now)
+            if events.on:
+                events.received(delivery, admitted, now)
             envelope = admitted.envelope
             if delivery.reply_to is not None and store is not None and envelope is not None:
                 store.route(envelope.id, delivery.reply_to)  # the sender takes its records
@@ -437,6 +448,8 @@ class Consumer:
                     )
                     continue
             jobs.append(admitted)
+            if events.on:
+                events.started(admitted)
             if store is not None and (record := started(admitted)) is not None:
                 self._pending.records[record.id] = record
         return jobs, [job.delivery for job in jobs if not job.task.options.acks_late]
@@ -505,6 +518,8 @@ class Consumer:
             log.log(level, message, *args)
         self.stats.count(verdict.counts)
         self._pending.add(delivery, verdict)
+        if self.events.on and verdict.counts:
+            self.events.settled(delivery, verdict, job, outcome)
         if self._after_settle and verdict.counts:
             call(self._after_settle, "after_settle", self._settled(delivery, verdict, job, outcome))
 

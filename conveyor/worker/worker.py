@@ -14,6 +14,7 @@ import threading
 from collections.abc import Sequence
 
 from conveyor.app import Conveyor
+from conveyor.control.beacon import Beacon
 from conveyor.middleware.hooks import call
 from conveyor.middleware.signals import worker_hooks
 from conveyor.redact import redact_url
@@ -42,6 +43,7 @@ class Worker:
         max_memory_per_child: int | None = None,
         task_log: TaskLogMode | None = None,
         loop: str | None = None,
+        events: bool | None = None,
     ) -> None:
         settings = app.settings
         self.app = app
@@ -56,6 +58,8 @@ class Worker:
         #: The event loop the worker runs on, "asyncio" or "uvloop" (`loop`: auto, asyncio or
         #: uvloop; auto is uvloop when it is installed).
         self.loop_name, self._loop_factory = choose(loop or settings.loop)
+        #: Publish task events and heartbeats from the start, not only while a reader asks.
+        self.events = settings.events if events is None else events
         self.stats = WorkerStats()
         self.started = threading.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -69,6 +73,11 @@ class Worker:
         with asyncio.Runner(loop_factory=self._loop_factory) as runner:
             runner.run(self._main())
         return self.stats
+
+    @property
+    def event_loop(self) -> asyncio.AbstractEventLoop | None:
+        """The loop the worker runs on, while it runs."""
+        return self._loop
 
     def stop(self) -> None:
         """Ask for a shutdown from any thread; a second call makes it cold."""
@@ -119,6 +128,8 @@ class Worker:
         pool.on_broken = self._on_broken
         consumer.on_fatal = self._on_misconfigured
         await pool.start()
+        beacon = Beacon(self, consumer, pool, always=self.events)
+        beacon.start()  # after the pool: its thread is never in a fork
         installed = self._install_signals()
         call(app.hooks.worker_start, "worker_start", self)
         self.started.set()
@@ -128,6 +139,7 @@ class Worker:
             for sig in installed:
                 self._loop.remove_signal_handler(sig)
             await pool.stop()
+            await asyncio.to_thread(beacon.stop)
             call(app.hooks.worker_stop, "worker_stop", self)
             # Connections the tasks opened in this process (a prefork child closes its own).
             self.app.resources.close_all()

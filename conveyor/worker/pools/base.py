@@ -58,6 +58,12 @@ class Pool(abc.ABC):
         """Learn what a finished job's replacement takes to arrive from the broker (its ack's
         wait and a round trip), as the consumer measured it. Default: nothing to learn."""
 
+    def placement(self) -> dict[Job, tuple[int, bool]] | None:
+        """Where submitted jobs are, for `conveyor inspect`: per job, the pid of the process
+        holding it and whether it runs now (a job not listed waits in the pool). None: every
+        job submitted runs now, in the worker's own process. Called on the event loop."""
+        return None
+
     @abc.abstractmethod
     async def start(self) -> None:
         """Get ready to run jobs (called on the consumer's event loop)."""

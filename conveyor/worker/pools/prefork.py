@@ -282,6 +282,14 @@ class PreforkPool(Pool):
         depth = min(MAX_DEPTH, 2 + int(self._budget / max(self._pace, 1e-6)))
         self._depth = 1 << (depth.bit_length() - 1)
 
+    def placement(self) -> dict[Job, tuple[int, bool]]:
+        """Each job written to a child: the child's pid, and whether it is the one it runs."""
+        return {
+            job: (child.pid, n == 0)
+            for child in self._children
+            for n, (job, _) in enumerate(child.jobs.values())
+        }
+
     # lifecycle
 
     async def start(self) -> None:
