@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import itertools
 import logging
 import os
 import socket
@@ -60,6 +61,7 @@ BATCH = 500
 SNAPSHOT_TIMEOUT_S = 1.0
 STOP_TIMEOUT_S = 5.0
 RETRY_MAX_S = 30.0
+_workers = itertools.count(1)
 
 
 class Beacon:
@@ -70,7 +72,11 @@ class Beacon:
         self.app = worker.app
         self.events: TaskEvents = consumer.events
         self.always = always
-        self.id = consumer.worker_id
+        # `hostname:pid`, as result records name the worker; a second worker in the same
+        # process (tests, embedded use) gets a suffix, or the roster would take it for the first.
+        number = next(_workers)
+        self.id = consumer.worker_id if number == 1 else f"{consumer.worker_id}/{number}"
+        self.events.worker = self.id
         self.started = time.time()
         self._on_until = 0.0  # monotonic: events asked for by readers until then
         self._stop = threading.Event()

@@ -144,11 +144,11 @@ class TaskEvents:
 
     __slots__ = ("_buffer", "dropped", "limit", "on", "worker")
 
-    def __init__(self, worker: str, limit: int = BUFFER_LIMIT) -> None:
+    def __init__(self, worker: str, limit: int | None = None) -> None:
         #: Whether the consumer reports events now (the beacon sets it).
         self.on = False
         self.worker = worker
-        self.limit = limit
+        self.limit = BUFFER_LIMIT if limit is None else limit
         #: Events dropped because the buffer was full.
         self.dropped = 0
         self._buffer: collections.deque[Pending] = collections.deque()
