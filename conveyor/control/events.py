@@ -47,7 +47,7 @@ TASK_EVENTS = (
 WORKER_EVENTS = ("worker-online", "worker-heartbeat", "worker-offline")
 
 
-class TaskEvent(msgspec.Struct, kw_only=True, omit_defaults=True):
+class TaskEvent(msgspec.Struct, omit_defaults=True):
     """Something that happened to a task in a worker (docs/events.md)."""
 
     type: str
@@ -110,19 +110,15 @@ _head = msgspec.json.Decoder(_Head)
 _task = msgspec.json.Decoder(TaskEvent)
 _worker = msgspec.json.Decoder(WorkerEvent)
 
-# An event in the buffer: a tuple of TaskEvent's fields in order, or a WorkerEvent.
+# An event in the buffer: a tuple of TaskEvent's fields in order (those left out keep their
+# defaults), or a WorkerEvent.
 Pending = tuple[Any, ...] | WorkerEvent
-_FIELDS = TaskEvent.__struct_fields__
 
 
 def encode_batch(events: Sequence[Pending]) -> bytes:
     """One broadcast message: the events as a JSON array."""
-    return _encoder.encode(
-        [
-            e if isinstance(e, WorkerEvent) else TaskEvent(**dict(zip(_FIELDS, e, strict=False)))
-            for e in events
-        ]
-    )
+    # Positional: a fraction of a microsecond an event (by keyword it was 2.3 µs, measured).
+    return _encoder.encode([TaskEvent(*e) if isinstance(e, tuple) else e for e in events])
 
 
 def decode_batch(body: bytes) -> list[Event]:
