@@ -23,7 +23,7 @@ from conveyor.brokers.broadcast import LISTEN_LIMIT, Broadcast, Listener
 #: Rows the broadcast table keeps; older ones are deleted as new ones come.
 KEEP = 20_000
 #: Seconds between a listener's polls while it waits.
-POLL_S = 0.05
+POLL_S = 0.1
 
 SCHEMA = (
     """CREATE TABLE IF NOT EXISTS conveyor_broadcast (
@@ -92,7 +92,9 @@ class SQLiteBroadcast(Broadcast):
     """Broadcast through tables of the SQLite broker's file (`sqlite:///...`)."""
 
     def __init__(self, url: str, *, poll: float = POLL_S) -> None:
-        self._db = Database.shared(path_from_url(url), SCHEMA, synchronous="NORMAL")
+        # A database of its own, not the broker's shared one: closing it closes the connections
+        # its threads opened (a worker's beacon thread, which ends before the worker does).
+        self._db = Database(path_from_url(url), SCHEMA, synchronous="NORMAL")
         self._poll = poll
         self._closed = False
 

@@ -139,7 +139,7 @@ class Worker:
             for sig in installed:
                 self._loop.remove_signal_handler(sig)
             await pool.stop()
-            await asyncio.to_thread(beacon.stop)
+            beacon.stop()  # bounded: it publishes what is left, then lets go
             call(app.hooks.worker_stop, "worker_stop", self)
             # Connections the tasks opened in this process (a prefork child closes its own).
             self.app.resources.close_all()
