@@ -531,6 +531,9 @@ def events(
                 sys.stdout.flush()
     except KeyboardInterrupt:
         pass
+    except BrokenPipeError:  # `conveyor events | head`: the reader of the output went away
+        # What is still buffered goes nowhere, not into a traceback at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 @main.command()

@@ -489,3 +489,18 @@ def test_conveyor_inspect_two_live_workers_and_a_stopped_one(
     assert text.returncode == 1
     assert f"(pid {stopped.pid}) did not answer within 2s" in " ".join(text.stdout.split())
     assert "ev.hold" in text.stdout
+
+
+def test_conveyor_events_ends_quietly_when_its_reader_goes_away(
+    processes: Processes, broker: Broker
+) -> None:
+    """`conveyor events | head -1`: once the pipe's reader is gone, the next write ends the
+    command with status 0 and no traceback."""
+    processes.start("worker", "ev_app:app", "--pool", "threads", "-c", "1")
+    reader = processes.start("events", "ev_app:app", "--json")
+    assert reader.stdout is not None and reader.stderr is not None
+    first = json.loads(reader.stdout.readline())
+    assert first["app"] == broker.name
+    reader.stdout.close()  # heartbeats keep coming: the next one meets a closed pipe
+    assert reader.wait(30) == 0
+    assert "Traceback" not in reader.stderr.read()
