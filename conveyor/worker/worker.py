@@ -17,6 +17,8 @@ from conveyor.app import Conveyor
 from conveyor.middleware.hooks import call
 from conveyor.middleware.signals import worker_hooks
 from conveyor.redact import redact_url
+from conveyor.revocations import no_store
+from conveyor.revocations.watch import RevocationWatch
 from conveyor.worker import pools
 from conveyor.worker.consumer import Consumer
 from conveyor.worker.loops import choose
@@ -119,12 +121,18 @@ class Worker:
         pool.on_broken = self._on_broken
         consumer.on_fatal = self._on_misconfigured
         await pool.start()
+        # After the fork of the pool's zygote: no child inherits the store's connection.
+        watch = await _watch_revocations(app, consumer)
         installed = self._install_signals()
         call(app.hooks.worker_start, "worker_start", self)
         self.started.set()
+        watching = None if watch is None else asyncio.create_task(watch.run())
         try:
             await consumer.run()
         finally:
+            if watching is not None and watch is not None:
+                watching.cancel()
+                watch.close()
             for sig in installed:
                 self._loop.remove_signal_handler(sig)
             await pool.stop()
@@ -206,3 +214,19 @@ class Worker:
         if self._consumer is not None and self._consumer.running:
             log.warning("shutdown grace over: giving %d running tasks back", self._consumer.running)
             self._consumer.abandon()
+
+
+async def _watch_revocations(app: Conveyor, consumer: Consumer) -> RevocationWatch | None:
+    """Load the revocations before the first fetch, and the watch that keeps up with them;
+    None (said once) when the app has no store for them."""
+    try:
+        store = app.revocations
+    except Exception as exc:  # a store URL that cannot be used: the worker runs without
+        log.error("revocations are not checked: %s", exc)
+        return None
+    if store is None:
+        log.info("revocations are not checked: %s", no_store())
+        return None
+    watch = RevocationWatch(store, consumer.revoke)
+    await watch.load()
+    return watch
