@@ -121,7 +121,7 @@ class _SQLRevocations:
 
     def _schema(self, serial: str) -> list[str]:
         return [
-            f"CREATE TABLE IF NOT EXISTS {self.table} (seq {serial} PRIMARY KEY, "
+            f"CREATE TABLE IF NOT EXISTS {self.table} (seq {serial}, "
             "id TEXT NOT NULL, terminate BOOLEAN NOT NULL, revoked_at DOUBLE PRECISION NOT NULL, "
             "expires_at DOUBLE PRECISION NOT NULL)",
             f"CREATE INDEX IF NOT EXISTS {self.table}_expires ON {self.table} (expires_at)",
@@ -157,8 +157,9 @@ class _SQLRevocations:
         (a row written meanwhile comes with the next poll)."""
         p = self.marker
         with self._reading() as conn:
-            row = conn.execute(f"SELECT MAX(seq) FROM {self.table}").fetchone()
-            cursor = int(row[0]) if row and row[0] is not None else 0
+            # fetchall, not fetchone: a SQLite statement left unfinished keeps its snapshot.
+            [(top,)] = conn.execute(f"SELECT MAX(seq) FROM {self.table}").fetchall()
+            cursor = int(top) if top is not None else 0
             rows = conn.execute(
                 f"SELECT id, expires_at, terminate FROM {self.table} "
                 f"WHERE expires_at > {p} AND seq <= {p} ORDER BY seq",
@@ -191,7 +192,9 @@ class SQLiteRevocations(_SQLRevocations):
         from conveyor._sqlite import Database, path_from_url
 
         self.display_url = redact_url(url)
-        self._db = Database.shared(path_from_url(url), self._schema("INTEGER"), synchronous="FULL")
+        # AUTOINCREMENT: a seq is never handed out again, even after its row was deleted.
+        schema = self._schema("INTEGER PRIMARY KEY AUTOINCREMENT")
+        self._db = Database.shared(path_from_url(url), schema, synchronous="FULL")
 
     @contextmanager
     def _writing(self) -> Iterator[Any]:
@@ -254,7 +257,7 @@ class PostgresRevocations(_SQLRevocations):
             try:
                 if not self._ready:
                     with conn.transaction():
-                        for statement in self._schema("BIGSERIAL"):
+                        for statement in self._schema("BIGSERIAL PRIMARY KEY"):
                             conn.execute(statement)
                     self._ready = True
                 yield conn
