@@ -49,6 +49,9 @@ class RevocationStore(Protocol):
     """Where revocations are kept, with a cursor to read the new ones cheaply."""
 
     display_url: str
+    local: bool
+    """Reads take microseconds in this process (SQLite, memory): a worker polls on its loop,
+    as it calls an embedded broker, rather than on a thread of its own."""
 
     def add(self, revocations: Sequence[Revocation]) -> None:
         """Record revocations, atomically, and forget the expired ones."""

@@ -86,6 +86,7 @@ class MemoryRevocations:
     """Revocations in this process only: for apps on the memory broker (tests)."""
 
     display_url = "memory://"
+    local = True
 
     def __init__(self) -> None:
         self._log: list[Revocation] = []
@@ -116,6 +117,7 @@ class _SQLRevocations:
     """Revocations in a SQL table; subclasses connect and say how to lock."""
 
     display_url: str
+    local = False
     table = "conveyor_revocations"
     marker = "?"
 
@@ -188,13 +190,19 @@ class _SQLRevocations:
 class SQLiteRevocations(_SQLRevocations):
     """Revocations in a SQLite file (by default the SQLite broker's): one machine."""
 
+    local = True
+
     def __init__(self, url: str) -> None:
         from conveyor._sqlite import Database, path_from_url
 
         self.display_url = redact_url(url)
         # AUTOINCREMENT: a seq is never handed out again, even after its row was deleted.
         schema = self._schema("INTEGER PRIMARY KEY AUTOINCREMENT")
-        self._db = Database.shared(path_from_url(url), schema, synchronous="FULL")
+        path = path_from_url(url)
+        # The SQLite broker's own connections to the file, when it is the broker's: a write
+        # is durable as a publish is (FULL), and a worker polls on its loop's connection.
+        self._db = Database.shared(path, schema, synchronous="FULL")
+        self._reads = Database.shared(path, schema, synchronous="NORMAL")
 
     @contextmanager
     def _writing(self) -> Iterator[Any]:
@@ -204,11 +212,12 @@ class SQLiteRevocations(_SQLRevocations):
     @contextmanager
     def _reading(self) -> Iterator[Any]:
         # Plain reads in WAL mode: they never wait for a writer, nor hold one up.
-        yield self._db.connection()
+        yield self._reads.connection()
 
     def close(self) -> None:
         """See `RevocationStore`."""
         self._db.close()
+        self._reads.close()
 
 
 class PostgresRevocations(_SQLRevocations):
@@ -308,6 +317,8 @@ return 1
 
 class RedisRevocations:
     """Revocations in a Redis stream: workers on several machines."""
+
+    local = False
 
     def __init__(self, url: str) -> None:
         try:

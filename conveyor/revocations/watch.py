@@ -5,8 +5,9 @@
 its `ids` dict directly, so a worker with no revocations pays one dict lookup per delivery.
 
 `RevocationWatch` loads the live revocations before the worker fetches its first message, then
-polls the store every `POLL_S` on a thread of its own, off the event loop and the hot path:
-one indexed read (SQL) or XREAD (Redis) per poll. What it learns goes to the consumer
+polls the store every `POLL_S`: one indexed read (SQL) or XREAD (Redis) per poll, on a thread
+of its own for a remote store, on the loop for a local one (SQLite: microseconds, on the
+connection the embedded broker uses there already). What it learns goes to the consumer
 (`Consumer.revoke`), which skips those ids from then on and tells the pool about the jobs it
 already holds. A store that does not answer is logged and retried with backoff; revoked tasks
 may run meanwhile, which the log says.
@@ -21,7 +22,7 @@ import random
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from conveyor.revocations import Cursor, Revocation
 
@@ -29,6 +30,7 @@ if TYPE_CHECKING:
     from conveyor.revocations import RevocationStore
 
 log = logging.getLogger("conveyor.revocations")
+T = TypeVar("T")
 
 #: Seconds between polls: a revoke reaches every worker within about this.
 POLL_S = 0.25
@@ -108,8 +110,10 @@ class RevocationWatch:
         learn: Callable[[Sequence[Revocation]], None],
         *,
         interval: float = POLL_S,
+        owned: bool = False,
     ) -> None:
         self.store = store
+        self._owned = owned
         self._learn = learn
         self.interval = interval
         self._cursor: Cursor | None = None
@@ -155,14 +159,18 @@ class RevocationWatch:
                 log.warning("revocations from %s can be read again", self.store.display_url)
             failures = 0
 
+    async def _call(self, fn: Callable[[Any], T], argument: Any) -> T:
+        if self.store.local:
+            return fn(argument)
+        return await asyncio.get_running_loop().run_in_executor(self._io, fn, argument)
+
     async def _poll(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
             if self._cursor is None:
-                found, cursor = await loop.run_in_executor(self._io, self.store.load, time.time())
+                found, cursor = await self._call(self.store.load, time.time())
                 more = False
             else:
-                found, cursor = await loop.run_in_executor(self._io, self.store.since, self._cursor)
+                found, cursor = await self._call(self.store.since, self._cursor)
                 more = cursor != self._cursor  # a full batch, maybe: read on
             self._cursor = cursor
             if found:
@@ -171,5 +179,7 @@ class RevocationWatch:
                 return
 
     def close(self) -> None:
-        """Stop the poll thread (the store is the app's: it closes it)."""
+        """Stop the poll thread, and close the store if it is the watch's own."""
         self._io.shutdown(wait=True)
+        if self._owned:
+            self.store.close()

@@ -13,6 +13,7 @@ import signal
 import threading
 from collections.abc import Sequence
 
+from conveyor import fleet, revocations
 from conveyor.app import Conveyor
 from conveyor.middleware.hooks import call
 from conveyor.middleware.signals import worker_hooks
@@ -219,14 +220,17 @@ class Worker:
 async def _watch_revocations(app: Conveyor, consumer: Consumer) -> RevocationWatch | None:
     """Load the revocations before the first fetch, and the watch that keeps up with them;
     None (said once) when the app has no store for them."""
+    url = fleet.store_url(app.settings, memory=True)
+    if url is None:
+        log.info("revocations are not checked: %s", no_store())
+        return None
     try:
-        store = app.revocations
+        # A store of the worker's own, closed when it stops (an in-memory one is the app's).
+        store = app.revocations if url.startswith("memory:") else revocations.from_url(url)
     except Exception as exc:  # a store URL that cannot be used: the worker runs without
         log.error("revocations are not checked: %s", exc)
         return None
-    if store is None:
-        log.info("revocations are not checked: %s", no_store())
-        return None
-    watch = RevocationWatch(store, consumer.revoke)
+    assert store is not None
+    watch = RevocationWatch(store, consumer.revoke, owned=not url.startswith("memory:"))
     await watch.load()
     return watch
