@@ -393,3 +393,28 @@ def test_the_revoke_command_says_what_it_knows_of_each_id(tmp_path: Path) -> Non
 def test_revocation_records_round_trip_as_msgspec() -> None:
     record = Revocation("a", 12.5, True)
     assert msgspec.json.decode(msgspec.json.encode(record), type=Revocation) == record
+
+
+@pytest.mark.parametrize(
+    ("settings", "expected"),
+    [
+        ({"broker": "sqlite:///q.db"}, "sqlite:///q.db"),
+        ({"broker": "amqp://h/", "results": "redis://r:6379/0"}, "redis://r:6379/0"),
+        ({"broker": "amqp://h/", "results": "postgresql://p/db"}, "postgresql://p/db"),
+        ({"broker": "amqp://h/", "results": "rpc://"}, None),
+        ({"broker": "amqp://h/", "results": "rpc://", "store": "redis://s/1"}, "redis://s/1"),
+        ({"broker": "sqlite:///q.db", "store": "sqlite:///state.db"}, "sqlite:///state.db"),
+    ],
+)
+def test_the_fleet_store_is_set_or_found(settings: dict[str, str], expected: str | None) -> None:
+    from conveyor import fleet
+    from conveyor.scheduler.runner import store_url as scheduler_store
+    from conveyor.settings import Settings
+
+    loaded = Settings.load(env={}, **settings)
+    assert fleet.store_url(loaded) == expected
+    claims = Conveyor("s", **settings, scheduler_store="sqlite:///claims.db")
+    assert scheduler_store(claims) == "sqlite:///claims.db", "scheduler_store still wins"
+    if expected is None:
+        with pytest.raises(ConfigurationError, match="CONVEYOR_STORE"):
+            scheduler_store(Conveyor("s", **settings))
