@@ -336,7 +336,12 @@ class RedisRevocations:
         self.key = f"{prefix}:revocations"
         self.endpoints = _endpoints(parts)
         connects(self)
-        self._redis: Any = redis.Redis.from_url(urlunsplit(parts._replace(query=rest)))
+        timeouts = {
+            name: 10.0
+            for name in ("socket_timeout", "socket_connect_timeout")
+            if not any(key == name for key, _ in query)
+        }
+        self._redis: Any = redis.Redis.from_url(urlunsplit(parts._replace(query=rest)), **timeouts)
         self._add: Callable[..., Any] = self._redis.register_script(_REDIS_ADD)
 
     def add(self, revocations: Sequence[Revocation]) -> None:

@@ -179,7 +179,8 @@ class RevocationWatch:
                 return
 
     def close(self) -> None:
-        """Stop the poll thread, and close the store if it is the watch's own."""
-        self._io.shutdown(wait=True)
+        """Stop the poll thread, and close the store if it is the watch's own. A poll still
+        waiting on a store that does not answer is not waited for: the worker stops now."""
+        self._io.shutdown(wait=False, cancel_futures=True)
         if self._owned:
             self.store.close()
