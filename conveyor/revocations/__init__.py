@@ -105,7 +105,7 @@ class Revoked:
             return f"finished ({self.state}): nothing to revoke, nothing recorded"
         if self.known == "running":
             if self.terminate:
-                return "running: revoked; a prefork worker kills it (other pools let it finish)"
+                return "running: revoked; a prefork worker kills it (see docs/revoke.md)"
             return "running: revoked; it runs to the end (--terminate stops it on prefork)"
         if self.known == "queued":
             return f"queued ({self.state}): revoked, workers skip it"
