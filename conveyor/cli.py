@@ -568,6 +568,39 @@ def inspect(app_path: str, timeout: float, as_json: bool) -> None:
         sys.exit(1)
 
 
+# revoke
+
+
+@main.command()
+@click.argument("app_path", metavar="APP")
+@click.argument("ids", nargs=-1, required=True, metavar="ID...")
+@click.option(
+    "--terminate",
+    is_flag=True,
+    help="Also stop a task that is running (prefork pool: its child is killed).",
+)
+@_clear_errors
+def revoke(app_path: str, ids: tuple[str, ...], terminate: bool) -> None:
+    """Revoke tasks by id: every worker skips them, also one that starts later (docs/revoke.md).
+
+    Prints, per id, what the result store knows of it: queued, running, finished (left alone)
+    or unknown (revoked anyway).
+    """
+    from conveyor.revocations import revoke as revoke_ids
+
+    app = _load_app(app_path)
+    try:
+        reports = revoke_ids(app, ids, terminate=terminate)
+        where = app.revocations.display_url if app.revocations is not None else "-"
+    finally:
+        app.close()
+    for report in reports:
+        click.echo(f"{report.id}: {report.describe()}")
+    recorded = sum(report.recorded for report in reports)
+    noun = "revocation" if recorded == 1 else "revocations"
+    click.echo(f"{recorded} {noun} recorded in {redact_url(where)}")
+
+
 def _queues(app: Conveyor) -> list[str]:
     """The app's own queues (listed even when empty), and others the broker holds messages of."""
     known = {app.settings.default_queue} | {task.queue for task in app.tasks.values()}

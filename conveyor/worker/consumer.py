@@ -33,6 +33,8 @@ from conveyor.errors import ConfigurationError
 from conveyor.middleware.base import Settled
 from conveyor.middleware.hooks import admit as admit_hooks
 from conveyor.middleware.hooks import call
+from conveyor.revocations import Revocation
+from conveyor.revocations.watch import KnownRevocations
 from conveyor.worker.admission import AdmissionPolicy
 from conveyor.worker.execution import Job, Outcome, request_for
 from conveyor.worker.pools.base import Pool
@@ -91,7 +93,11 @@ class Consumer:
         records = Records(
             app.tasks, self.store is not None, self.worker_id, app.settings.result_expires
         )
-        self._admission = AdmissionPolicy.of(app, records, isolates_tasks=pool.isolates_tasks)
+        #: The revoked task ids this worker skips (`revoke` adds to them).
+        self.revoked = KnownRevocations()
+        self._admission = AdmissionPolicy.of(
+            app, records, isolates_tasks=pool.isolates_tasks, revoked=self.revoked.ids
+        )
         self._settlement = SettlementPolicy.of(app, records)
         self._before_admit = app.hooks.before_admit
         self._after_settle = app.hooks.after_settle
@@ -463,6 +469,15 @@ class Consumer:
             self.stats.rejected += new
             self.stats.dead_lettered += new
 
+    def revoke(self, revocations: Sequence[Revocation]) -> None:
+        """Skip these task ids from now on, and tell the pool about the jobs it holds of them
+        (queued, or running: see `Pool.revoke`). Called on the worker's event loop."""
+        with self._lock:
+            live = self.revoked.add(revocations)
+            held = [(job, live[j]) for job in self._running if (j := job.envelope.id) in live]
+            if held:
+                self.pool.revoke(held)
+
     def _without_early(self, jobs: list[Job], exc: Exception) -> list[Job]:
         """The acks_late=False jobs whose ack failed are not started: they come back later."""
         late = [job for job in jobs if job.task.options.acks_late]
@@ -497,7 +512,10 @@ class Consumer:
             if verdict.finished is not None:
                 env = job.envelope
                 self.task_log.finished(env.task, env.id, verdict.finished, outcome.took)
-            if self._direct and not self._stopping and self._cycle(self._free()) > 0:
+            started = self._direct and not self._stopping and self._cycle(self._free()) > 0
+            if started and self._running:
+                # A job started: its end runs the next round. Deliveries that did not start
+                # (expired, revoked, refused) leave settlements only the loop would carry out.
                 return
             # The loop must still run a round once nothing runs (a drain check, a shutdown).
             if self._native and self._running and self._ack_at_once():

@@ -19,7 +19,15 @@ from conveyor.results import ResultRecord, State
 
 #: A `WorkerStats` counter a verdict adds one to.
 Counter = Literal[
-    "succeeded", "failed", "retried", "rejected", "dead_lettered", "expired", "skipped", "lost"
+    "succeeded",
+    "failed",
+    "retried",
+    "rejected",
+    "dead_lettered",
+    "expired",
+    "skipped",
+    "lost",
+    "revoked",
 ]
 #: A log line to write: level, format, arguments (formatted by logging, as ever).
 LogLine = tuple[int, str, tuple[object, ...]]
@@ -68,6 +76,8 @@ class WorkerStats:
     expired: int = 0
     skipped: int = 0
     """Deliveries a middleware's `before_admit` skipped (`TaskSkipped`): acknowledged unrun."""
+    revoked: int = 0
+    """Tasks revoked (`conveyor revoke`): skipped, or stopped while running; acknowledged."""
     released: int = 0
     """Messages given back unfinished at shutdown."""
     lost: int = 0
@@ -79,9 +89,16 @@ class WorkerStats:
 
     @property
     def finished(self) -> int:
-        """Tasks that reached their end: succeeded, failed for good, rejected, expired or
-        skipped."""
-        return self.succeeded + self.failed + self.rejected + self.expired + self.skipped
+        """Tasks that reached their end: succeeded, failed for good, rejected, expired,
+        skipped or revoked."""
+        return (
+            self.succeeded
+            + self.failed
+            + self.rejected
+            + self.expired
+            + self.skipped
+            + self.revoked
+        )
 
     def count(self, counters: tuple[Counter, ...]) -> None:
         """Add one to each of `counters` (a verdict's)."""
