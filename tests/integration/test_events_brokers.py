@@ -286,7 +286,7 @@ def test_a_reader_that_never_reads_costs_the_worker_nothing(
         ):
             ok.map([() for _ in range(100)])
             sent += 100
-            wait_for(lambda: worker.stats.succeeded == sent, 60, f"{sent} tasks done")
+            wait_for(lambda n=sent: worker.stats.succeeded == n, 60, f"{sent} tasks done")
             wait_for(lambda: len(consumer.events) == 0, 10, "the buffer drained")
         assert consumer.events.dropped == 0
         if broker.kind == "rabbitmq":
