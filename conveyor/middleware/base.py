@@ -59,7 +59,18 @@ class RunOutcome:
     """Seconds the task ran."""
 
 
-Outcome = Literal["succeeded", "failed", "retried", "lost", "rejected", "expired", "skipped"]
+Outcome = Literal[
+    "succeeded",
+    "failed",
+    "retried",
+    "lost",
+    "rejected",
+    "expired",
+    "skipped",
+    "released",
+    "abandoned",
+    "revoked",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,7 +81,12 @@ class Settled:
     dead-lettered); `lost` ones (the prefork child died) go back to the broker; `rejected`
     messages (undecodable, unknown task, bad arguments, poison) are dead-lettered without running;
     `expired` and `skipped` ones (`TaskSkipped` from `before_admit`) are acknowledged without
-    running.
+    running; `revoked` ones are settled without running because they were revoked. `released`
+    ones go back to the broker unfinished: running or waiting in the pool at a shutdown that
+    gave up on them, or admitted but not started because acknowledging them first failed.
+    `abandoned` ones were running at such a shutdown with acks_late=False: acknowledged before
+    they ran, nothing goes back, and how they end is not known. Every delivery the worker took
+    is told here exactly once, so what `before_admit` saw minus what settled is in flight.
     """
 
     outcome: Outcome
@@ -85,6 +101,9 @@ class Settled:
     """The reason the message was dead-lettered, if it was."""
     took: float | None = None
     """Seconds the task ran, measured where it ran; None when it did not run."""
+    started_at: float | None = None
+    """When the run started (epoch seconds, the clock of the process that ran it); None when
+    it did not run."""
 
 
 class Middleware:

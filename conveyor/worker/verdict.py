@@ -19,7 +19,16 @@ from conveyor.results import ResultRecord, State
 
 #: A `WorkerStats` counter a verdict adds one to.
 Counter = Literal[
-    "succeeded", "failed", "retried", "rejected", "dead_lettered", "expired", "skipped", "lost"
+    "succeeded",
+    "failed",
+    "retried",
+    "rejected",
+    "dead_lettered",
+    "expired",
+    "skipped",
+    "lost",
+    "released",
+    "abandoned",
 ]
 #: A log line to write: level, format, arguments (formatted by logging, as ever).
 LogLine = tuple[int, str, tuple[object, ...]]
@@ -69,7 +78,11 @@ class WorkerStats:
     skipped: int = 0
     """Deliveries a middleware's `before_admit` skipped (`TaskSkipped`): acknowledged unrun."""
     released: int = 0
-    """Messages given back unfinished at shutdown."""
+    """Messages given back unfinished at a shutdown that gave up on them, or not started
+    because acknowledging them before their run failed (the broker delivers them again)."""
+    abandoned: int = 0
+    """Tasks with acks_late=False still running when a shutdown gave up on them: acknowledged
+    before they ran, so nothing went back, and how they ended is not known."""
     lost: int = 0
     """Tasks whose process died while running them (prefork): their messages went back, counted
     toward the poison limit, unless acks_late=False had acknowledged them before they ran."""
