@@ -11,6 +11,7 @@ keeps per hook only the middleware that override it (`conveyor.middleware.hooks`
     before_run      the one that runs the task      the task is about to run (a prefork child)
     after_run       the one that runs the task      the task returned or raised
     after_settle    the worker's (it acks)          the message's fate is decided
+    process_stop    each process that runs tasks    after its last task (a prefork child)
     worker_stop     the worker's                    the pool has stopped
 
 Every hook but `before_send` is isolated: what it raises is logged with the middleware's name and
@@ -41,6 +42,7 @@ HOOK_NAMES = (
     "before_run",
     "after_run",
     "after_settle",
+    "process_stop",
     "worker_stop",
 )
 
@@ -150,6 +152,10 @@ class Middleware:
     def after_settle(self, settled: Settled) -> None:
         """What becomes of a delivery is decided (the worker's process, under its lock: keep
         it short). The broker's ack or dead-lettering follows in the worker's next I/O round."""
+
+    def process_stop(self) -> None:
+        """A process that ran tasks runs no more: flush what it buffered (a prefork child
+        exits without running `atexit` functions)."""
 
     def worker_stop(self, worker: Worker) -> None:
         """The worker's pool has stopped; nothing runs any more."""

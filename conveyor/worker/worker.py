@@ -153,6 +153,8 @@ class Worker:
             for sig in installed:
                 loop.remove_signal_handler(sig)
             await pool.stop()
+            if self.pool_name != "prefork":  # this process ran the tasks
+                call(app.hooks.process_stop, "process_stop")
             call(app.hooks.worker_stop, "worker_stop", self)
             # Connections the tasks opened in this process (a prefork child closes its own).
             self.app.resources.close_all()
