@@ -75,9 +75,11 @@ Outcome = Literal[
 ]
 
 
-@dataclass(frozen=True, slots=True)
-class Settled:
+class Settled(msgspec.Struct, frozen=True):
     """What became of a delivery, as `after_settle` sees it in the worker's process.
+
+    A frozen struct rather than a dataclass: one is made per delivery while any middleware
+    has `after_settle`, and a frozen dataclass of these fields takes ten times as long to make.
 
     `succeeded`, `failed` and `retried` runs are acknowledged (a failure out of retries is
     dead-lettered); `lost` ones (the prefork child died) go back to the broker; `rejected`

@@ -4,8 +4,9 @@ Everything is counted in the worker's own process, in `after_settle`, which sees
 the worker took exactly once, with its task, its outcome, and the run's time and start measured
 where it ran (a prefork child). So one registry in one process holds the whole worker: its
 endpoint sums every child, replaced ones included, with no files shared with the children and
-nothing for a child to send. Gauges that describe the worker itself (prefork children, tasks in
-flight, the broker's reconnections) are read when Prometheus scrapes, not kept up per task.
+nothing for a child to send. Gauges that describe the worker itself (tasks in flight, prefork
+children, the broker's reconnections) are read from it when Prometheus scrapes, not kept up
+per task.
 
 `MetricsEndpoint` serves a registry over HTTP. The worker makes one when `metrics_port` is set
 (`conveyor worker --metrics-port`): bound before the pool forks, so a port in use stops the
@@ -16,7 +17,8 @@ prometheus-client is imported here only: a worker without metrics never loads it
 
 from __future__ import annotations
 
-import collections
+import bisect
+import math
 import socket
 import threading
 import weakref
@@ -31,8 +33,12 @@ from conveyor.middleware.base import Middleware, Settled
 from conveyor.reasons import DeadLetterReason
 
 try:
-    from prometheus_client import CollectorRegistry, Counter, Histogram, make_wsgi_app
-    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+    from prometheus_client import CollectorRegistry, make_wsgi_app
+    from prometheus_client.core import (
+        CounterMetricFamily,
+        GaugeMetricFamily,
+        HistogramMetricFamily,
+    )
     from prometheus_client.registry import Collector
 except ImportError as exc:  # pragma: no cover - the extra is part of the dev environment
     raise ConfigurationError(
@@ -40,7 +46,6 @@ except ImportError as exc:  # pragma: no cover - the extra is part of the dev en
     ) from exc
 
 if TYPE_CHECKING:
-    from conveyor.task import Request, Task
     from conveyor.worker.worker import Worker
 
 #: Run and wait times, in seconds: from a no-op task's fraction of a millisecond to minutes.
@@ -70,12 +75,28 @@ UNREGISTERED = "(unregistered)"
 _INITIAL = ("succeeded", "failed", "retried")
 
 
+class _Times:
+    """One task's run and wait histograms: counts per bucket (the last is +Inf) and sums."""
+
+    __slots__ = ("run", "run_sum", "wait", "wait_sum")
+
+    def __init__(self, buckets: int) -> None:
+        self.run = [0] * (buckets + 1)
+        self.run_sum = 0.0
+        self.wait = [0] * (buckets + 1)
+        self.wait_sum = 0.0
+
+
 class PrometheusMiddleware(Middleware):
     """Counts each worker's tasks by name and outcome, and times them (see docs/metrics.md).
 
     `registry` is where the metrics go: a registry of their own by default (pass
     `prometheus_client.REGISTRY` to serve them beside the process collectors and your own
     metrics). `buckets` are the run-time and wait-time histograms' upper bounds, in seconds.
+
+    The counts are plain numbers under one lock, turned into Prometheus metrics when scraped:
+    a settlement costs a few dictionary operations, where prometheus-client's own counters and
+    histograms would take a lock per sample (measured in docs/metrics.md).
     """
 
     def __init__(
@@ -84,111 +105,117 @@ class PrometheusMiddleware(Middleware):
         *,
         buckets: Sequence[float] = BUCKETS,
     ) -> None:
+        bounds = sorted(float(b) for b in buckets if b != math.inf)
+        if not bounds or bounds[0] < 0:
+            raise ConfigurationError(
+                f"PrometheusMiddleware: buckets must be upper bounds in seconds, at least one "
+                f"and none negative, not {list(buckets)!r}"
+            )
         self.registry = CollectorRegistry() if registry is None else registry
-        self._tasks = Counter(
-            "conveyor_tasks",
-            "Deliveries settled by this worker, by task and outcome.",
-            ["task", "outcome"],
-            registry=self.registry,
-        )
-        self._dead = Counter(
-            "conveyor_tasks_dead_lettered",
-            "Messages this worker dead-lettered, by task and the reason's category.",
-            ["task", "reason"],
-            registry=self.registry,
-        )
-        self._run = Histogram(
-            "conveyor_task_run_seconds",
-            "Seconds each run took, measured in the process that ran it.",
-            ["task"],
-            buckets=buckets,
-            registry=self.registry,
-        )
-        self._wait = Histogram(
-            "conveyor_task_wait_seconds",
-            "Seconds from a task's send (or its due time, for a delayed one) to its run's start.",
-            ["task"],
-            buckets=buckets,
-            registry=self.registry,
-        )
-        # Children of the labelled metrics, by label values: one dict lookup per settlement
-        # instead of prometheus-client's labels() (a lock and a few calls).
-        self._counts: dict[tuple[str, str], Any] = {}
-        self._times: dict[str, tuple[Any, Any]] = {}
-        # Task ids admitted and not yet settled, with their task's name: the in-flight gauge.
-        self._admitted: dict[str, str] = {}
+        self.buckets = tuple(bounds)
+        self._lock = threading.Lock()
+        self._counts: dict[tuple[str, str], int] = {}
+        self._dead: dict[tuple[str, str], int] = {}
+        self._times: dict[str, _Times] = {}
         self._worker: Worker | None = None
-        self.registry.register(_WorkerCollector(self))
+        self.registry.register(_Collector(self))
 
     def worker_start(self, worker: Worker) -> None:
         """Remember the worker, for the gauges; show each task's main outcomes at 0."""
-        self._worker = worker
-        for name in worker.app.tasks:
-            for outcome in _INITIAL:
-                self._count(name, outcome)
+        with self._lock:
+            self._worker = worker
+            for name in worker.app.tasks:
+                for outcome in _INITIAL:
+                    self._counts.setdefault((name, outcome), 0)
 
     def worker_stop(self, worker: Worker) -> None:
-        """The worker's pool has stopped: it has no children any more."""
-        if self._worker is worker:
-            self._worker = None
-
-    def before_admit(self, task: Task[Any, Any], request: Request) -> None:
-        """The task is in flight from now until it is settled."""
-        self._admitted[request.id] = task.name
+        """The worker has stopped: no children, nothing in flight any more."""
+        with self._lock:
+            if self._worker is worker:
+                self._worker = None
 
     def after_settle(self, settled: Settled) -> None:
         """Count the outcome; time the run, and the wait before it."""
         task, envelope = settled.task, settled.envelope
         name = UNREGISTERED if task is None else task.name
-        if envelope is not None:
-            self._admitted.pop(envelope.id, None)
-        counter = self._counts.get((name, settled.outcome))
-        if counter is None:
-            counter = self._count(name, settled.outcome)
-        counter.inc()
-        if settled.dead_letter is not None:
-            category = DeadLetterReason.of(settled.dead_letter)
-            self._dead.labels(name, "other" if category is None else category.value).inc()
-        took = settled.took
-        if took is None:
-            return
-        times = self._times.get(name)
-        if times is None:
-            times = self._times[name] = (self._run.labels(name), self._wait.labels(name))
-        times[0].observe(took)
-        started = settled.started_at
-        if envelope is not None and started is not None and envelope.sent_at:
-            due = envelope.sent_at if envelope.eta is None else max(envelope.sent_at, envelope.eta)
-            # Clocks of different machines may disagree: a wait is never negative.
-            times[1].observe(max(0.0, started - due))
-
-    def _count(self, name: str, outcome: str) -> Any:
-        counter = self._counts[name, outcome] = self._tasks.labels(name, outcome)
-        return counter
-
-    def in_flight(self) -> dict[str, int]:
-        """Tasks admitted and not yet settled, by task name."""
-        # list() copies in one step under the GIL: the worker may add or remove meanwhile.
-        return collections.Counter(list(self._admitted.values()))
+        took, started = settled.took, settled.started_at
+        with self._lock:
+            key = (name, settled.outcome)
+            counts = self._counts
+            counts[key] = counts.get(key, 0) + 1
+            if settled.dead_letter is not None:
+                category = DeadLetterReason.of(settled.dead_letter)
+                dead = (name, "other" if category is None else category.value)
+                self._dead[dead] = self._dead.get(dead, 0) + 1
+            if took is None:
+                return
+            times = self._times.get(name)
+            if times is None:
+                times = self._times[name] = _Times(len(self.buckets))
+            times.run[bisect.bisect_left(self.buckets, took)] += 1
+            times.run_sum += took
+            if envelope is not None and started is not None and envelope.sent_at:
+                eta = envelope.eta
+                due = envelope.sent_at if eta is None or eta < envelope.sent_at else eta
+                # Clocks of different machines may disagree: a wait is never negative.
+                wait = started - due if started > due else 0.0
+                times.wait[bisect.bisect_left(self.buckets, wait)] += 1
+                times.wait_sum += wait
 
 
-class _WorkerCollector(Collector):
-    """The metrics read from the worker when Prometheus scrapes."""
+class _Collector(Collector):
+    """The middleware's counts as Prometheus metrics, and the gauges read from the worker."""
 
     def __init__(self, middleware: PrometheusMiddleware) -> None:
         self._middleware = middleware
 
     def collect(self) -> Iterator[Any]:
-        middleware = self._middleware
-        in_flight = GaugeMetricFamily(
-            "conveyor_tasks_in_flight",
-            "Tasks admitted by this worker and not yet settled (running or about to run).",
+        m = self._middleware
+        with m._lock:
+            counts = sorted(m._counts.items())
+            dead = sorted(m._dead.items())
+            times = sorted((name, _copy(t)) for name, t in m._times.items())
+            worker = m._worker
+        tasks = CounterMetricFamily(
+            "conveyor_tasks",
+            "Deliveries settled by this worker, by task and outcome.",
+            labels=["task", "outcome"],
+        )
+        for labels, value in counts:
+            tasks.add_metric(labels, value)
+        yield tasks
+        dead_lettered = CounterMetricFamily(
+            "conveyor_tasks_dead_lettered",
+            "Messages this worker dead-lettered, by task and the reason's category.",
+            labels=["task", "reason"],
+        )
+        for labels, value in dead:
+            dead_lettered.add_metric(labels, value)
+        yield dead_lettered
+        run = HistogramMetricFamily(
+            "conveyor_task_run_seconds",
+            "Seconds each run took, measured in the process that ran it.",
             labels=["task"],
         )
-        for name, count in sorted(middleware.in_flight().items()):
-            in_flight.add_metric([name], count)
+        wait = HistogramMetricFamily(
+            "conveyor_task_wait_seconds",
+            "Seconds from a task's send (or its due time, for a delayed one) to its run's start.",
+            labels=["task"],
+        )
+        bounds = [*(repr(b) for b in m.buckets), "+Inf"]
+        for name, t in times:
+            run.add_metric([name], _cumulative(bounds, t.run), t.run_sum)
+            wait.add_metric([name], _cumulative(bounds, t.wait), t.wait_sum)
+        yield run
+        yield wait
+        in_flight = GaugeMetricFamily(
+            "conveyor_tasks_in_flight",
+            "Tasks this worker took and has not settled: running, or waiting in the pool.",
+            labels=["task"],
+        )
+        for name, value in sorted((worker.in_flight() if worker is not None else {}).items()):
+            in_flight.add_metric([name], value)
         yield in_flight
-        worker = middleware._worker
         pool = None if worker is None else worker.pool
         yield GaugeMetricFamily(
             "conveyor_worker_children",
@@ -207,6 +234,22 @@ class _WorkerCollector(Collector):
             "(a content type or header no worker reads, a body over the size limit).",
             value=0 if broker is None else broker.refused,
         )
+
+
+def _copy(times: _Times) -> _Times:
+    copy = _Times(0)
+    copy.run, copy.run_sum = list(times.run), times.run_sum
+    copy.wait, copy.wait_sum = list(times.wait), times.wait_sum
+    return copy
+
+
+def _cumulative(bounds: list[str], counts: list[int]) -> list[tuple[str, float]]:
+    total = 0
+    out: list[tuple[str, float]] = []
+    for bound, count in zip(bounds, counts, strict=True):
+        total += count
+        out.append((bound, total))
+    return out
 
 
 def metrics_of(middleware: Sequence[object]) -> PrometheusMiddleware | None:

@@ -228,6 +228,16 @@ class Consumer:
         """Jobs running now."""
         return len(self._running)
 
+    def in_flight(self) -> dict[str, int]:
+        """Jobs running or waiting in the pool, by task name; from any thread."""
+        with self._lock:
+            jobs = list(self._running)
+        counts: dict[str, int] = {}
+        for job in jobs:
+            name = job.task.name
+            counts[name] = counts.get(name, 0) + 1
+        return counts
+
     # I/O
 
     async def _call(self, fn: Callable[..., T], *args: Any) -> T:

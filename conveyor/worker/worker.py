@@ -82,6 +82,12 @@ class Worker:
             runner.run(self._main())
         return self.stats
 
+    def in_flight(self) -> dict[str, int]:
+        """Tasks taken and not yet settled (running, or waiting in the pool), by task name;
+        from any thread."""
+        consumer = self._consumer
+        return {} if consumer is None else consumer.in_flight()
+
     def stop(self) -> None:
         """Ask for a shutdown from any thread; a second call makes it cold."""
         if self._loop is not None:

@@ -366,3 +366,31 @@ def test_retry_error_type_is_not_a_label() -> None:
     )
     labels = {name for f in metrics.registry.collect() for s in f.samples for name in s.labels}
     assert labels <= {"task", "outcome", "reason", "le"}
+
+
+def test_histograms_count_each_time_in_its_bucket() -> None:
+    metrics = PrometheusMiddleware(buckets=[0.001, 0.1, 1.0])
+    sent = 1_000.0
+    envelope = Envelope(id="c" * 32, task="t", queue="q", sent_at=sent)
+    for took, waited in [(0.0005, 0.0), (0.001, 0.05), (0.5, 0.5), (7.0, 30.0)]:
+        metrics.after_settle(
+            Settled("succeeded", "q", envelope, None, took=took, started_at=sent + waited)
+        )
+    late = Envelope(id="d" * 32, task="t", queue="q", sent_at=sent, eta=sent + 60)
+    metrics.after_settle(Settled("succeeded", "q", late, None, took=0.0, started_at=sent + 59))
+    task = "(unregistered)"
+    run = [sample(metrics, "conveyor_task_run_seconds_bucket", task=task, le=le) for le in
+           ("0.001", "0.1", "1.0", "+Inf")]  # fmt: skip
+    assert run == [3, 3, 4, 5]
+    wait = [sample(metrics, "conveyor_task_wait_seconds_bucket", task=task, le=le) for le in
+            ("0.001", "0.1", "1.0", "+Inf")]  # fmt: skip
+    assert wait == [2, 3, 4, 5]  # the delayed one waited from its due time: not at all
+    assert sample(metrics, "conveyor_task_run_seconds_sum", task=task) == pytest.approx(7.5015)
+    assert sample(metrics, "conveyor_task_wait_seconds_count", task=task) == 5
+
+
+def test_buckets_must_be_seconds() -> None:
+    with pytest.raises(ConfigurationError, match="buckets"):
+        PrometheusMiddleware(buckets=[-1.0, 1.0])
+    with pytest.raises(ConfigurationError, match="buckets"):
+        PrometheusMiddleware(buckets=[])
