@@ -262,3 +262,29 @@ def test_rabbitmq_reconnections_are_counted() -> None:
     finally:
         broker.close()
         delete_rabbitmq_queues(queue)
+
+
+def test_cli_port_in_use_is_one_line_and_exit_status_1(tmp_path: Path) -> None:
+    (tmp_path / "metrics_app.py").write_text(APP_SOURCE.format(db=tmp_path / "q.db"))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CONVEYOR_")}
+    env["CONVEYOR_METRICS_HOST"] = "127.0.0.1"
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = subprocess.run(
+            [sys.executable, "-m", "conveyor", "worker", "metrics_app:app",
+             "--metrics-port", str(port)],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )  # fmt: skip
+    assert proc.returncode == 1
+    assert proc.stderr == (
+        f"Error: cannot serve metrics on 127.0.0.1:{port}: Address already in use; choose "
+        "another metrics port (--metrics-port, or the metrics_port setting), or 0 for any "
+        "free one\n"
+    )
