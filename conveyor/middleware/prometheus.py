@@ -105,8 +105,8 @@ class PrometheusMiddleware(Middleware):
         *,
         buckets: Sequence[float] = BUCKETS,
     ) -> None:
-        bounds = sorted(float(b) for b in buckets if b != math.inf)
-        if not bounds or bounds[0] < 0:
+        bounds = sorted({float(b) for b in buckets} - {math.inf})
+        if not bounds or bounds[0] < 0 or any(math.isnan(b) for b in bounds):
             raise ConfigurationError(
                 f"PrometheusMiddleware: buckets must be upper bounds in seconds, at least one "
                 f"and none negative, not {list(buckets)!r}"

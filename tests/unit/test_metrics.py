@@ -394,3 +394,6 @@ def test_buckets_must_be_seconds() -> None:
         PrometheusMiddleware(buckets=[-1.0, 1.0])
     with pytest.raises(ConfigurationError, match="buckets"):
         PrometheusMiddleware(buckets=[])
+    with pytest.raises(ConfigurationError, match="buckets"):
+        PrometheusMiddleware(buckets=[1.0, float("nan")])
+    assert PrometheusMiddleware(buckets=[2, 1, 1, float("inf")]).buckets == (1.0, 2.0)
