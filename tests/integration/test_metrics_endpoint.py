@@ -199,7 +199,8 @@ def test_failures_retries_and_dead_letters_are_counted(make_app: MakeApp, pool: 
         boom.delay()
     again.delay()
     ok.delay()
-    worker = Worker(app, pool=pool, concurrency=2, metrics_port=0, until_empty=True)
+    # Not until_empty: the endpoint closes with the worker, and the test scrapes it first.
+    worker = Worker(app, pool=pool, concurrency=2, metrics_port=0)
     thread, errors = start_worker(worker)
     samples: Samples | None = None
 
@@ -207,7 +208,11 @@ def test_failures_retries_and_dead_letters_are_counted(make_app: MakeApp, pool: 
         nonlocal samples
         assert worker.metrics is not None
         samples = scrape_or_none(worker.metrics.port)
-        return count(samples, "again", "failed") == 1 and count(samples, "ok", "succeeded") == 1
+        return (
+            count(samples, "again", "failed") == 1
+            and count(samples, "ok", "succeeded") == 1
+            and count(samples, "boom", "failed") == 3
+        )
 
     try:
         wait_for(lambda: worker.metrics is not None, timeout=30)
