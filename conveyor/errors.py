@@ -12,6 +12,7 @@ ConveyorError
 ├── ArgumentError               arguments do not fit the task's signature (also a TypeError)
 ├── TaskError
 │   ├── TaskFailed              Result.get() of a task that failed
+│   ├── TaskRevoked             Result.get() of a task that was revoked
 │   ├── TaskExpired             the task's `expires` passed before it ran
 │   ├── TaskSkipped             a middleware's before_admit said not to run it (raised there)
 │   ├── MaxRetriesExceeded      a retry was asked for after the last try
@@ -100,6 +101,19 @@ class TaskFailed(TaskError):
         self.type_name = type_name
         self.message = message
         self.traceback = traceback
+
+
+class TaskRevoked(TaskError):
+    """`Result.get()` of a task that was revoked: a worker skipped it, or stopped it running
+    (`revoke --terminate`)."""
+
+    def __init__(self, task_id: str, message: str) -> None:
+        super().__init__(f"task {task_id} was revoked: {message}")
+        self.task_id = task_id
+        self.message = message
+
+    def __reduce__(self) -> tuple[type[TaskRevoked], tuple[str, str]]:
+        return (type(self), (self.task_id, self.message))
 
 
 class TaskExpired(TaskError):

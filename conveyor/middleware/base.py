@@ -69,9 +69,9 @@ Outcome = Literal[
     "rejected",
     "expired",
     "skipped",
+    "revoked",
     "released",
     "abandoned",
-    "revoked",
 ]
 
 
@@ -85,12 +85,12 @@ class Settled(msgspec.Struct, frozen=True):
     dead-lettered); `lost` ones (the prefork child died) go back to the broker; `rejected`
     messages (undecodable, unknown task, bad arguments, poison) are dead-lettered without running;
     `expired` and `skipped` ones (`TaskSkipped` from `before_admit`) are acknowledged without
-    running; `revoked` ones are settled without running because they were revoked. `released`
-    ones go back to the broker unfinished: running or waiting in the pool at a shutdown that
-    gave up on them, or admitted but not started because acknowledging them first failed.
-    `abandoned` ones were running at such a shutdown with acks_late=False: acknowledged before
-    they ran, nothing goes back, and how they end is not known. Every delivery the worker took
-    is told here exactly once, so what `before_admit` saw minus what settled is in flight.
+    running; `revoked` ones (`conveyor revoke`) are acknowledged without running, or after their
+    run was stopped (`--terminate`; then `took` is set). `released` ones go back to the broker
+    unfinished: running or waiting in the pool at a shutdown that gave up on them, or admitted
+    but not started because acknowledging them first failed. `abandoned` ones were running at
+    such a shutdown with acks_late=False: acknowledged before they ran, nothing goes back, and
+    how they end is not known. Every delivery the worker took is told here exactly once.
     """
 
     outcome: Outcome

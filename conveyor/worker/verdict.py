@@ -27,6 +27,7 @@ Counter = Literal[
     "expired",
     "skipped",
     "lost",
+    "revoked",
     "released",
     "abandoned",
 ]
@@ -77,6 +78,8 @@ class WorkerStats:
     expired: int = 0
     skipped: int = 0
     """Deliveries a middleware's `before_admit` skipped (`TaskSkipped`): acknowledged unrun."""
+    revoked: int = 0
+    """Tasks revoked (`conveyor revoke`): skipped, or stopped while running; acknowledged."""
     released: int = 0
     """Messages given back unfinished at a shutdown that gave up on them, or not started
     because acknowledging them before their run failed (the broker delivers them again)."""
@@ -92,9 +95,16 @@ class WorkerStats:
 
     @property
     def finished(self) -> int:
-        """Tasks that reached their end: succeeded, failed for good, rejected, expired or
-        skipped."""
-        return self.succeeded + self.failed + self.rejected + self.expired + self.skipped
+        """Tasks that reached their end: succeeded, failed for good, rejected, expired,
+        skipped or revoked."""
+        return (
+            self.succeeded
+            + self.failed
+            + self.rejected
+            + self.expired
+            + self.skipped
+            + self.revoked
+        )
 
     def count(self, counters: tuple[Counter, ...]) -> None:
         """Add one to each of `counters` (a verdict's)."""

@@ -14,10 +14,14 @@ import threading
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+from conveyor import fleet, revocations
 from conveyor.app import Conveyor
+from conveyor.control.beacon import Beacon
 from conveyor.middleware.hooks import call
 from conveyor.middleware.signals import worker_hooks
 from conveyor.redact import redact_url
+from conveyor.revocations import no_store
+from conveyor.revocations.watch import RevocationWatch
 from conveyor.worker import pools
 from conveyor.worker.consumer import Consumer
 from conveyor.worker.loops import choose
@@ -48,6 +52,7 @@ class Worker:
         task_log: TaskLogMode | None = None,
         loop: str | None = None,
         metrics_port: int | None = None,
+        events: bool | None = None,
     ) -> None:
         settings = app.settings
         self.app = app
@@ -68,6 +73,8 @@ class Worker:
         self.metrics: MetricsEndpoint | None = None
         #: The pool while the worker runs.
         self.pool: Pool | None = None
+        #: Publish task events and heartbeats from the start, not only while a reader asks.
+        self.events = settings.events if events is None else events
         self.stats = WorkerStats()
         self.started = threading.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -87,6 +94,11 @@ class Worker:
         from any thread."""
         consumer = self._consumer
         return {} if consumer is None else consumer.in_flight()
+
+    @property
+    def event_loop(self) -> asyncio.AbstractEventLoop | None:
+        """The loop the worker runs on, while it runs."""
+        return self._loop
 
     def stop(self) -> None:
         """Ask for a shutdown from any thread; a second call makes it cold."""
@@ -149,18 +161,27 @@ class Worker:
         if self.metrics is not None:
             self.metrics.start()
             log.info("serving metrics on %s:%d", self.metrics.host, self.metrics.port)
+        # After the fork of the pool's zygote: no child inherits the store's connection.
+        watch = await _watch_revocations(app, consumer)
+        beacon = Beacon(self, consumer, pool, always=self.events)
+        beacon.start()  # after the pool: its thread is never in a fork
         installed = self._install_signals()
         call(app.hooks.worker_start, "worker_start", self)
         self.started.set()
+        watching = None if watch is None else asyncio.create_task(watch.run())
         try:
             await consumer.run()
         finally:
+            if watching is not None and watch is not None:
+                watching.cancel()
+                watch.close()
             loop = asyncio.get_running_loop()
             for sig in installed:
                 loop.remove_signal_handler(sig)
             await pool.stop()
             if self.pool_name != "prefork":  # this process ran the tasks
                 call(app.hooks.process_stop, "process_stop")
+            beacon.stop()  # bounded: it publishes what is left, then lets go
             call(app.hooks.worker_stop, "worker_stop", self)
             # Connections the tasks opened in this process (a prefork child closes its own).
             self.app.resources.close_all()
@@ -262,3 +283,22 @@ class Worker:
         if self._consumer is not None and self._consumer.running:
             log.warning("shutdown grace over: giving %d running tasks back", self._consumer.running)
             self._consumer.abandon()
+
+
+async def _watch_revocations(app: Conveyor, consumer: Consumer) -> RevocationWatch | None:
+    """Load the revocations before the first fetch, and the watch that keeps up with them;
+    None (said once) when the app has no store for them."""
+    url = fleet.store_url(app.settings, memory=True)
+    if url is None:
+        log.info("revocations are not checked: %s", no_store())
+        return None
+    try:
+        # A store of the worker's own, closed when it stops (an in-memory one is the app's).
+        store = app.revocations if url.startswith("memory:") else revocations.from_url(url)
+    except Exception as exc:  # a store URL that cannot be used: the worker runs without
+        log.error("revocations are not checked: %s", exc)
+        return None
+    assert store is not None
+    watch = RevocationWatch(store, consumer.revoke, owned=not url.startswith("memory:"))
+    await watch.load()
+    return watch

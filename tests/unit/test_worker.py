@@ -358,20 +358,31 @@ def _pushing(app: Conveyor, count: int) -> tuple[Consumer, _Submits, list[str]]:
     return consumer, pool, ids
 
 
-def test_a_message_pushed_to_an_idle_worker_starts_at_once_and_its_started_record_follows() -> None:
+def test_a_message_pushed_to_an_idle_worker_starts_at_once_and_its_started_record_follows(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """No loop turn between a push and its start on an idle worker; the round that writes its
-    STARTED record comes STARTED_DELAY_S later, not at once (it would compete with the start)."""
+    STARTED record comes STARTED_DELAY_S later, not at once (it would compete with the start).
+    The delay is stretched here so that a busy machine cannot blur the order."""
     from conveyor.worker import consumer as module
+
+    delay = 0.2
+    monkeypatch.setattr(module, "STARTED_DELAY_S", delay)
 
     async def scenario() -> None:
         consumer, pool, ids = _pushing(memory_app(), 1)
+        pushed = time.monotonic()
         consumer._pushed()
         assert pool.given == ids, "started within the push"
         assert consumer._pending.records and not consumer._woken
-        await asyncio.sleep(module.STARTED_DELAY_S / 2)
-        assert not consumer._woken
-        await asyncio.sleep(module.STARTED_DELAY_S * 2)
+        for _ in range(3):
+            await asyncio.sleep(0)
+        assert not consumer._woken, "not at once"
+        deadline = pushed + 30
+        while not consumer._woken and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
         assert consumer._woken, "a round writes the STARTED record"
+        assert time.monotonic() - pushed >= delay
 
     asyncio.run(scenario())
 
