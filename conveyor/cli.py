@@ -128,6 +128,11 @@ def main() -> None:
     "--quiet-tasks", is_flag=True, help="Log nothing about tasks that succeed (failures still)."
 )
 @click.option(
+    "--metrics-port",
+    type=click.IntRange(0, 65535),
+    help="Serve Prometheus metrics on this port (conveyor[prometheus]; docs/metrics.md).",
+)
+@click.option(
     "--events",
     "with_events",
     is_flag=True,
@@ -156,6 +161,7 @@ def worker(
     log_config: str | None,
     log_each_task: bool,
     quiet_tasks: bool,
+    metrics_port: int | None,
     with_events: bool | None,
     with_scheduler: bool,
 ) -> None:
@@ -187,6 +193,7 @@ def worker(
         max_memory_per_child=max_memory_per_child,
         task_log="each" if log_each_task else "quiet" if quiet_tasks else None,
         loop=loop,
+        metrics_port=metrics_port,
         events=with_events,
     )
     scheduler = _start_scheduler(app, running.started) if with_scheduler else None

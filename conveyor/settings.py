@@ -106,6 +106,12 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     is installed. Only the worker's own process; prefork children are not affected."""
     shutdown_grace: Annotated[float, msgspec.Meta(ge=0)] = 30.0
     """Seconds a warm shutdown waits for running tasks before releasing them."""
+    metrics_port: Annotated[int, msgspec.Meta(ge=0, le=65535)] | None = None
+    """Serve Prometheus metrics on this port from each worker (`conveyor[prometheus]`); 0 for
+    any free port. Unset: no endpoint. See docs/metrics.md."""
+    metrics_host: str = "0.0.0.0"
+    """The address the metrics endpoint listens on: all interfaces by default, where Prometheus
+    can reach it; `127.0.0.1` for this machine only."""
     log_level: str = "INFO"
     task_log: Literal["auto", "each", "quiet"] = "auto"
     """What a worker logs at INFO about tasks that succeed: auto, a line each while at most 10

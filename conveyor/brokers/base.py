@@ -122,6 +122,9 @@ class Broker(abc.ABC):
     #: type or header no worker reads, a body over the size limit. Workers add them to their
     #: counts of dead letters.
     refused: int = 0
+    #: Connections opened again after the one this broker used was lost or closed (RabbitMQ);
+    #: 0 for a broker without a connection. Never decreases.
+    reconnects: int = 0
 
     # producer side
 

@@ -11,6 +11,7 @@ keeps per hook only the middleware that override it (`conveyor.middleware.hooks`
     before_run      the one that runs the task      the task is about to run (a prefork child)
     after_run       the one that runs the task      the task returned or raised
     after_settle    the worker's (it acks)          the message's fate is decided
+    process_stop    each process that runs tasks    after its last task (a prefork child)
     worker_stop     the worker's                    the pool has stopped
 
 Every hook but `before_send` is isolated: what it raises is logged with the middleware's name and
@@ -41,6 +42,7 @@ HOOK_NAMES = (
     "before_run",
     "after_run",
     "after_settle",
+    "process_stop",
     "worker_stop",
 )
 
@@ -60,20 +62,35 @@ class RunOutcome:
 
 
 Outcome = Literal[
-    "succeeded", "failed", "retried", "lost", "rejected", "expired", "skipped", "revoked"
+    "succeeded",
+    "failed",
+    "retried",
+    "lost",
+    "rejected",
+    "expired",
+    "skipped",
+    "revoked",
+    "released",
+    "abandoned",
 ]
 
 
-@dataclass(frozen=True, slots=True)
-class Settled:
+class Settled(msgspec.Struct, frozen=True):
     """What became of a delivery, as `after_settle` sees it in the worker's process.
+
+    A frozen struct rather than a dataclass: one is made per delivery while any middleware
+    has `after_settle`, and a frozen dataclass of these fields takes ten times as long to make.
 
     `succeeded`, `failed` and `retried` runs are acknowledged (a failure out of retries is
     dead-lettered); `lost` ones (the prefork child died) go back to the broker; `rejected`
     messages (undecodable, unknown task, bad arguments, poison) are dead-lettered without running;
     `expired` and `skipped` ones (`TaskSkipped` from `before_admit`) are acknowledged without
     running; `revoked` ones (`conveyor revoke`) are acknowledged without running, or after their
-    run was stopped (`--terminate`; then `took` is set).
+    run was stopped (`--terminate`; then `took` is set). `released` ones go back to the broker
+    unfinished: running or waiting in the pool at a shutdown that gave up on them, or admitted
+    but not started because acknowledging them first failed. `abandoned` ones were running at
+    such a shutdown with acks_late=False: acknowledged before they ran, nothing goes back, and
+    how they end is not known. Every delivery the worker took is told here exactly once.
     """
 
     outcome: Outcome
@@ -88,6 +105,9 @@ class Settled:
     """The reason the message was dead-lettered, if it was."""
     took: float | None = None
     """Seconds the task ran, measured where it ran; None when it did not run."""
+    started_at: float | None = None
+    """When the run started (epoch seconds, the clock of the process that ran it); None when
+    it did not run."""
 
 
 class Middleware:
@@ -134,6 +154,10 @@ class Middleware:
     def after_settle(self, settled: Settled) -> None:
         """What becomes of a delivery is decided (the worker's process, under its lock: keep
         it short). The broker's ack or dead-lettering follows in the worker's next I/O round."""
+
+    def process_stop(self) -> None:
+        """A process that ran tasks runs no more: flush what it buffered (a prefork child
+        exits without running `atexit` functions)."""
 
     def worker_stop(self, worker: Worker) -> None:
         """The worker's pool has stopped; nothing runs any more."""

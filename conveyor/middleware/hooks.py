@@ -35,6 +35,7 @@ class Hooks:
     before_run: tuple[Hook, ...]
     after_run: tuple[Hook, ...]
     after_settle: tuple[Hook, ...]
+    process_stop: tuple[Hook, ...]
     worker_stop: tuple[Hook, ...]
 
     def __init__(self, middleware: Sequence[object] = ()) -> None:

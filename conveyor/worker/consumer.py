@@ -39,7 +39,7 @@ from conveyor.worker.admission import AdmissionPolicy
 from conveyor.worker.execution import Job, Outcome, request_for
 from conveyor.worker.pools.base import Pool
 from conveyor.worker.rounds import settle_and_fetch, settle_and_fetch_async
-from conveyor.worker.settlement import Records, SettlementPolicy
+from conveyor.worker.settlement import UNSTARTED, Records, SettlementPolicy
 from conveyor.worker.tasklog import TaskLog
 from conveyor.worker.verdict import Settlements, Verdict, WorkerStats
 
@@ -226,17 +226,26 @@ class Consumer:
         with self._lock:
             self._stopping = True
             # acks_late=False messages were acknowledged before they ran: nothing to give back.
-            released = [job.delivery for job in self._running if job.task.options.acks_late]
-            self._pending.release += released
-            self.stats.released += len(released)
-            self._abandoned |= self._running
-            self._running = set()
+            running, self._running = self._running, set()
+            self._abandoned |= running
+            for job in running:
+                self._apply(job.delivery, self._settlement.abandoned(job), job)
         self._wake()
 
     @property
     def running(self) -> int:
         """Jobs running now."""
         return len(self._running)
+
+    def in_flight(self) -> dict[str, int]:
+        """Jobs running or waiting in the pool, by task name; from any thread."""
+        with self._lock:
+            jobs = list(self._running)
+        counts: dict[str, int] = {}
+        for job in jobs:
+            name = job.task.name
+            counts[name] = counts.get(name, 0) + 1
+        return counts
 
     def jobs(self) -> list[Job]:
         """The jobs submitted to the pool and not yet settled, from any thread."""
@@ -484,6 +493,9 @@ class Consumer:
         log.error(
             "could not acknowledge %d tasks before running them: %s", len(jobs) - len(late), exc
         )
+        for job in jobs:
+            if not job.task.options.acks_late:
+                self._apply(job.delivery, UNSTARTED, job)
         return late
 
     def _start(self, jobs: list[Job]) -> None:
@@ -550,6 +562,7 @@ class Consumer:
         if task is None and envelope is not None:
             task = self.app.tasks.get(envelope.task)
         record = verdict.record
+        ran = outcome if verdict.finished is not None else None
         error_type = outcome.error_type if outcome is not None else None
         error_message = outcome.error_message if outcome is not None else None
         if error_type is None and record is not None:
@@ -562,7 +575,8 @@ class Consumer:
             error_type=error_type,
             error_message=error_message if error_message is not None else verdict.dead,
             dead_letter=verdict.dead,
-            took=None if outcome is None or verdict.finished is None else outcome.took,
+            took=None if ran is None else ran.took,
+            started_at=None if ran is None else ran.finished_at - ran.took,
         )
 
     # with a broker attached to the loop (RabbitMQ): a finished task's ack, and a pushed

@@ -45,6 +45,12 @@ _NULL = msgspec.Raw(b"null")
 # The verdicts of a success when nothing is recorded: the same every time, so shared.
 _SUCCEEDED = Verdict(("succeeded",), "succeeded")
 _SUCCEEDED_ACK = Verdict(("succeeded",), "succeeded", ack=True)
+#: A job given up at shutdown: its message goes back, or, acknowledged before it ran, is gone.
+_RELEASED = Verdict(("released",), release=True)
+_ABANDONED = Verdict(("abandoned",))
+#: A job admitted but never started, whose message the broker still holds (the acknowledgement
+#: it needed first failed): nothing to do, the broker delivers it again.
+UNSTARTED = Verdict(("released",))
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,6 +181,10 @@ class SettlementPolicy:
             record=self.records.of(env, State.FAILURE, outcome=failure),
             log=(logging.ERROR, "task %s[%s] failed: %s", (env.task, env.id, reason)),
         )
+
+    def abandoned(self, job: Job) -> Verdict:
+        """A job still running (or waiting in the pool) when a shutdown gives up on it."""
+        return _RELEASED if job.task.options.acks_late else _ABANDONED
 
     def _lost(self, job: Job, outcome: Outcome) -> Verdict:
         env = job.envelope

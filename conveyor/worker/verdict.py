@@ -28,6 +28,8 @@ Counter = Literal[
     "skipped",
     "lost",
     "revoked",
+    "released",
+    "abandoned",
 ]
 #: A log line to write: level, format, arguments (formatted by logging, as ever).
 LogLine = tuple[int, str, tuple[object, ...]]
@@ -79,7 +81,11 @@ class WorkerStats:
     revoked: int = 0
     """Tasks revoked (`conveyor revoke`): skipped, or stopped while running; acknowledged."""
     released: int = 0
-    """Messages given back unfinished at shutdown."""
+    """Messages given back unfinished at a shutdown that gave up on them, or not started
+    because acknowledging them before their run failed (the broker delivers them again)."""
+    abandoned: int = 0
+    """Tasks with acks_late=False still running when a shutdown gave up on them: acknowledged
+    before they ran, so nothing went back, and how they ended is not known."""
     lost: int = 0
     """Tasks whose process died while running them (prefork): their messages went back, counted
     toward the poison limit, unless acks_late=False had acknowledged them before they ran."""

@@ -12,6 +12,7 @@ import logging
 import signal
 import threading
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from conveyor import fleet, revocations
 from conveyor.app import Conveyor
@@ -26,6 +27,10 @@ from conveyor.worker.consumer import Consumer
 from conveyor.worker.loops import choose
 from conveyor.worker.tasklog import TaskLog, TaskLogMode
 from conveyor.worker.verdict import WorkerStats
+
+if TYPE_CHECKING:
+    from conveyor.middleware.prometheus import MetricsEndpoint
+    from conveyor.worker.pools.base import Pool
 
 log = logging.getLogger("conveyor.worker")
 
@@ -46,6 +51,7 @@ class Worker:
         max_memory_per_child: int | None = None,
         task_log: TaskLogMode | None = None,
         loop: str | None = None,
+        metrics_port: int | None = None,
         events: bool | None = None,
     ) -> None:
         settings = app.settings
@@ -61,6 +67,12 @@ class Worker:
         #: The event loop the worker runs on, "asyncio" or "uvloop" (`loop`: auto, asyncio or
         #: uvloop; auto is uvloop when it is installed).
         self.loop_name, self._loop_factory = choose(loop or settings.loop)
+        #: Serve Prometheus metrics on this port (0: any free one); None for no endpoint.
+        self.metrics_port = settings.metrics_port if metrics_port is None else metrics_port
+        #: The metrics endpoint while the worker runs, when it serves one (its `port` is bound).
+        self.metrics: MetricsEndpoint | None = None
+        #: The pool while the worker runs.
+        self.pool: Pool | None = None
         #: Publish task events and heartbeats from the start, not only while a reader asks.
         self.events = settings.events if events is None else events
         self.stats = WorkerStats()
@@ -77,6 +89,12 @@ class Worker:
             runner.run(self._main())
         return self.stats
 
+    def in_flight(self) -> dict[str, int]:
+        """Tasks taken and not yet settled (running, or waiting in the pool), by task name;
+        from any thread."""
+        consumer = self._consumer
+        return {} if consumer is None else consumer.in_flight()
+
     @property
     def event_loop(self) -> asyncio.AbstractEventLoop | None:
         """The loop the worker runs on, while it runs."""
@@ -89,10 +107,19 @@ class Worker:
 
     async def _main(self) -> None:
         self._loop = asyncio.get_running_loop()
-        # Before the pool starts: prefork children are forked with the hooks worked out here.
+        # Before the pool starts: prefork children are forked with the hooks worked out here,
+        # and a metrics port in use stops the worker before it forks or takes anything.
+        middleware = self._serve_metrics()
+        try:
+            await self._work(middleware)
+        finally:
+            if self.metrics is not None:
+                self.metrics.close()
+
+    async def _work(self, middleware: list[object]) -> None:
         app = self.app
-        app.hooks = worker_hooks(app.middleware)
-        pool = pools.create(
+        app.hooks = worker_hooks(middleware)
+        pool = self.pool = pools.create(
             self.pool_name,
             self.concurrency,
             app=self.app,
@@ -126,11 +153,14 @@ class Worker:
                 )
             for hook in self.app.process_start_hooks:  # this process runs the tasks
                 hook()
-            app.hooks = worker_hooks(app.middleware)  # receivers those hooks connected
+            app.hooks = worker_hooks(middleware)  # receivers those hooks connected
             call(app.hooks.process_start, "process_start")
         pool.on_broken = self._on_broken
         consumer.on_fatal = self._on_misconfigured
         await pool.start()
+        if self.metrics is not None:
+            self.metrics.start()
+            log.info("serving metrics on %s:%d", self.metrics.host, self.metrics.port)
         # After the fork of the pool's zygote: no child inherits the store's connection.
         watch = await _watch_revocations(app, consumer)
         beacon = Beacon(self, consumer, pool, always=self.events)
@@ -145,9 +175,12 @@ class Worker:
             if watching is not None and watch is not None:
                 watching.cancel()
                 watch.close()
+            loop = asyncio.get_running_loop()
             for sig in installed:
-                self._loop.remove_signal_handler(sig)
+                loop.remove_signal_handler(sig)
             await pool.stop()
+            if self.pool_name != "prefork":  # this process ran the tasks
+                call(app.hooks.process_stop, "process_stop")
             beacon.stop()  # bounded: it publishes what is left, then lets go
             call(app.hooks.worker_stop, "worker_stop", self)
             # Connections the tasks opened in this process (a prefork child closes its own).
@@ -162,6 +195,29 @@ class Worker:
                 s.dead_lettered,
                 s.released,
             )
+
+    def _serve_metrics(self) -> list[object]:
+        """Bind the metrics endpoint, if the worker serves one; the middleware to run.
+
+        The app's `PrometheusMiddleware` is served if it has one; else this worker counts with
+        one of its own (its hooks all run in this process: prefork children need none).
+        """
+        middleware = list(self.app.middleware)
+        if self.metrics_port is None:
+            return middleware
+        from conveyor.middleware.prometheus import (
+            MetricsEndpoint,
+            PrometheusMiddleware,
+            metrics_of,
+        )
+
+        metrics = metrics_of(middleware)
+        if metrics is None:
+            metrics = PrometheusMiddleware()
+            middleware.append(metrics)
+        host = self.app.settings.metrics_host
+        self.metrics = MetricsEndpoint(metrics.registry, host, self.metrics_port)
+        return middleware
 
     def _warn_about_ack_timeout(self) -> None:
         """A task allowed to run longer than the broker waits for its ack runs twice."""

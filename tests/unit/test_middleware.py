@@ -4,15 +4,24 @@ where it belongs, the task options a middleware declares, and isolation of a rai
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import msgspec
 import pytest
-from middleware_cases import Exploding, Recorder, Scenario, by_hook, check_scenario, read
+from middleware_cases import (
+    Exploding,
+    Recorder,
+    Scenario,
+    by_hook,
+    check_scenario,
+    note,
+    read,
+)
 
-from conveyor import ConfigurationError, Conveyor, Request, Task
+from conveyor import ConfigurationError, Conveyor, Request, Task, Worker
 from conveyor.errors import TaskFailed, TaskSkipped
 from conveyor.message import Envelope, decode
 from conveyor.middleware import Middleware, RunOutcome
@@ -412,3 +421,57 @@ def test_before_admit_can_skip_a_delivery(app: Conveyor, pool: str, tmp_path: Pa
         ("skipped", "TaskSkipped", False)
     ]
     assert broker_is_empty(app)
+
+
+class Lifetimes(Middleware):
+    """Notes where each process that runs tasks starts and stops."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def process_start(self) -> None:
+        note(self.path, "process_start")
+
+    def process_stop(self) -> None:
+        note(self.path, "process_stop")
+
+
+@pytest.mark.parametrize("pool", POOLS)
+def test_every_process_that_ran_tasks_stops_once_after_it_started(
+    app: Conveyor, pool: str, tmp_path: Path
+) -> None:
+    ledger = tmp_path / "lifetimes.jsonl"
+    app.add_middleware(Lifetimes(ledger))
+
+    @app.task
+    def noop() -> None:
+        note(ledger, "ran")
+
+    for _ in range(6):
+        noop.delay()
+    # Prefork children replaced after 2 tasks each: every one of them stops.
+    every = 2 if pool == "prefork" else None
+    worker = Worker(
+        app,
+        pool=pool,
+        concurrency=1 if pool == "solo" else 2,
+        until_empty=True,
+        max_tasks_per_child=every,
+    )
+    stats = worker.run()
+    assert stats.succeeded == 6
+    notes = read(ledger)
+    ran = {n["pid"] for n in notes if n["hook"] == "ran"}
+    starts = {n["pid"] for n in notes if n["hook"] == "process_start"}
+    stops = [n["pid"] for n in notes if n["hook"] == "process_stop"]
+    # A child still starting when the worker stops is killed, and stops nothing; every process
+    # that ran a task (or was up, idle, at the end) stops once, after its start and its tasks.
+    assert ran <= set(stops) <= starts and len(set(stops)) == len(stops)
+    for pid in stops:
+        hooks = [n["hook"] for n in notes if n["pid"] == pid]
+        assert hooks[0] == "process_start" and hooks[-1] == "process_stop"
+        assert set(hooks[1:-1]) <= {"ran"}
+    if pool == "prefork":
+        assert os.getpid() not in stops and len(stops) >= 3
+    else:
+        assert stops == [os.getpid()]

@@ -119,6 +119,7 @@ class RabbitMQBroker(Broker):
         self._channel: aiormq.abc.AbstractChannel | None = None
         self._opening: asyncio.Lock | None = None
         self._generation = 0
+        self._connected = False  # a connection was opened since the last reset
         self._declared: set[str] = set()
         self._consuming: dict[str, str] = {}  # queue -> consumer tag
         self._tags: dict[str, str] = {}  # consumer tag -> queue
@@ -181,6 +182,9 @@ class RabbitMQBroker(Broker):
                     # A failure is reported in the BrokerError below, not also by aiormq.
                     connection = await _aiormq.connect(url)
                     self._connection = self._bridge.held.connection = connection
+                    if self._connected:
+                        self.reconnects += 1
+                    self._connected = True
                 except (OSError, aiormq.exceptions.AMQPError) as exc:
                     raise BrokerError(
                         f"cannot connect to RabbitMQ at {self.display_url}: {redact_text(str(exc))}"

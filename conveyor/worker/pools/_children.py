@@ -434,6 +434,7 @@ def child_main(
     try:
         return _serve(app, options, tasks, results)
     finally:
+        call(app.hooks.process_stop, "process_stop")
         app.resources.close_all()
 
 

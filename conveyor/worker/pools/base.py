@@ -52,6 +52,11 @@ class Pool(abc.ABC):
         """The most `capacity` ever gets."""
         return self.concurrency
 
+    @property
+    def children(self) -> int:
+        """Child processes up and taking tasks: none, but in the prefork pool."""
+        return 0
+
     def free(self, running: int) -> int:
         """How many more jobs can start now, with `running` submitted and not yet done."""
         return self.concurrency - running

@@ -208,6 +208,11 @@ class PreforkPool(Pool):
         return self.concurrency * MAX_DEPTH
 
     @property
+    def children(self) -> int:
+        """Children that reported WORKER_UP and take tasks (not those starting or retiring)."""
+        return len(self._ready_children)
+
+    @property
     def capacity(self) -> int:
         """What the broker may hold out to this worker: a depth's worth of jobs for each child
         that is idle or runs only short tasks, and what it holds for a child running a task not
@@ -671,12 +676,16 @@ class PreforkPool(Pool):
         )
 
     def _lost(self, child: _Child, job: Job) -> Outcome:
+        outcome = self._death(child, job)
+        # The child could not say how long it ran: the worker saw it start (`head_since`).
+        outcome.took = max(self._clock() - child.head_since, 1e-9)
+        return outcome
+
+    def _death(self, child: _Child, job: Job) -> Outcome:
         if child.revoked:
-            outcome = Outcome.revoked(
+            return Outcome.revoked(
                 f"stopped while running: its process (pid {child.pid}) was killed (--terminate)"
             )
-            outcome.took = max(self._clock() - child.head_since, 1e-9)
-            return outcome
         if child.overran:
             limit = job.task.options.time_limit
             error = TimeLimitExceeded(
