@@ -20,7 +20,10 @@ The workers have 2 slots each and late acks, run a no-op task and store no resul
   (the worker's parent process only: prefork children never run its loop), and `conveyor-p3`,
   `-p5`, `-p9` run on asyncio with `Conveyor(..., queue_max_priority=N)`, against `-p9` (the
   default of earlier releases); `conveyor-asyncio` is their 0. `conveyor-events` adds `--events`
-  (task events and heartbeats published all the time, to an exchange no reader is bound to).
+  (task events and heartbeats published all the time, to an exchange no reader is bound to),
+  `conveyor-metrics` adds `--metrics-port 0` (the Prometheus middleware counting every task,
+  its endpoint on a free port, not scraped), and `conveyor-observed` adds both: its throughput
+  against `conveyor`'s is issue 17's cost target (at least 0.9x).
 - Dramatiq: `dramatiq bench_app -p 2 -t 1`, and `-t 8` (2 processes), `RabbitmqBroker` with the
   default middleware; late acks are Dramatiq's default. Its prefetch is 2 per thread.
 - Celery: `celery -A bench_app worker -P prefork -c 2 -l WARNING --without-gossip
@@ -38,7 +41,8 @@ The workers have 2 slots each and late acks, run a no-op task and store no resul
 
 `--modes` chooses what runs (a comma-separated list of modes or groups: `all`, the default;
 `quick`, conveyor and the probe; `peers`; `loops`, the two loop variants; `events`, conveyor
-with and without `--events`; `priorities`, the priority variants and `conveyor-asyncio`). A run
+with and without `--events`; `observability`, conveyor with neither, either and both of
+`--events` and `--metrics-port`; `priorities`, the priority variants and `conveyor-asyncio`). A run
 that leaves out a peer says so in its report; ratios to a peer it did not measure are left
 blank.
 
@@ -121,8 +125,9 @@ class Variant:
     """`conveyor worker --loop`; None: the worker's default (auto)."""
     max_priority: int | None = None
     """`Conveyor(..., queue_max_priority=N)`; None: conveyor's default (none on a new queue)."""
-    events: bool = False
-    """`conveyor worker --events`: task events and heartbeats published all the time."""
+    args: tuple[str, ...] = ()
+    """More of `conveyor worker`'s options: `--events` (task events and heartbeats published
+    all the time), `--metrics-port 0` (the Prometheus middleware, its endpoint on a free port)."""
 
 
 VARIANTS = {
@@ -133,7 +138,11 @@ VARIANTS = {
         f"conveyor-p{n}": Variant(f"conveyor, `--loop asyncio`, x-max-priority {n}", "asyncio", n)
         for n in (3, 5, 9)
     },
-    "conveyor-events": Variant("conveyor, `--events`", events=True),
+    "conveyor-events": Variant("conveyor, `--events`", args=("--events",)),
+    "conveyor-metrics": Variant("conveyor, `--metrics-port`", args=("--metrics-port", "0")),
+    "conveyor-observed": Variant(
+        "conveyor, `--events --metrics-port`", args=("--events", "--metrics-port", "0")
+    ),
 }
 PEERS = ("dramatiq-t1", "dramatiq-t8", "celery")
 PROBE = "parent-dispatch"
@@ -148,6 +157,7 @@ GROUPS = {
     "loops": ("conveyor-asyncio", "conveyor-uvloop"),
     "priorities": ("conveyor-asyncio", "conveyor-p3", "conveyor-p5", "conveyor-p9"),
     "events": ("conveyor", "conveyor-events"),
+    "observability": ("conveyor", "conveyor-events", "conveyor-metrics", "conveyor-observed"),
 }
 LABELS = {
     **{mode: variant.label for mode, variant in VARIANTS.items()},
@@ -160,6 +170,8 @@ DRAMATIQ_TARGET = 2.0
 """conveyor's throughput at least this multiple of Dramatiq's (the faster of its two)."""
 CELERY_TARGET = 4.0
 MEMORY_TARGET = 0.7
+OBSERVED_TARGET = 0.9
+"""conveyor with metrics and events on at least this multiple of itself without them."""
 """conveyor's idle PSS at most this multiple of Dramatiq's (the smaller of its two trees)."""
 SLOTS = 2
 POLL_S = 0.005
@@ -249,7 +261,7 @@ def make_peer(
         command = [str(bin_dir / "conveyor"), "worker", "bench_app:app", "--pool", pool]
         command += ["-c", str(SLOTS), *(["--until-empty"] if until_empty else [])]
         command += ["--loop", variant.loop] if variant.loop else []
-        command += ["--events"] if variant.events else []
+        command += variant.args
         command += conveyor_args
         side = [f"{queue}.dead", *(f"{queue}.delay.{ms}" for ms in BUCKETS_MS)]
         settings = (
@@ -1002,6 +1014,9 @@ VARIANT_PAIRS = (
     ("conveyor-asyncio", "conveyor-p9", "no x-max-priority (the default) ÷ 9, on asyncio"),
     ("conveyor-p3", "conveyor-p9", "x-max-priority 3 ÷ 9, on asyncio"),
     ("conveyor-p5", "conveyor-p9", "x-max-priority 5 ÷ 9, on asyncio"),
+    ("conveyor-events", "conveyor", "events on ÷ off"),
+    ("conveyor-metrics", "conveyor", "metrics on ÷ off"),
+    ("conveyor-observed", "conveyor", "metrics and events on ÷ off"),
 )
 
 
@@ -1071,7 +1086,8 @@ def memory_lines(f: Figures) -> list[str]:
 
 
 def target_lines(f: Figures) -> list[str]:
-    """conveyor's defaults against the targets of issue 16 and the memory target."""
+    """conveyor's defaults against the targets of issue 16 and the memory target, and what
+    metrics and events on cost (issue 17)."""
     lines = ["## Targets", ""]
     if "conveyor" not in f.rate:
         return [*lines, "conveyor with its defaults was not measured in this run.", ""]
@@ -1105,6 +1121,13 @@ def target_lines(f: Figures) -> list[str]:
             f"- Idle memory (PSS), conveyor ÷ {f.label[f.lean]}, the smaller: {value:.2f}x; "
             f"target at most {MEMORY_TARGET:g}x: {verdict}. "
             f"(RSS: {f.rss['conveyor'] / f.rss[f.lean]:.2f}x{against}.)"
+        )
+    if "conveyor-observed" in f.rate:
+        value = f.rate["conveyor-observed"] / f.rate["conveyor"]
+        verdict = "met" if value >= OBSERVED_TARGET else "not met"
+        lines.append(
+            f"- Throughput with metrics and events on ÷ without them (`--events --metrics-port`): "
+            f"{value:.2f}x; target at least {OBSERVED_TARGET:g}x: {verdict}."
         )
     return [*lines, ""]
 
@@ -1192,6 +1215,7 @@ def write_report(
                 "dramatiq": DRAMATIQ_TARGET,
                 "celery": CELERY_TARGET,
                 "memory": MEMORY_TARGET,
+                "observed": OBSERVED_TARGET,
             },
             "runs": runs,
         },

@@ -239,6 +239,15 @@ def worker(s: Summary, f: dict[str, Any]) -> None:
         memory = pss["conveyor"] / pss[lean]
         goal = targets["memory"]
         s.target(f"Idle memory (PSS) ÷ {label[lean]}", memory, f"≤ {goal:g}x", memory <= goal)
+    if "conveyor-observed" in rate and "conveyor" in rate and "observed" in targets:
+        observed = rate["conveyor-observed"] / rate["conveyor"]
+        goal = targets["observed"]
+        s.target(
+            "RabbitMQ processing, metrics and events on ÷ off",
+            observed,
+            f"≥ {goal:g}x",
+            observed >= goal,
+        )
     # conveyor's variants (the worker's loop, the queues' x-max-priority) are in the details.
     shown = [m for m in f.get("modes", list(rate)) if not m.startswith("conveyor-")]
     chart = bars(
