@@ -155,3 +155,14 @@ class Retry(ConveyorError):
         self.countdown = countdown
         self.exc = exc
         self.max_retries = max_retries
+
+
+class MemberFailed(TaskFailed):
+    """A member of a group failed: `GroupResult.get()` says which one by `index`."""
+
+    def __init__(
+        self, index: int, task_id: str, type_name: str, message: str, traceback: str
+    ) -> None:
+        super().__init__(task_id, type_name, message, traceback)
+        self.index = index
+        self.args = (f"group member {index} (task {task_id}) failed: {type_name}: {message}",)

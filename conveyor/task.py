@@ -22,6 +22,7 @@ from conveyor.values import Types, check_arguments
 
 if TYPE_CHECKING:
     from conveyor.app import Conveyor
+    from conveyor.workflows.canvas import Signature
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -279,6 +280,18 @@ class Task(Generic[P, R]):
         envelopes = [self.envelope(args) for args in arguments]
         self.app.send(envelopes)
         return [self._result(e.id) for e in envelopes]
+
+    def s(self, *args: Any, **kwargs: Any) -> Signature[R]:
+        """A signature of this task: in a chain, the previous result is prepended to `args`."""
+        from conveyor.workflows.canvas import Signature
+
+        return Signature(self, args, kwargs)
+
+    def si(self, *args: P.args, **kwargs: P.kwargs) -> Signature[R]:
+        """An immutable signature: it runs with these arguments only, whatever came before."""
+        from conveyor.workflows.canvas import Signature
+
+        return Signature(self, args, kwargs, immutable=True)
 
     def retry(
         self,

@@ -26,6 +26,8 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
+from msgspec import UNSET
+
 from conveyor.app import Conveyor
 from conveyor.brokers import Delivery
 from conveyor.errors import ConfigurationError
@@ -39,6 +41,7 @@ from conveyor.worker.rounds import settle_and_fetch, settle_and_fetch_async
 from conveyor.worker.settlement import Records, SettlementPolicy
 from conveyor.worker.tasklog import TaskLog
 from conveyor.worker.verdict import Settlements, Verdict, WorkerStats
+from conveyor.workflows.plan import Continuations
 
 log = logging.getLogger("conveyor.worker")
 
@@ -94,6 +97,7 @@ class Consumer:
         self._after_settle = app.hooks.after_settle
         self._io = ThreadPoolExecutor(1, thread_name_prefix="conveyor-io")
         self._pending = Settlements()
+        self._follow = Continuations(app)
         self._refused = self.broker.refused
         self._running: set[Job] = set()
         self._abandoned: set[Job] = set()
@@ -251,7 +255,7 @@ class Consumer:
             batch, self._pending = self._pending, Settlements()
             try:
                 deliveries, stale = settle_and_fetch(
-                    self.broker, self.store, self.queues, batch, free
+                    self.broker, self.store, self.queues, batch, free, self._follow
                 )
             except Exception as exc:
                 self._failed(exc)
@@ -277,12 +281,16 @@ class Consumer:
         """
         with self._lock:
             batch, self._pending = self._pending, Settlements()
-        broker, store, queues = self.broker, self.store, self.queues
+        broker, store, queues, follow = self.broker, self.store, self.queues, self._follow
         try:
             if self._native:
-                fetched = await settle_and_fetch_async(broker, store, queues, batch, free, self._io)
+                fetched = await settle_and_fetch_async(
+                    broker, store, queues, batch, free, self._io, follow
+                )
             else:
-                fetched = await self._call(settle_and_fetch, broker, store, queues, batch, free)
+                fetched = await self._call(
+                    settle_and_fetch, broker, store, queues, batch, free, follow
+                )
         except Exception as exc:
             self._failed(exc)
             with self._lock:
@@ -436,10 +444,38 @@ class Consumer:
                         delivery, verdict, admitted, Outcome.failure(skip, with_traceback=False)
                     )
                     continue
+            if admitted.envelope.workflow is not UNSET and not self._claimed(admitted):
+                continue
             jobs.append(admitted)
             if store is not None and (record := started(admitted)) is not None:
                 self._pending.records[record.id] = record
         return jobs, [job.delivery for job in jobs if not job.task.options.acks_late]
+
+    def _claimed(self, job: Job) -> bool:
+        """A workflow-sent message runs if its copy holds the run claim; another copy (sent
+        again by a redelivered predecessor) is acknowledged unrun. Without an answer from the
+        store the message comes back later."""
+        env = job.envelope
+        try:
+            if self._follow.claim(env, time.time() + self._settings.result_expires):
+                return True
+        except Exception as exc:
+            log.error("task %s[%s]: could not claim its run: %s", env.task, env.id, exc)
+            self._apply(job.delivery, Verdict(delay=1.0))
+            return False
+        verdict = Verdict(
+            ("skipped",),
+            ack=True,
+            log=(
+                logging.INFO,
+                "task %s[%s] not run: another copy of it holds the run (sent again by a "
+                "redelivered workflow task)",
+                (env.task, env.id),
+            ),
+            envelope=env,
+        )
+        self._apply(job.delivery, verdict)
+        return False
 
     def _count_refused(self) -> None:
         """Count what the broker dead-lettered on arrival as received and rejected here."""
@@ -544,7 +580,14 @@ class Consumer:
         pending = self._pending
         if not self._on_loop() or not pending.acks or self._stopping:
             return False
-        if pending.records or pending.publish or pending.dead or pending.release or pending.delay:
+        if (
+            pending.records
+            or pending.publish
+            or pending.dead
+            or pending.release
+            or pending.delay
+            or pending.follow
+        ):
             return False  # results are stored before acks: the round keeps that order
         if not self._acking:
             self._acking = True
@@ -556,7 +599,13 @@ class Consumer:
         with self._lock:
             self._acking = False
             pending = self._pending
-            if pending.records or pending.publish or pending.dead or pending.release:
+            if (
+                pending.records
+                or pending.publish
+                or pending.dead
+                or pending.release
+                or pending.follow
+            ):
                 self._wake()  # something came since that the round must settle first
                 return
             acks, pending.acks = pending.acks, []
@@ -612,7 +661,9 @@ class Consumer:
                 self.pool.flush()  # into the children now, not a loop turn later
                 self._started_on_arrival += len(deliveries)
             pending = self._pending
-            settled_by_acks = not (pending.publish or pending.dead or pending.delay)
+            settled_by_acks = not (
+                pending.publish or pending.dead or pending.delay or pending.follow
+            )
             # A worker that stops once its queues are empty must check them when a slot frees
             # and nothing waits for it: the round loop may sleep for want of a free slot.
             drain = self.until_empty and not deliveries and free > 0
