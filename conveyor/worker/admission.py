@@ -32,6 +32,7 @@ from conveyor.task import Task
 from conveyor.worker.execution import Job, Outcome
 from conveyor.worker.settlement import Records, refused
 from conveyor.worker.verdict import Verdict
+from conveyor.workflows.plan import failed
 
 # A task may start this much before its ETA; earlier deliveries are delayed again.
 EARLY_TOLERANCE_S = 0.01
@@ -103,11 +104,15 @@ class AdmissionPolicy:
     def skipped(self, job: Job, skip: TaskSkipped) -> Verdict:
         """A job that a middleware said not to run: acknowledged, recorded as failed."""
         envelope = job.envelope
+        record = self.records.of(
+            envelope, State.FAILURE, outcome=Outcome.failure(skip, with_traceback=False)
+        )
         return Verdict(
             ("skipped",),
             ack=True,
-            record=self.records.of(
-                envelope, State.FAILURE, outcome=Outcome.failure(skip, with_traceback=False)
+            record=record,
+            follow=failed(
+                envelope, type(skip).__name__, str(skip), self.records.expires_at(record)
             ),
             log=(
                 logging.INFO,
@@ -148,10 +153,17 @@ class AdmissionPolicy:
 
     def _expired(self, envelope: Envelope) -> Verdict:
         outcome = Outcome.failure(TaskExpired("expired before it started"))
+        record = self.records.of(envelope, State.FAILURE, outcome=outcome)
         return Verdict(
             ("expired",),
             ack=True,
-            record=self.records.of(envelope, State.FAILURE, outcome=outcome),
+            record=record,
+            follow=failed(
+                envelope,
+                TaskExpired.__name__,
+                "expired before it started",
+                self.records.expires_at(record),
+            ),
             log=(
                 logging.INFO,
                 "task %s[%s] expired before it started",

@@ -38,7 +38,7 @@ from conveyor.signing import Signer
 from conveyor.task import Task
 from conveyor.worker.execution import Job, Kind, Outcome, max_retries
 from conveyor.worker.verdict import LogLine, Verdict
-from conveyor.workflows.plan import Follow
+from conveyor.workflows.plan import Follow, failed
 
 _NULL = msgspec.Raw(b"null")
 # The verdicts of a success when nothing is recorded: the same every time, so shared.
@@ -120,9 +120,7 @@ def refused(
     if envelope is not None:
         outcome = Outcome(Kind.FAILURE, None, error_type, reason, "", finished_at=time.time())
         record = records.of(envelope, State.FAILURE, outcome=outcome)
-        if envelope.workflow is not msgspec.UNSET:
-            # What follows it must not wait forever: it fails too, its chord with it.
-            follow = Follow(envelope, False, None, error_type, reason, records.expires_at(record))
+        follow = failed(envelope, error_type, reason, records.expires_at(record))
     return Verdict(
         ("rejected", "dead_lettered"),
         dead=reason,

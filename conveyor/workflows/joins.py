@@ -309,6 +309,16 @@ redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2])
 redis.call('PEXPIREAT', KEYS[1], ARGV[3])
 return {redis.call('HLEN', KEYS[1]), redis.call('EXISTS', KEYS[3]), redis.call('GET', KEYS[2])}
 """
+# KEYS: the spec key, the fired key.
+_REDIS_FIRED = """
+local ttl = redis.call('PTTL', KEYS[1])
+if ttl > 0 then
+  redis.call('SET', KEYS[2], '1', 'PX', ttl)
+else
+  redis.call('SET', KEYS[2], '1', 'EX', 86400)
+end
+return 1
+"""
 # KEYS: the run key. ARGV: nonce, expiry (ms epoch).
 _REDIS_CLAIM = """
 local held = redis.call('GET', KEYS[1])
@@ -358,21 +368,12 @@ class RedisJoins:
         return [slots[i] for i in sorted(slots, key=int)]
 
     def fired(self, chords: Sequence[str]) -> None:
-        """See `Joins`."""
+        """See `Joins`: the mark expires with the chord's spec."""
         with self._store._errors("mark a chord fired"):
             pipe = self._redis().pipeline(transaction=False)
             for chord in chords:
                 _, spec, fired = self._keys(chord)
-                pipe.set(fired, b"1")
-                pipe.expire(fired, 86_400 * 30)
-                # The fired mark outlives the spec's expiry no longer than needed: the spec's
-                # remaining time is copied onto it.
-                pipe.pttl(spec)
-            replies = pipe.execute()
-            pipe = self._redis().pipeline(transaction=False)
-            for chord, ttl in zip(chords, replies[2::3], strict=True):
-                if isinstance(ttl, int) and ttl > 0:
-                    pipe.pexpire(self._keys(chord)[2], ttl)
+                pipe.eval(_REDIS_FIRED, 2, spec, fired)
             pipe.execute()
 
     def claim_run(self, task_id: str, nonce: str, expires_at: float) -> bool:

@@ -177,6 +177,15 @@ class Follow:
     expires_at: float
 
 
+def failed(envelope: Envelope, error_type: str, message: str, expires_at: float) -> Follow | None:
+    """The follow-up of a workflow task that ends without running (dead-lettered, expired,
+    skipped): what follows it fails too, its chord with it, rather than wait for ever. None for
+    a task outside any workflow."""
+    if envelope.workflow is msgspec.UNSET:
+        return None
+    return Follow(envelope, False, None, error_type, message, expires_at)
+
+
 @dataclass
 class Plan:
     """What the round does for its finished workflow tasks: publish, then mark chords fired."""

@@ -410,3 +410,25 @@ def test_an_old_envelope_without_the_field_decodes_unchanged() -> None:
     envelope = Envelope(id="a", task="t", queue="q", args=(1,))
     body = encode(envelope)
     assert b'"workflow"' not in body and decode(body) == envelope
+
+
+def test_a_skipped_member_fails_its_chord_and_a_skipped_link_its_chain() -> None:
+    from conveyor.errors import TaskSkipped
+    from conveyor.middleware import Middleware
+
+    class SkipSevens(Middleware):
+        def before_admit(self, task: Any, request: Any) -> None:
+            if request.args and request.args[0] == 7:
+                raise TaskSkipped("sevens are revoked")
+
+    app = memory_app(middleware=[SkipSevens()])
+    tasks = Tasks(app)
+    joined = chord([tasks.add.s(1, 1), tasks.add.s(7, 0)], tasks.total.s()).apply_async()
+    chained = (tasks.add.s(3, 4) | tasks.add.s(1) | tasks.add.s(1)).apply_async()
+    run(app)
+    with pytest.raises(TaskFailed, match="chord member 1 .*sevens are revoked"):
+        joined.get(1)
+    with pytest.raises(TaskFailed, match="sevens are revoked"):
+        chained.get(1)
+    assert tasks.runs("total") == []
+    app.close()
