@@ -22,6 +22,7 @@ from conveyor.worker.consumer import Consumer
 from conveyor.worker.loops import choose
 from conveyor.worker.tasklog import TaskLog, TaskLogMode
 from conveyor.worker.verdict import WorkerStats
+from conveyor.workflows.bulk import register as register_bulk
 
 log = logging.getLogger("conveyor.worker")
 
@@ -80,6 +81,7 @@ class Worker:
         # Before the pool starts: prefork children are forked with the hooks worked out here.
         app = self.app
         app.hooks = worker_hooks(app.middleware)
+        register_bulk(app)  # the built-in task of `task.starmap` and `task.chunks` messages
         pool = pools.create(
             self.pool_name,
             self.concurrency,

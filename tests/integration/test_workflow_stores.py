@@ -105,6 +105,8 @@ def test_chain_group_and_chord(apps: Apps) -> None:
     joined = chord([add.s(i, 0) for i in range(25)], total.s()).apply_async()
     nested = (add.s(1, 1) | chord([add.s(1), add.s(2)], total.s()) | add.s(1)).apply_async()
     broken = chord([add.s(1, 1), boom.s(4)], total.s()).apply_async()
+    bulk = add.starmap([(i, 1) for i in range(50)]).apply_async()
+    chunked = add.chunks([(i, 1) for i in range(5)], 2).apply_async()
     apps.run()
     assert piped.get(WAIT_S) == 113
     with pytest.raises(TaskFailed, match="boom 2"):
@@ -116,6 +118,8 @@ def test_chain_group_and_chord(apps: Apps) -> None:
     with pytest.raises(TaskFailed, match="chord member 1"):
         broken.get(WAIT_S)
     assert sorted(map(len, apps.totals)) == [2, 25]
+    assert bulk.get(WAIT_S) == [i + 1 for i in range(50)]
+    assert chunked.get(WAIT_S) == [[1, 2], [3, 4], [5]]
     failed_group = group(add.s(1, 1), boom.s(2)).apply_async()
     apps.run()
     with pytest.raises(MemberFailed) as failure:

@@ -426,9 +426,40 @@ def test_a_skipped_member_fails_its_chord_and_a_skipped_link_its_chain() -> None
     joined = chord([tasks.add.s(1, 1), tasks.add.s(7, 0)], tasks.total.s()).apply_async()
     chained = (tasks.add.s(3, 4) | tasks.add.s(1) | tasks.add.s(1)).apply_async()
     run(app)
-    with pytest.raises(TaskFailed, match="chord member 1 .*sevens are revoked"):
+    with pytest.raises(TaskFailed, match=r"chord member 1 .*sevens are revoked"):
         joined.get(1)
     with pytest.raises(TaskFailed, match="sevens are revoked"):
         chained.get(1)
     assert tasks.runs("total") == []
     app.close()
+
+
+# bulk
+
+
+def test_starmap_is_one_message_for_many_calls(app: Conveyor, tasks: Tasks) -> None:
+    result = tasks.add.starmap([(i, i) for i in range(100)]).apply_async()
+    assert app.broker.stats([Q])[0].ready == 1
+    stats = run(app)
+    assert stats.succeeded == 1
+    assert result.get(1) == [2 * i for i in range(100)]
+    with pytest.raises(ArgumentError, match="item 1"):
+        tasks.add.starmap([(1, 2), (1,)])
+
+
+def test_chunks_are_a_group_of_bulk_messages(app: Conveyor, tasks: Tasks) -> None:
+    result = tasks.add.chunks([(i, 0) for i in range(10)], 4).apply_async()
+    assert isinstance(result, GroupResult) and len(result) == 3
+    summed = (tasks.add.chunks([(i, 0) for i in range(10)], 4) | tasks.echo.s()).apply_async()
+    run(app)
+    assert result.get(1) == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    assert summed.get(1) == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    with pytest.raises(ConfigurationError, match="positive number"):
+        tasks.add.chunks([(1, 1)], 0)
+
+
+def test_map_still_sends_one_message_per_call(app: Conveyor, tasks: Tasks) -> None:
+    results = tasks.add.map([(1, 1), (2, 2)])
+    assert app.broker.stats([Q])[0].ready == 2
+    run(app)
+    assert [r.get(1) for r in results] == [2, 4]
