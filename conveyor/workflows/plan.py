@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 
 from conveyor.brokers import Outgoing
-from conveyor.errors import ConveyorError
+from conveyor.errors import ConfigurationError, ConveyorError
 from conveyor.message import Envelope
 from conveyor.results import ResultRecord, State
 from conveyor.workflows.joins import Joins, joins_for
@@ -199,18 +199,29 @@ class Continuations:
 
     def __init__(self, app: Conveyor) -> None:
         self.app = app
+        self._unusable: str | None = None
 
-    def _joins(self) -> Joins:
-        return joins_for(self.app.results)
+    def _joins(self) -> Joins | None:
+        """The store's joins; None (said once in the log) if this worker has no store that
+        keeps them: its senders had one, or they could not have sent a chord."""
+        if self._unusable is not None:
+            return None
+        try:
+            return joins_for(self.app.results)
+        except ConfigurationError as exc:
+            self._unusable = str(exc)
+            log.error("this worker cannot keep workflows: %s", exc)
+            return None
 
     def claim(self, envelope: Envelope, expires_at: float) -> bool:
         """True if this copy of a workflow-sent message may run (see the module docstring)."""
         workflow = envelope.workflow
         if isinstance(workflow, msgspec.UnsetType) or workflow.nonce is None:
             return True
-        if self.app.results is None:
+        joins = self._joins()
+        if joins is None:
             return True  # nowhere to claim: at least once, as any task
-        return self._joins().claim_run(envelope.id, workflow.nonce, expires_at)
+        return joins.claim_run(envelope.id, workflow.nonce, expires_at)
 
     def plan(self, follows: Sequence[Follow]) -> Plan:
         """Join chords, keep chord specs and records, and encode what follows `follows`."""
@@ -230,8 +241,9 @@ class Continuations:
                 self._failed(follow, workflow, sends, records, now)
             if workflow.chord is not None:
                 self._join(follow, sends, records, plan, now)
-        if sends.chords:
-            self._joins().start(sends.chords, expires_at)
+        joins = self._joins() if sends.chords else None
+        if joins is not None:
+            joins.start(sends.chords, expires_at)
         plan.publish = self._encode(sends.envelopes, records, expires_at)
         store = self.app.results
         if records and store is not None:
@@ -240,7 +252,9 @@ class Continuations:
 
     def fired(self, chords: Sequence[str]) -> None:
         """Mark chords fired, once their callbacks (or failures) are safe."""
-        self._joins().fired(chords)
+        joins = self._joins()
+        if joins is not None:
+            joins.fired(chords)
 
     def _failed(
         self,
@@ -281,6 +295,16 @@ class Continuations:
             follow.error_message,
         )
         joins = self._joins()
+        if joins is None:
+            log.error(
+                "chord %s: member %d (%s[%s]) finished but cannot be joined: %s",
+                ref.id,
+                ref.index,
+                env.task,
+                env.id,
+                self._unusable,
+            )
+            return
         joined = joins.join(ref.id, ref.index, msgspec.json.encode(slot), follow.expires_at)
         if joined.spec is None:
             log.error(

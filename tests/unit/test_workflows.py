@@ -463,3 +463,15 @@ def test_map_still_sends_one_message_per_call(app: Conveyor, tasks: Tasks) -> No
     assert app.broker.stats([Q])[0].ready == 2
     run(app)
     assert [r.get(1) for r in results] == [2, 4]
+
+
+def test_a_worker_without_a_store_says_so_and_goes_on(
+    app: Conveyor, tasks: Tasks, caplog: pytest.LogCaptureFixture
+) -> None:
+    _, follows = _chord_follows(app, tasks, 1)
+    bare = Conveyor("bare", broker="memory://", results=None)
+    plan = Continuations(bare).plan(follows)
+    assert plan.publish == [] and plan.fired == []
+    assert "cannot keep workflows" in caplog.text and "cannot be joined" in caplog.text
+    assert Continuations(bare).claim(follows[0].envelope, time.time() + 60)
+    bare.close()
