@@ -1,4 +1,6 @@
-"""Many small calls of one task in one message: `task.starmap(...)` and `task.chunks(...)`.
+"""Many small calls of one task in one message: `task.starmap(...)` and `task.chunks(...)`;
+and `conveyor.collect`, which returns what it is given: the callback of the chord a group
+becomes where a group must deliver one result (a group as a chord's member).
 
 A bulk message is a call of the built-in task `conveyor.starmap` with the target task's name and
 its argument tuples; the worker runs the target once per tuple, in order, in the same process,
@@ -22,13 +24,20 @@ if TYPE_CHECKING:
     from conveyor.workflows.canvas import Group, Signature
 
 STARMAP = "conveyor.starmap"
+COLLECT = "conveyor.collect"
 
 
 def register(app: Conveyor) -> Task[Any, Any]:
-    """The built-in bulk task of `app`, registered on first use."""
+    """The built-in tasks of `app`, registered on first use; the bulk one."""
     task = app.tasks.get(STARMAP)
     if task is not None:
         return task
+
+    def collect(values: list[Any]) -> list[Any]:
+        return values
+
+    collect.__module__, collect.__qualname__ = "conveyor.workflows.bulk", "collect"
+    app.task(name=COLLECT)(collect)
 
     def starmap(name: str, arguments: list[list[Any]]) -> list[Any]:
         target = app.get_task(name)
@@ -40,6 +49,12 @@ def register(app: Conveyor) -> Task[Any, Any]:
 
     starmap.__module__, starmap.__qualname__ = "conveyor.workflows.bulk", "starmap"
     return app.task(name=STARMAP)(starmap)
+
+
+def collector(app: Conveyor) -> Task[Any, Any]:
+    """The built-in task that returns the list it is given."""
+    register(app)
+    return app.tasks[COLLECT]
 
 
 def starmap(task: Task[Any, Any], arguments: Iterable[Sequence[Any]]) -> Signature[list[Any]]:

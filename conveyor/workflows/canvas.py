@@ -21,6 +21,7 @@ from conveyor.settings import unknown_name_message
 from conveyor.task import MAX_DELAY_S, Task, current_request, resolve
 from conveyor.values import check_arguments
 from conveyor.workflows import wire
+from conveyor.workflows.bulk import collector
 from conveyor.workflows.joins import joins_for
 from conveyor.workflows.plan import NO_VALUE, Sends, start
 from conveyor.workflows.results import GroupResult
@@ -281,16 +282,13 @@ class _Compiler:
                 node, _ = self.compile(link, (node,), None, errbacks + own)
             return node, handle
         if isinstance(canvas, Group):
-            if then:
-                raise ConfigurationError(
-                    f"{canvas!r} is followed by another task: make that a chord "
-                    "(group | callback) whose callback is followed instead"
-                )
-            if ref is not None:
-                raise ConfigurationError(
-                    f"{canvas!r} is a member of a chord: a group cannot be one directly; "
-                    "wrap it in a chord of its own"
-                )
+            if then or ref is not None:
+                # Where a group must deliver one result (followed by a task, or a chord's
+                # member), it becomes a chord whose callback returns the list of results.
+                collect = Signature(collector(self.app), ())
+                whole = Chord(canvas, collect)
+                whole._errbacks = list(canvas._errbacks)
+                return self.compile(whole, then, ref, errbacks)
             members = [self.compile(m, (), None, errbacks + own) for m in canvas.members]
             group_id = new_id()
             handles = [h for _, h in members]

@@ -323,9 +323,18 @@ def test_rpc_results_are_refused_with_a_reason() -> None:
     app.close()
 
 
-def test_a_group_cannot_be_a_chord_member_directly(app: Conveyor, tasks: Tasks) -> None:
-    with pytest.raises(ConfigurationError, match="chord of its own"):
-        chord([group(tasks.add.s(1, 1))], tasks.total.s()).apply_async()
+def test_a_group_as_a_chord_member_gives_its_list(app: Conveyor, tasks: Tasks) -> None:
+    nested = chord(
+        [group(tasks.add.s(1, 1), tasks.add.s(2, 2)), tasks.add.s(0, 5)], tasks.echo.s()
+    ).apply_async()
+    # A chord whose callback is a group followed by a task: the task gets the group's list.
+    body = (
+        chord([tasks.add.s(1, 0), tasks.add.s(2, 0)], group(tasks.total.s(), tasks.total.s()))
+        | tasks.echo.s()
+    ).apply_async()
+    run(app)
+    assert nested.get(1) == [[2, 4], 5]
+    assert body.get(1) == [3, 3]
 
 
 def test_a_malformed_workflow_field_is_dead_lettered_with_its_reason(
