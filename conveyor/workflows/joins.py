@@ -136,7 +136,8 @@ class MemoryJoins:
 
 _SQL_SCHEMA = (
     "CREATE TABLE IF NOT EXISTS {t}_chords (id TEXT PRIMARY KEY, spec {blob} NOT NULL, "
-    "fired BOOLEAN NOT NULL DEFAULT FALSE, expires_at DOUBLE PRECISION NOT NULL)",
+    "joined INTEGER NOT NULL DEFAULT 0, fired BOOLEAN NOT NULL DEFAULT FALSE, "
+    "expires_at DOUBLE PRECISION NOT NULL)",
     "CREATE TABLE IF NOT EXISTS {t}_chord_members (chord TEXT NOT NULL, idx INTEGER NOT NULL, "
     "outcome {blob} NOT NULL, expires_at DOUBLE PRECISION NOT NULL, PRIMARY KEY (chord, idx))",
     "CREATE TABLE IF NOT EXISTS {t}_runs (id TEXT PRIMARY KEY, nonce TEXT NOT NULL, "
@@ -158,8 +159,10 @@ class _SQL:
             f"INSERT INTO {t}_chord_members (chord, idx, outcome, expires_at) "
             f"VALUES ({p}, {p}, {p}, {p}) ON CONFLICT (chord, idx) DO NOTHING"
         )
-        self.count = f"SELECT COUNT(*) FROM {t}_chord_members WHERE chord = {p}"
-        self.spec = f"SELECT spec, fired FROM {t}_chords WHERE id = {p}"
+        # A count kept beside the spec, raised by each new member, rather than a COUNT(*) of
+        # the members: that would read the whole chord at every join.
+        self.count = f"UPDATE {t}_chords SET joined = joined + 1 WHERE id = {p}"
+        self.spec = f"SELECT joined, spec, fired FROM {t}_chords WHERE id = {p}"
         self.members = f"SELECT outcome FROM {t}_chord_members WHERE chord = {p} ORDER BY idx"
         self.fired = f"UPDATE {t}_chords SET fired = TRUE WHERE id = {p}"
         self.claim = (
@@ -198,12 +201,12 @@ class SQLiteJoins:
     def join(self, chord: str, index: int, outcome: bytes, expires_at: float) -> Joined:
         """See `Joins`."""
         with self._db.transaction() as conn:
-            conn.execute(self._sql.add, (chord, index, outcome, expires_at))
-            (count,) = conn.execute(self._sql.count, (chord,)).fetchone()
+            if conn.execute(self._sql.add, (chord, index, outcome, expires_at)).rowcount == 1:
+                conn.execute(self._sql.count, (chord,))
             row = conn.execute(self._sql.spec, (chord,)).fetchone()
         if row is None:
-            return Joined(count, False, None)
-        return Joined(count, bool(row[1]), bytes(row[0]))
+            return Joined(0, False, None)
+        return Joined(int(row[0]), bool(row[2]), bytes(row[1]))
 
     def members(self, chord: str) -> list[bytes]:
         """See `Joins`."""
@@ -265,12 +268,12 @@ class PostgresJoins:
         """See `Joins`."""
 
         def join(conn: Any) -> Joined:
-            conn.execute(self._sql.add, (chord, index, outcome, expires_at))
-            (count,) = conn.execute(self._sql.count, (chord,)).fetchone()
+            if conn.execute(self._sql.add, (chord, index, outcome, expires_at)).rowcount == 1:
+                conn.execute(self._sql.count, (chord,))
             row = conn.execute(self._sql.spec, (chord,)).fetchone()
             if row is None:
-                return Joined(count, False, None)
-            return Joined(count, bool(row[1]), bytes(row[0]))
+                return Joined(0, False, None)
+            return Joined(int(row[0]), bool(row[2]), bytes(row[1]))
 
         result: Joined = self._work("joining a chord", join)
         return result

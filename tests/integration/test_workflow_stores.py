@@ -43,6 +43,18 @@ def setup(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[Stor
     if rabbit:
         delete_rabbitmq_queues(queue)
     made.cleanup()
+    if store == "postgresql":
+        drop_workflow_tables(made.results)
+
+
+def drop_workflow_tables(results: str) -> None:
+    """The tables the chord joins made beside the test's results table."""
+    import psycopg
+
+    server, _, query = results.partition("?table=")
+    with psycopg.connect(server, autocommit=True) as conn:
+        for suffix in ("chords", "chord_members", "runs"):
+            conn.execute(f"DROP TABLE IF EXISTS {query}_{suffix}")
 
 
 class Apps:
