@@ -17,7 +17,7 @@ from ledger import connection_resource, record
 from conveyor import Conveyor
 
 app = Conveyor("chord-chaos")
-WORK_S = float(os.environ.get("CONVEYOR_CHAOS_TASK_SECONDS", "0.002"))
+WORK_S = float(os.environ.get("CONVEYOR_CHAOS_TASK_SECONDS", "0.01"))
 
 ledger = connection_resource(app, "chord-chaos.ledger")
 
