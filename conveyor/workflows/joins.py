@@ -36,14 +36,19 @@ class Joined:
     spec: bytes | None
 
 
+#: A chord member to join: chord id, index, outcome, expiry (epoch seconds).
+Member = tuple[str, int, bytes, float]
+
+
 class Joins(Protocol):
     """The chord and claim operations a result store provides for workflows."""
 
     def start(self, chords: Sequence[tuple[str, bytes]], expires_at: float) -> None:
         """Keep each chord's spec (by chord id) unless one is kept already."""
 
-    def join(self, chord: str, index: int, outcome: bytes, expires_at: float) -> Joined:
-        """Fill slot `index` of `chord` with `outcome` unless it is filled already."""
+    def join(self, members: Sequence[Member]) -> list[Joined]:
+        """Fill each member's slot (index) of its chord with its outcome unless it is filled
+        already, in order, in one round trip; each chord as it is after that member."""
 
     def members(self, chord: str) -> list[bytes]:
         """The filled slots' outcomes, by index."""
@@ -110,12 +115,15 @@ class MemoryJoins:
             for chord, spec in chords:
                 self._specs.setdefault(chord, spec)
 
-    def join(self, chord: str, index: int, outcome: bytes, expires_at: float) -> Joined:
+    def join(self, members: Sequence[Member]) -> list[Joined]:
         """See `Joins`."""
+        joined = []
         with self._lock:
-            slots = self._slots.setdefault(chord, {})
-            slots.setdefault(index, outcome)
-            return Joined(len(slots), chord in self._fired, self._specs.get(chord))
+            for chord, index, outcome, _ in members:
+                slots = self._slots.setdefault(chord, {})
+                slots.setdefault(index, outcome)
+                joined.append(Joined(len(slots), chord in self._fired, self._specs.get(chord)))
+        return joined
 
     def members(self, chord: str) -> list[bytes]:
         """See `Joins`."""
@@ -180,6 +188,17 @@ class _SQL:
 PRUNE_INTERVAL_S = 60.0
 
 
+def _join_one(conn: Any, sql: _SQL, member: Member) -> Joined:
+    """One member's join, inside the caller's transaction (SQLite's or PostgreSQL's)."""
+    chord, index, outcome, expires_at = member
+    if conn.execute(sql.add, (chord, index, outcome, expires_at)).rowcount == 1:
+        conn.execute(sql.count, (chord,))
+    row = conn.execute(sql.spec, (chord,)).fetchone()
+    if row is None:
+        return Joined(0, False, None)
+    return Joined(int(row[0]), bool(row[2]), bytes(row[1]))
+
+
 class SQLiteJoins:
     """Joins in the SQLite result store's file, each operation one transaction."""
 
@@ -198,15 +217,10 @@ class SQLiteJoins:
                 for statement in self._sql.prune:
                     conn.execute(statement, (time.time(),))
 
-    def join(self, chord: str, index: int, outcome: bytes, expires_at: float) -> Joined:
+    def join(self, members: Sequence[Member]) -> list[Joined]:
         """See `Joins`."""
         with self._db.transaction() as conn:
-            if conn.execute(self._sql.add, (chord, index, outcome, expires_at)).rowcount == 1:
-                conn.execute(self._sql.count, (chord,))
-            row = conn.execute(self._sql.spec, (chord,)).fetchone()
-        if row is None:
-            return Joined(0, False, None)
-        return Joined(int(row[0]), bool(row[2]), bytes(row[1]))
+            return [_join_one(conn, self._sql, member) for member in members]
 
     def members(self, chord: str) -> list[bytes]:
         """See `Joins`."""
@@ -264,19 +278,12 @@ class PostgresJoins:
             self._next_prune = time.monotonic() + PRUNE_INTERVAL_S
         self._work("keeping a chord", start)
 
-    def join(self, chord: str, index: int, outcome: bytes, expires_at: float) -> Joined:
+    def join(self, members: Sequence[Member]) -> list[Joined]:
         """See `Joins`."""
-
-        def join(conn: Any) -> Joined:
-            if conn.execute(self._sql.add, (chord, index, outcome, expires_at)).rowcount == 1:
-                conn.execute(self._sql.count, (chord,))
-            row = conn.execute(self._sql.spec, (chord,)).fetchone()
-            if row is None:
-                return Joined(0, False, None)
-            return Joined(int(row[0]), bool(row[2]), bytes(row[1]))
-
-        result: Joined = self._work("joining a chord", join)
-        return result
+        joined: list[Joined] = self._work(
+            "joining chords", lambda conn: [_join_one(conn, self._sql, m) for m in members]
+        )
+        return joined
 
     def members(self, chord: str) -> list[bytes]:
         """See `Joins`."""
@@ -356,13 +363,14 @@ class RedisJoins:
                 pipe.set(self._keys(chord)[1], spec, nx=True, pxat=_ms(expires_at))
             pipe.execute()
 
-    def join(self, chord: str, index: int, outcome: bytes, expires_at: float) -> Joined:
-        """See `Joins`."""
-        with self._store._errors("join a chord"):
-            count, fired, spec = self._redis().eval(
-                _REDIS_JOIN, 3, *self._keys(chord), index, outcome, _ms(expires_at)
-            )
-        return Joined(int(count), bool(fired), spec)
+    def join(self, members: Sequence[Member]) -> list[Joined]:
+        """See `Joins`: one pipeline of scripts, each atomic."""
+        with self._store._errors("join chords"):
+            pipe = self._redis().pipeline(transaction=False)
+            for chord, index, outcome, expires_at in members:
+                pipe.eval(_REDIS_JOIN, 3, *self._keys(chord), index, outcome, _ms(expires_at))
+            replies = pipe.execute()
+        return [Joined(int(count), bool(fired), spec) for count, fired, spec in replies]
 
     def members(self, chord: str) -> list[bytes]:
         """See `Joins`."""

@@ -39,6 +39,7 @@ from conveyor.results import ResultRecord, State
 from conveyor.workflows.joins import Joins, joins_for
 from conveyor.workflows.wire import (
     Call,
+    ChordRef,
     ChordSpec,
     Group,
     Node,
@@ -239,8 +240,9 @@ class Continuations:
                     start(node, value, sends, root_id=root, parent_id=parent, nonce=True, now=now)
             else:
                 self._failed(follow, workflow, sends, records, now)
-            if workflow.chord is not None:
-                self._join(follow, sends, records, plan, now)
+        members = [f for f in follows if _chord(f) is not None]
+        if members:
+            self._join(members, sends, records, plan, now)
         joins = self._joins() if sends.chords else None
         if joins is not None:
             joins.start(sends.chords, expires_at)
@@ -276,72 +278,78 @@ class Continuations:
 
     def _join(
         self,
-        follow: Follow,
+        follows: Sequence[Follow],
         sends: Sends,
         records: list[ResultRecord],
         plan: Plan,
         now: float,
     ) -> None:
-        env = follow.envelope
-        workflow = env.workflow
-        assert not isinstance(workflow, msgspec.UnsetType) and workflow.chord is not None
-        ref = workflow.chord
-        slot = Slot(
-            env.id,
-            env.task,
-            follow.ok,
-            follow.value or msgspec.Raw(b"null"),
-            follow.error_type,
-            follow.error_message,
-        )
+        """Join chord members, in one round trip to the store, then fire or fail each chord
+        that a member completed (or failed) and that has not fired yet."""
         joins = self._joins()
+        slots, members = [], []
+        for follow in follows:
+            env, ref = follow.envelope, _chord(follow)
+            assert ref is not None
+            slot = Slot(
+                env.id,
+                env.task,
+                follow.ok,
+                follow.value or msgspec.Raw(b"null"),
+                follow.error_type,
+                follow.error_message,
+            )
+            slots.append(slot)
+            members.append((ref.id, ref.index, msgspec.json.encode(slot), follow.expires_at))
         if joins is None:
-            log.error(
-                "chord %s: member %d (%s[%s]) finished but cannot be joined: %s",
-                ref.id,
-                ref.index,
-                env.task,
-                env.id,
-                self._unusable,
-            )
+            for chord, index, _, _ in members:
+                log.error("chord %s: member %d cannot be joined: %s", chord, index, self._unusable)
             return
-        joined = joins.join(ref.id, ref.index, msgspec.json.encode(slot), follow.expires_at)
-        if joined.spec is None:
-            log.error(
-                "chord %s: member %d (%s[%s]) finished but the chord is not in the result store "
-                "(expired, or sent to another store): its callback cannot run",
-                ref.id,
-                ref.index,
-                env.task,
-                env.id,
-            )
-            return
-        if joined.fired:
-            return
-        spec = spec_decoder.decode(joined.spec)
-        if not follow.ok and not spec.pass_errors:
-            self._fail_chord(ref.id, spec, ref.index, slot, sends, records, follow, now)
+        done = set(plan.fired)
+        for follow, slot, joined in zip(follows, slots, joins.join(members), strict=True):
+            ref = _chord(follow)
+            assert ref is not None
+            if joined.spec is None:
+                log.error(
+                    "chord %s: member %d (%s[%s]) finished but the chord is not in the result "
+                    "store (expired, or sent to another store): its callback cannot run",
+                    ref.id,
+                    ref.index,
+                    slot.task,
+                    slot.id,
+                )
+                continue
+            if joined.fired or ref.id in done:
+                continue
+            spec = spec_decoder.decode(joined.spec)
+            if not follow.ok and not spec.pass_errors:
+                self._fail_chord(ref.id, spec, ref.index, slot, sends, records, follow, now)
+            elif joined.count < spec.size:
+                continue
+            else:
+                self._complete(ref.id, spec, joins, sends, records, follow, now)
+            done.add(ref.id)
             plan.fired.append(ref.id)
-            return
-        if joined.count < spec.size:
-            return
-        slots = [_slot_decoder.decode(data) for data in joins.members(ref.id)]
+
+    def _complete(
+        self,
+        chord: str,
+        spec: ChordSpec,
+        joins: Joins,
+        sends: Sends,
+        records: list[ResultRecord],
+        follow: Follow,
+        now: float,
+    ) -> None:
+        """Every member is in: the callback with their results, or the chord's failure."""
+        slots = [_slot_decoder.decode(data) for data in joins.members(chord)]
         failed = [(i, s) for i, s in enumerate(slots) if not s.ok]
         if failed and not spec.pass_errors:
             index, first = failed[0]
-            self._fail_chord(ref.id, spec, index, first, sends, records, follow, now)
-        else:
-            values = [_slot_value(s) for s in slots]
-            start(
-                spec.body,
-                values,
-                sends,
-                root_id=spec.root_id,
-                parent_id=ref.id,
-                nonce=True,
-                now=now,
-            )
-        plan.fired.append(ref.id)
+            self._fail_chord(chord, spec, index, first, sends, records, follow, now)
+            return
+        values = [_slot_value(s) for s in slots]
+        start(spec.body, values, sends, root_id=spec.root_id, parent_id=chord, nonce=True, now=now)
 
     def _fail_chord(
         self,
@@ -391,6 +399,11 @@ class Continuations:
                     )
                 )
         return outgoing
+
+
+def _chord(follow: Follow) -> ChordRef | None:
+    workflow = follow.envelope.workflow
+    return None if isinstance(workflow, msgspec.UnsetType) else workflow.chord
 
 
 def _slot_value(slot: Slot) -> Any:
