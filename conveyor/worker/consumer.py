@@ -428,6 +428,7 @@ class Consumer:
         admit, started, store = self._admission.admit, self._admission.started, self.store
         before_admit = self._before_admit
         jobs: list[Job] = []
+        claiming: list[Job] = []
         for delivery in deliveries:
             admitted = admit(delivery, now)
             envelope = admitted.envelope
@@ -444,38 +445,49 @@ class Consumer:
                         delivery, verdict, admitted, Outcome.failure(skip, with_traceback=False)
                     )
                     continue
-            if admitted.envelope.workflow is not UNSET and not self._claimed(admitted):
+            if admitted.envelope.workflow is not UNSET:
+                claiming.append(admitted)  # claimed below, all in one round trip
                 continue
             jobs.append(admitted)
-            if store is not None and (record := started(admitted)) is not None:
-                self._pending.records[record.id] = record
+        if claiming:
+            jobs += self._claimed(claiming)
+        if store is not None:
+            for job in jobs:
+                if (record := started(job)) is not None:
+                    self._pending.records[record.id] = record
         return jobs, [job.delivery for job in jobs if not job.task.options.acks_late]
 
-    def _claimed(self, job: Job) -> bool:
-        """A workflow-sent message runs if its copy holds the run claim; another copy (sent
-        again by a redelivered predecessor) is acknowledged unrun. Without an answer from the
-        store the message comes back later."""
-        env = job.envelope
+    def _claimed(self, jobs: list[Job]) -> list[Job]:
+        """The workflow jobs whose copy holds its run claim. Another copy (sent again by a
+        redelivered workflow task) is acknowledged unrun; without an answer from the store, the
+        messages come back later."""
+        expires_at = time.time() + self._settings.result_expires
         try:
-            if self._follow.claim(env, time.time() + self._settings.result_expires):
-                return True
+            claimed = self._follow.claim([job.envelope for job in jobs], expires_at)
         except Exception as exc:
-            log.error("task %s[%s]: could not claim its run: %s", env.task, env.id, exc)
-            self._apply(job.delivery, Verdict(delay=1.0))
-            return False
-        verdict = Verdict(
-            ("skipped",),
-            ack=True,
-            log=(
-                logging.INFO,
-                "task %s[%s] not run: another copy of it holds the run (sent again by a "
-                "redelivered workflow task)",
-                (env.task, env.id),
-            ),
-            envelope=env,
-        )
-        self._apply(job.delivery, verdict)
-        return False
+            log.error("could not claim the runs of %d workflow tasks: %s", len(jobs), exc)
+            for job in jobs:
+                self._apply(job.delivery, Verdict(delay=1.0))
+            return []
+        running = []
+        for job, ours in zip(jobs, claimed, strict=True):
+            if ours:
+                running.append(job)
+                continue
+            env = job.envelope
+            verdict = Verdict(
+                ("skipped",),
+                ack=True,
+                log=(
+                    logging.INFO,
+                    "task %s[%s] not run: another copy of it holds the run (sent again by a "
+                    "redelivered workflow task)",
+                    (env.task, env.id),
+                ),
+                envelope=env,
+            )
+            self._apply(job.delivery, verdict)
+        return running
 
     def _count_refused(self) -> None:
         """Count what the broker dead-lettered on arrival as received and rejected here."""

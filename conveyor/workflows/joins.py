@@ -56,8 +56,9 @@ class Joins(Protocol):
     def fired(self, chords: Sequence[str]) -> None:
         """Mark chords fired."""
 
-    def claim_run(self, task_id: str, nonce: str, expires_at: float) -> bool:
-        """True if the copy of `task_id` with `nonce` may run: no other copy claimed it first."""
+    def claim_runs(self, runs: Sequence[tuple[str, str]], expires_at: float) -> list[bool]:
+        """For each (task id, nonce), in one round trip: True if that copy may run (no other
+        copy claimed the task first)."""
 
 
 def joins_for(store: ResultStore | None) -> Joins:
@@ -136,10 +137,10 @@ class MemoryJoins:
         with self._lock:
             self._fired.update(chords)
 
-    def claim_run(self, task_id: str, nonce: str, expires_at: float) -> bool:
+    def claim_runs(self, runs: Sequence[tuple[str, str]], expires_at: float) -> list[bool]:
         """See `Joins`."""
         with self._lock:
-            return self._runs.setdefault(task_id, nonce) == nonce
+            return [self._runs.setdefault(task_id, nonce) == nonce for task_id, nonce in runs]
 
 
 _SQL_SCHEMA = (
@@ -188,6 +189,14 @@ class _SQL:
 PRUNE_INTERVAL_S = 60.0
 
 
+def _claim_one(conn: Any, sql: _SQL, run: tuple[str, str], expires_at: float) -> bool:
+    """One run claim, inside the caller's transaction (SQLite's or PostgreSQL's)."""
+    task_id, nonce = run
+    conn.execute(sql.claim, (task_id, nonce, expires_at))
+    (held,) = conn.execute(sql.run, (task_id,)).fetchone()
+    return bool(held == nonce)
+
+
 def _join_one(conn: Any, sql: _SQL, member: Member) -> Joined:
     """One member's join, inside the caller's transaction (SQLite's or PostgreSQL's)."""
     chord, index, outcome, expires_at = member
@@ -233,12 +242,10 @@ class SQLiteJoins:
         with self._db.transaction() as conn:
             conn.executemany(self._sql.fired, [(c,) for c in chords])
 
-    def claim_run(self, task_id: str, nonce: str, expires_at: float) -> bool:
+    def claim_runs(self, runs: Sequence[tuple[str, str]], expires_at: float) -> list[bool]:
         """See `Joins`."""
         with self._db.transaction() as conn:
-            conn.execute(self._sql.claim, (task_id, nonce, expires_at))
-            (held,) = conn.execute(self._sql.run, (task_id,)).fetchone()
-        return bool(held == nonce)
+            return [_claim_one(conn, self._sql, run, expires_at) for run in runs]
 
 
 class PostgresJoins:
@@ -301,15 +308,11 @@ class PostgresJoins:
 
         self._work("marking a chord fired", fired)
 
-    def claim_run(self, task_id: str, nonce: str, expires_at: float) -> bool:
+    def claim_runs(self, runs: Sequence[tuple[str, str]], expires_at: float) -> list[bool]:
         """See `Joins`."""
-
-        def claim(conn: Any) -> bool:
-            conn.execute(self._sql.claim, (task_id, nonce, expires_at))
-            (held,) = conn.execute(self._sql.run, (task_id,)).fetchone()
-            return bool(held == nonce)
-
-        claimed: bool = self._work("claiming a run", claim)
+        claimed: list[bool] = self._work(
+            "claiming runs", lambda conn: [_claim_one(conn, self._sql, r, expires_at) for r in runs]
+        )
         return claimed
 
 
@@ -387,13 +390,13 @@ class RedisJoins:
                 pipe.eval(_REDIS_FIRED, 2, spec, fired)
             pipe.execute()
 
-    def claim_run(self, task_id: str, nonce: str, expires_at: float) -> bool:
+    def claim_runs(self, runs: Sequence[tuple[str, str]], expires_at: float) -> list[bool]:
         """See `Joins`."""
-        with self._store._errors("claim a run"):
-            claimed = self._redis().eval(
-                _REDIS_CLAIM, 1, f"{self._prefix}run:{task_id}", nonce, _ms(expires_at)
-            )
-        return bool(claimed)
+        with self._store._errors("claim runs"):
+            pipe = self._redis().pipeline(transaction=False)
+            for task_id, nonce in runs:
+                pipe.eval(_REDIS_CLAIM, 1, f"{self._prefix}run:{task_id}", nonce, _ms(expires_at))
+            return [bool(claimed) for claimed in pipe.execute()]
 
 
 def _ms(epoch: float) -> int:

@@ -214,15 +214,22 @@ class Continuations:
             log.error("this worker cannot keep workflows: %s", exc)
             return None
 
-    def claim(self, envelope: Envelope, expires_at: float) -> bool:
-        """True if this copy of a workflow-sent message may run (see the module docstring)."""
-        workflow = envelope.workflow
-        if isinstance(workflow, msgspec.UnsetType) or workflow.nonce is None:
-            return True
-        joins = self._joins()
+    def claim(self, envelopes: Sequence[Envelope], expires_at: float) -> list[bool]:
+        """For each envelope, True if this copy of it may run (see the module docstring): a
+        message that carries no nonce was sent by the workflow's sender and always may."""
+        runs = [
+            (i, e.id, e.workflow.nonce)
+            for i, e in enumerate(envelopes)
+            if not isinstance(e.workflow, msgspec.UnsetType) and e.workflow.nonce is not None
+        ]
+        allowed = [True] * len(envelopes)
+        joins = self._joins() if runs else None
         if joins is None:
-            return True  # nowhere to claim: at least once, as any task
-        return joins.claim_run(envelope.id, workflow.nonce, expires_at)
+            return allowed  # nowhere to claim: at least once, as any task
+        held = joins.claim_runs([(task_id, nonce) for _, task_id, nonce in runs], expires_at)
+        for (i, _, _), ours in zip(runs, held, strict=True):
+            allowed[i] = ours
+        return allowed
 
     def plan(self, follows: Sequence[Follow]) -> Plan:
         """Join chords, keep chord specs and records, and encode what follows `follows`."""

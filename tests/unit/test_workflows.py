@@ -482,5 +482,5 @@ def test_a_worker_without_a_store_says_so_and_goes_on(
     plan = Continuations(bare).plan(follows)
     assert plan.publish == [] and plan.fired == []
     assert "cannot keep workflows" in caplog.text and "cannot be joined" in caplog.text
-    assert Continuations(bare).claim(follows[0].envelope, time.time() + 60)
+    assert Continuations(bare).claim([follows[0].envelope], time.time() + 60) == [True]
     bare.close()
