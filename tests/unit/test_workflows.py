@@ -484,3 +484,19 @@ def test_a_worker_without_a_store_says_so_and_goes_on(
     assert "cannot keep workflows" in caplog.text and "cannot be joined" in caplog.text
     assert Continuations(bare).claim([follows[0].envelope], time.time() + 60) == [True]
     bare.close()
+
+
+@pytest.mark.parametrize("pool", ["threads", "solo", "asyncio"])
+def test_every_in_process_pool_runs_workflows(pool: str) -> None:
+    app = memory_app()
+    tasks = Tasks(app)
+
+    @app.task
+    async def double(x: int) -> int:
+        return 2 * x
+
+    chained = (tasks.add.s(1, 2) | double.s() | tasks.add.s(1)).apply_async()
+    joined = chord([double.s(i) for i in range(5)], tasks.total.s()).apply_async()
+    run_until_empty(app, pool=pool, concurrency=2)
+    assert (chained.get(1), joined.get(1)) == (7, 20)
+    app.close()
