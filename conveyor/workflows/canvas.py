@@ -10,6 +10,7 @@ workers that settle them (`conveyor.workflows.plan`).
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
@@ -65,6 +66,10 @@ class Canvas:
     def delay(self) -> AnyResult:
         """`apply_async()`."""
         return self.apply_async()
+
+    async def delay_async(self) -> AnyResult:
+        """`delay` for asyncio producers."""
+        return await send_async(self)
 
     def _app(self) -> Conveyor | None:
         raise NotImplementedError
@@ -141,6 +146,12 @@ class Signature(Canvas, Generic[R]):
     def delay(self, *args: Any, **kwargs: Any) -> Result[R]:
         """`apply_async(args, kwargs)`."""
         return self.apply_async(args, kwargs)
+
+    async def delay_async(self, *args: Any, **kwargs: Any) -> Result[R]:
+        """`delay` for asyncio producers."""
+        result = await send_async(self.clone(args, kwargs) if args or kwargs else self)
+        assert isinstance(result, Result)
+        return result
 
     def _app(self) -> Conveyor | None:
         return self.task.app
@@ -387,8 +398,8 @@ def _check(task: Task[Any, Any], args: Sequence[Any], kwargs: dict[str, Any]) ->
         raise EncodeError(f"task {task.name}: {exc}") from None
 
 
-def send(canvas: Canvas, app: Conveyor | None = None) -> AnyResult:
-    """Compile `canvas`, keep its chords' specs, send its first tasks; the handle."""
+def _prepare(canvas: Canvas, app: Conveyor | None) -> tuple[Conveyor, AnyResult, Sends]:
+    """Compile `canvas` and check what its first sends take, before anything is sent."""
     app = app or canvas._app()
     if app is None:
         raise ConfigurationError("this workflow names no task: pass app=...")
@@ -399,7 +410,6 @@ def send(canvas: Canvas, app: Conveyor | None = None) -> AnyResult:
     sends = Sends()
     parent = current_request.get()
     root = None if parent is None or parent.inline else (parent.root_id or parent.id)
-    now = time.time()
     start(
         node,
         NO_VALUE,
@@ -407,13 +417,34 @@ def send(canvas: Canvas, app: Conveyor | None = None) -> AnyResult:
         root_id=root,
         parent_id=None if root is None or parent is None else parent.id,
         nonce=False,
-        now=now,
+        now=time.time(),
     )
     for envelope in sends.envelopes:
         _check(app.get_task(envelope.task), envelope.args, envelope.kwargs)
     if sends.chords:
-        joins_for(store).start(sends.chords, now + app.settings.result_expires)
+        joins_for(store)  # a chord without a store is refused here, before anything is sent
+    return app, handle, sends
+
+
+def _keep_chords(app: Conveyor, sends: Sends) -> None:
+    if sends.chords:
+        expires_at = time.time() + app.settings.result_expires
+        joins_for(app.results).start(sends.chords, expires_at)
+
+
+def send(canvas: Canvas, app: Conveyor | None = None) -> AnyResult:
+    """Compile `canvas`, keep its chords' specs, send its first tasks; the handle."""
+    app, handle, sends = _prepare(canvas, app)
+    _keep_chords(app, sends)
     app.send(sends.envelopes)
+    return handle
+
+
+async def send_async(canvas: Canvas, app: Conveyor | None = None) -> AnyResult:
+    """`send` for asyncio producers (the store's calls go through a thread)."""
+    app, handle, sends = _prepare(canvas, app)
+    await asyncio.to_thread(_keep_chords, app, sends)
+    await app.send_async(sends.envelopes)
     return handle
 
 

@@ -500,3 +500,16 @@ def test_every_in_process_pool_runs_workflows(pool: str) -> None:
     run_until_empty(app, pool=pool, concurrency=2)
     assert (chained.get(1), joined.get(1)) == (7, 20)
     app.close()
+
+
+def test_asyncio_producers_send_workflows(app: Conveyor, tasks: Tasks) -> None:
+    import asyncio
+
+    async def produce() -> tuple[Any, Any]:
+        joined = await chord([tasks.add.s(i, 1) for i in range(3)], tasks.total.s()).delay_async()
+        single = await tasks.add.s(1).delay_async(2)
+        return joined, single
+
+    joined, single = asyncio.run(produce())
+    run(app)
+    assert (joined.get(1), single.get(1)) == (6, 3)
