@@ -513,3 +513,16 @@ def test_asyncio_producers_send_workflows(app: Conveyor, tasks: Tasks) -> None:
     joined, single = asyncio.run(produce())
     run(app)
     assert (joined.get(1), single.get(1)) == (6, 3)
+
+
+def test_members_that_keep_no_result_still_join(app: Conveyor, tasks: Tasks) -> None:
+    # In Celery, a chord whose members ignore their results never calls back.
+    @app.task(ignore_result=True)
+    def quiet(x: int) -> int:
+        return x * 10
+
+    joined = chord([quiet.s(i) for i in range(4)], tasks.total.s()).apply_async()
+    grouped = group(chord([quiet.s(1), quiet.s(2)], tasks.total.s()), tasks.add.s(1, 1)).delay()
+    run(app)
+    assert joined.get(1) == 60
+    assert isinstance(grouped, GroupResult) and grouped.get(1) == [30, 2]
