@@ -19,7 +19,8 @@ The workers have 2 slots each and late acks, run a no-op task and store no resul
   thing each: `conveyor-asyncio` and `conveyor-uvloop` add `--loop asyncio` or `--loop uvloop`
   (the worker's parent process only: prefork children never run its loop), and `conveyor-p3`,
   `-p5`, `-p9` run on asyncio with `Conveyor(..., queue_max_priority=N)`, against `-p9` (the
-  default of earlier releases); `conveyor-asyncio` is their 0.
+  default of earlier releases); `conveyor-asyncio` is their 0. `conveyor-events` adds `--events`
+  (task events and heartbeats published all the time, to an exchange no reader is bound to).
 - Dramatiq: `dramatiq bench_app -p 2 -t 1`, and `-t 8` (2 processes), `RabbitmqBroker` with the
   default middleware; late acks are Dramatiq's default. Its prefetch is 2 per thread.
 - Celery: `celery -A bench_app worker -P prefork -c 2 -l WARNING --without-gossip
@@ -36,9 +37,10 @@ The workers have 2 slots each and late acks, run a no-op task and store no resul
   N-th (its `process/s=`). No ledger: it only counts that its children reported N runs.
 
 `--modes` chooses what runs (a comma-separated list of modes or groups: `all`, the default;
-`quick`, conveyor and the probe; `peers`; `loops`, the two loop variants; `priorities`, the
-priority variants and `conveyor-asyncio`). A run that leaves out a peer says so in its report;
-ratios to a peer it did not measure are left blank.
+`quick`, conveyor and the probe; `peers`; `loops`, the two loop variants; `events`, conveyor
+with and without `--events`; `priorities`, the priority variants and `conveyor-asyncio`). A run
+that leaves out a peer says so in its report; ratios to a peer it did not measure are left
+blank.
 
 **Throughput**, timed the same way for every peer. The peer's own client fills the queue with N
 tasks (conveyor `map()`, Dramatiq `send()`, Celery `apply_async()`), and the queue must hold
@@ -119,6 +121,8 @@ class Variant:
     """`conveyor worker --loop`; None: the worker's default (auto)."""
     max_priority: int | None = None
     """`Conveyor(..., queue_max_priority=N)`; None: conveyor's default (none on a new queue)."""
+    events: bool = False
+    """`conveyor worker --events`: task events and heartbeats published all the time."""
 
 
 VARIANTS = {
@@ -129,6 +133,7 @@ VARIANTS = {
         f"conveyor-p{n}": Variant(f"conveyor, `--loop asyncio`, x-max-priority {n}", "asyncio", n)
         for n in (3, 5, 9)
     },
+    "conveyor-events": Variant("conveyor, `--events`", events=True),
 }
 PEERS = ("dramatiq-t1", "dramatiq-t8", "celery")
 PROBE = "parent-dispatch"
@@ -142,6 +147,7 @@ GROUPS = {
     "peers": PEERS,
     "loops": ("conveyor-asyncio", "conveyor-uvloop"),
     "priorities": ("conveyor-asyncio", "conveyor-p3", "conveyor-p5", "conveyor-p9"),
+    "events": ("conveyor", "conveyor-events"),
 }
 LABELS = {
     **{mode: variant.label for mode, variant in VARIANTS.items()},
@@ -243,6 +249,7 @@ def make_peer(
         command = [str(bin_dir / "conveyor"), "worker", "bench_app:app", "--pool", pool]
         command += ["-c", str(SLOTS), *(["--until-empty"] if until_empty else [])]
         command += ["--loop", variant.loop] if variant.loop else []
+        command += ["--events"] if variant.events else []
         command += conveyor_args
         side = [f"{queue}.dead", *(f"{queue}.delay.{ms}" for ms in BUCKETS_MS)]
         settings = (

@@ -28,6 +28,7 @@ from conveyor.task import TASK_OPTION_NAMES, Task, parse_options
 if TYPE_CHECKING:
     import datetime as dt
 
+    from conveyor.revocations import RevocationStore
     from conveyor.scheduler.schedules import Missed, Schedule
 
 P = ParamSpec("P")
@@ -77,6 +78,7 @@ class Conveyor:
         self._lock = threading.Lock()
         self._broker: Broker | None = None
         self._results: ResultStore | _Unset | None = UNSET
+        self._revocations: RevocationStore | _Unset | None = UNSET
         #: `module:attribute`, when `load_app` imported this app (the worker command does).
         self.import_path: str | None = None
         self.middleware: list[object] = []
@@ -122,6 +124,19 @@ class Conveyor:
                     else:
                         self._results = None if url is None else results.from_url(url)
         return self._results
+
+    @property
+    def revocations(self) -> RevocationStore | None:
+        """Where revoked task ids are kept (the fleet store, `conveyor.fleet`), or None when
+        the app has none."""
+        if isinstance(self._revocations, _Unset):
+            from conveyor import fleet, revocations
+
+            with self._lock:
+                if isinstance(self._revocations, _Unset):
+                    url = fleet.store_url(self.settings, memory=True)
+                    self._revocations = None if url is None else revocations.from_url(url)
+        return self._revocations
 
     @overload
     def task(self, fn: Callable[P, R], /) -> Task[P, R]: ...
@@ -358,7 +373,7 @@ class Conveyor:
 
     def result(self, task_id: str) -> Result[Any]:
         """A handle on the result of any task id."""
-        return Result(task_id, self.results)
+        return Result(task_id, self.results, app=self)
 
     def close(self) -> None:
         """Close this process's resources, broker and store connections."""
@@ -367,6 +382,8 @@ class Conveyor:
             self._broker.close()
         if not isinstance(self._results, _Unset) and self._results is not None:
             self._results.close()
+        if not isinstance(self._revocations, _Unset) and self._revocations is not None:
+            self._revocations.close()
 
     def _outgoing(self, envelopes: Sequence[Envelope]) -> list[Outgoing]:
         limit, signer = self.settings.max_message_size, self.signer

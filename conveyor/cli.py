@@ -128,6 +128,14 @@ def main() -> None:
     "--quiet-tasks", is_flag=True, help="Log nothing about tasks that succeed (failures still)."
 )
 @click.option(
+    "--events",
+    "with_events",
+    is_flag=True,
+    default=None,
+    help="Publish task events and heartbeats all the time, not only while `conveyor events` "
+    "runs (default: the app's events setting).",
+)
+@click.option(
     "--scheduler",
     "with_scheduler",
     is_flag=True,
@@ -148,6 +156,7 @@ def worker(
     log_config: str | None,
     log_each_task: bool,
     quiet_tasks: bool,
+    with_events: bool | None,
     with_scheduler: bool,
 ) -> None:
     """Run a worker for APP.
@@ -178,6 +187,7 @@ def worker(
         max_memory_per_child=max_memory_per_child,
         task_log="each" if log_each_task else "quiet" if quiet_tasks else None,
         loop=loop,
+        events=with_events,
     )
     scheduler = _start_scheduler(app, running.started) if with_scheduler else None
     try:
@@ -474,6 +484,121 @@ def demo(tasks: int, concurrency: int) -> None:
     from conveyor.demo import run
 
     run(Console(), tasks=tasks, concurrency=concurrency)
+
+
+# events and inspection (conveyor.control)
+
+
+@main.command()
+@click.argument("app_path", metavar="APP")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per event, a line each.")
+@click.option("--count", "-n", type=click.IntRange(min=1), help="Exit after N events.")
+@click.option("--duration", type=click.FloatRange(min=0), help="Exit after S seconds.")
+@click.option(
+    "--listen-only",
+    is_flag=True,
+    help="Do not turn events on in the workers: show only those of workers started with --events.",
+)
+@_clear_errors
+def events(
+    app_path: str, as_json: bool, count: int | None, duration: float | None, listen_only: bool
+) -> None:
+    """Print the task events and heartbeats of APP's workers as they happen.
+
+    While it runs, every worker of APP publishes its events (they stop within 10 s of the last
+    reader going away). The event schema is in docs/events.md.
+    """
+    from rich.console import Console
+
+    from conveyor.control import EventReader
+    from conveyor.control.display import event_json, event_line
+
+    app = _load_app(app_path)
+    console = Console(highlight=False)
+    deadline = math.inf if duration is None else time.monotonic() + duration
+    seen = 0
+    try:
+        with EventReader(app, request=not listen_only) as reader:
+            while (left := deadline - time.monotonic()) > 0:
+                for event in reader.read(min(left, 1.0)):
+                    if as_json:
+                        click.echo(event_json(event))
+                    else:
+                        console.print(event_line(event), soft_wrap=True)
+                    seen += 1
+                    if count is not None and seen >= count:
+                        return
+                sys.stdout.flush()
+    except KeyboardInterrupt:
+        pass
+    except BrokenPipeError:  # `conveyor events | head`: the reader of the output went away
+        # What is still buffered goes nowhere, not into a traceback at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
+@main.command()
+@click.argument("app_path", metavar="APP")
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0.1),
+    default=1.0,
+    show_default=True,
+    help="Seconds to wait for the workers' answers.",
+)
+@click.option("--json", "as_json", is_flag=True, help="One JSON document: workers and silent.")
+@_clear_errors
+def inspect(app_path: str, timeout: float, as_json: bool) -> None:
+    """List APP's live workers: their active and reserved tasks, registered tasks and stats.
+
+    Exits with status 1 when a worker that is known to run (its heartbeat lease has not run out)
+    did not answer within the timeout, or when no worker answered.
+    """
+    from rich.console import Console
+
+    from conveyor.control import inspect as ask
+    from conveyor.control.display import inspect_json, show_inspection
+
+    app = _load_app(app_path)
+    result = ask(app, timeout=timeout)
+    if as_json:
+        click.echo(inspect_json(result))
+    else:
+        show_inspection(Console(), app.name, result, timeout)
+    if result.silent or not result.reports:
+        sys.exit(1)
+
+
+# revoke
+
+
+@main.command()
+@click.argument("app_path", metavar="APP")
+@click.argument("ids", nargs=-1, required=True, metavar="ID...")
+@click.option(
+    "--terminate",
+    is_flag=True,
+    help="Also stop a task that is running (prefork pool: its child is killed).",
+)
+@_clear_errors
+def revoke(app_path: str, ids: tuple[str, ...], terminate: bool) -> None:
+    """Revoke tasks by id: every worker skips them, also one that starts later (docs/revoke.md).
+
+    Prints, per id, what the result store knows of it: queued, running, finished (left alone)
+    or unknown (revoked anyway).
+    """
+    from conveyor.revocations import revoke as revoke_ids
+
+    app = _load_app(app_path)
+    try:
+        reports = revoke_ids(app, ids, terminate=terminate)
+        where = app.revocations.display_url if app.revocations is not None else "-"
+    finally:
+        app.close()
+    for report in reports:
+        click.echo(f"{report.id}: {report.describe()}")
+    recorded = sum(report.recorded for report in reports)
+    noun = "revocation" if recorded == 1 else "revocations"
+    click.echo(f"{recorded} {noun} recorded in {redact_url(where)}")
 
 
 def _queues(app: Conveyor) -> list[str]:

@@ -12,6 +12,8 @@ ConveyorError
 ├── ArgumentError               arguments do not fit the task's signature (also a TypeError)
 ├── TaskError
 │   ├── TaskFailed              Result.get() of a task that failed
+│   │   └── MemberFailed        GroupResult.get(): which member failed, by index
+│   ├── TaskRevoked             Result.get() of a task that was revoked
 │   ├── TaskExpired             the task's `expires` passed before it ran
 │   ├── TaskSkipped             a middleware's before_admit said not to run it (raised there)
 │   ├── MaxRetriesExceeded      a retry was asked for after the last try
@@ -102,6 +104,19 @@ class TaskFailed(TaskError):
         self.traceback = traceback
 
 
+class TaskRevoked(TaskError):
+    """`Result.get()` of a task that was revoked: a worker skipped it, or stopped it running
+    (`revoke --terminate`)."""
+
+    def __init__(self, task_id: str, message: str) -> None:
+        super().__init__(f"task {task_id} was revoked: {message}")
+        self.task_id = task_id
+        self.message = message
+
+    def __reduce__(self) -> tuple[type[TaskRevoked], tuple[str, str]]:
+        return (type(self), (self.task_id, self.message))
+
+
 class TaskExpired(TaskError):
     """The task reached a worker after its `expires` time and was not run."""
 
@@ -166,3 +181,9 @@ class MemberFailed(TaskFailed):
         super().__init__(task_id, type_name, message, traceback)
         self.index = index
         self.args = (f"group member {index} (task {task_id}) failed: {type_name}: {message}",)
+
+    def __reduce__(self) -> tuple[type[MemberFailed], tuple[int, str, str, str, str]]:
+        return (
+            type(self),
+            (self.index, self.task_id, self.type_name, self.message, self.traceback),
+        )

@@ -71,10 +71,14 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     """RabbitMQ queues' x-max-priority: 1 to 255 for that many priority levels, 0 for none.
     Unset: a queue conveyor creates has no priorities, and a queue that exists keeps the
     x-max-priority it has (earlier releases declared 9). See docs/brokers.md."""
+    store: str | None = None
+    """Where fleet-wide state lives (schedule claims, revocations): `postgresql://...` or
+    `redis://...` for workers on several machines, `sqlite:///file.db` on one. Unset: the result
+    store if it is one of those, else the SQLite broker's file. See docs/revoke.md."""
     scheduler_store: str | None = None
-    """Where schedulers claim periodic ticks: `postgresql://...` or `redis://...` for schedulers
-    on several machines, `sqlite:///file.db` on one. Unset: the result store if it is one of
-    those, else the SQLite broker's file. See docs/periodic-tasks.md."""
+    """Where schedulers claim periodic ticks, if not in `store`: `postgresql://...` or
+    `redis://...` for schedulers on several machines, `sqlite:///file.db` on one. Unset: `store`
+    and its default. See docs/periodic-tasks.md."""
     queue_type: Literal["classic", "quorum"] = "classic"
     """RabbitMQ queue type. Quorum queues are replicated and count deliveries; no priorities."""
     poison_limit: Annotated[int, msgspec.Meta(ge=1)] = 3
@@ -107,6 +111,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     """What a worker logs at INFO about tasks that succeed: auto, a line each while at most 10
     finish a second and a summary every 5 s above that; each, always a line; quiet, nothing.
     Failures and retries are logged in every mode. See docs/logging.md."""
+    events: bool = False
+    """Workers publish task events and heartbeats all the time. Unset, they publish them only
+    while a reader asks (`conveyor events`). See docs/events.md."""
     signing_key: Secret | None = None
     """Sign every message sent with HMAC-SHA256 under this key, and run only messages signed
     with it (or with one of `verify_keys`). At least 16 bytes. Unset: nothing is signed, and a

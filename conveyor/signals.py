@@ -17,9 +17,9 @@ still run; like a middleware hook, it never affects the task or its message.
 Where each is sent: `task_received` in the worker's process when a delivery is admitted;
 `task_prerun`, `task_postrun`, `task_success`, `task_failure` and `task_retry` in the process
 that runs the task (a prefork child); `worker_process_init` in each process that runs tasks;
-`worker_ready` and `worker_shutdown` in the worker's process. Connect receivers when your
-tasks' module is imported: a worker looks for receivers when it starts (and each prefork child
-again after its start-up hooks), and with none connected the signals cost nothing.
+`worker_ready`, `worker_shutdown` and `task_revoked` in the worker's process. Connect receivers
+when your tasks' module is imported: a worker looks for receivers when it starts (and each
+prefork child again after its start-up hooks), and with none connected the signals cost nothing.
 """
 
 from __future__ import annotations
@@ -139,6 +139,11 @@ task_failure = Signal(
     "traceback, request.",
 )
 task_retry = Signal("task_retry", "A task will be retried. Sends: request, reason.")
+task_revoked = Signal(
+    "task_revoked",
+    "A revoked task was skipped, or stopped while running (worker's process). Sends: task_id, "
+    "terminated (it was running and was stopped), expired (always False), envelope.",
+)
 worker_process_init = Signal(
     "worker_process_init", "A process that runs tasks is about to run its first (no sender)."
 )
@@ -153,6 +158,7 @@ SIGNALS = (
     task_success,
     task_failure,
     task_retry,
+    task_revoked,
     worker_process_init,
     worker_ready,
     worker_shutdown,

@@ -237,7 +237,7 @@ class Task(Generic[P, R]):
         """`delay` for asyncio producers."""
         envelope = self.envelope(args, kwargs)
         await self.app.send_async([envelope])
-        return self._result(envelope.id)
+        return self._result(envelope)
 
     def apply_async(
         self,
@@ -273,13 +273,13 @@ class Task(Generic[P, R]):
             headers=headers,
         )
         self.app.send([envelope])
-        return self._result(envelope.id)
+        return self._result(envelope)
 
     def map(self, arguments: Iterable[Sequence[Any]]) -> list[Result[R]]:
         """Send one task per argument tuple, all in one batch."""
         envelopes = [self.envelope(args) for args in arguments]
         self.app.send(envelopes)
-        return [self._result(e.id) for e in envelopes]
+        return [self._result(e) for e in envelopes]
 
     def s(self, *args: Any, **kwargs: Any) -> Signature[R]:
         """A signature of this task: in a chain, the previous result is prepended to `args`."""
@@ -391,9 +391,14 @@ class Task(Generic[P, R]):
         # Full jitter spreads retries of tasks that failed together.
         return random.uniform(0, delay) if self.options.retry_jitter else delay
 
-    def _result(self, task_id: str) -> Result[R]:
+    def _result(self, envelope: Envelope) -> Result[R]:
         store = None if self.options.ignore_result else self.app.results
-        return Result(task_id, store, self.name, self.types.returns)
+        # A revocation of this message need last no longer than it can arrive: until its
+        # expiry, else as long as a result is kept from its ETA on (the default is from now).
+        until = envelope.expires
+        if until is None and envelope.eta is not None:
+            until = envelope.eta + self.app.settings.result_expires
+        return Result(envelope.id, store, self.name, self.types.returns, app=self.app, until=until)
 
 
 def _check_send_options(

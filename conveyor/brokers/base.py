@@ -15,10 +15,13 @@ import contextlib
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from conveyor.errors import ConfigurationError
 from conveyor.reasons import DeadLetterReason
+
+if TYPE_CHECKING:
+    from conveyor.brokers.broadcast import Broadcast
 
 #: Everything of conveyor's that connects somewhere (brokers, result stores), in this process.
 _connecting: weakref.WeakSet[Any] = weakref.WeakSet()
@@ -275,6 +278,16 @@ class Broker(abc.ABC):
         raise ConfigurationError(
             "rpc:// results travel over RabbitMQ's direct reply-to: use an amqp:// broker"
         )
+
+    def broadcast(self) -> Broadcast:
+        """A new handle on this broker's broadcast channels (events, control requests and
+        replies, the roster of workers): see `conveyor.brokers.broadcast`. Its owner closes it."""
+        raise ConfigurationError(f"{type(self).__name__} has no broadcast channels")
+
+    def held(self) -> list[Delivery]:
+        """Deliveries the broker pushed to this consumer that no job has taken yet (RabbitMQ's
+        prefetch): what `conveyor inspect` lists as reserved. Default: none."""
+        return []
 
     def close(self) -> None:  # noqa: B027
         """Release connections held by this process."""

@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from conveyor.brokers.base import Broker, DeadLetter, Delivery, Outgoing, QueueStats
+from conveyor.brokers.broadcast import MemoryBroadcast
 from conveyor.errors import BrokerError
 
 
@@ -46,6 +47,14 @@ class MemoryBroker(Broker):
         self._delayed: list[tuple[float, int, _Message]] = []
         self._leased: dict[int, _Message] = {}
         self._dead: dict[str, list[DeadLetter]] = {}
+        self._broadcast: MemoryBroadcast | None = None
+
+    def broadcast(self) -> MemoryBroadcast:
+        """This broker's broadcast, in this process (the same one for every caller)."""
+        with self._lock:
+            if self._broadcast is None:
+                self._broadcast = MemoryBroadcast()
+            return self._broadcast
 
     def publish(self, messages: Sequence[Outgoing]) -> None:
         """Enqueue messages; delayed ones wait in a heap until due."""

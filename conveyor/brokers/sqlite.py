@@ -22,11 +22,15 @@ import random
 import sqlite3
 import time
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 from conveyor._sqlite import Database, path_from_url
 from conveyor.brokers.base import Broker, DeadLetter, Delivery, Outgoing, QueueStats
 from conveyor.message import DEFAULT_MAX_SIZE, oversize
 from conveyor.reasons import DeadLetterReason as Why
+
+if TYPE_CHECKING:
+    from conveyor.brokers.sqlite_broadcast import SQLiteBroadcast
 
 log = logging.getLogger("conveyor.worker")
 # Dead letters read at a time by `requeue_dead`.
@@ -352,6 +356,12 @@ class SQLiteBroker(Broker):
             .fetchone()
         )
         return bool(row[0])
+
+    def broadcast(self) -> SQLiteBroadcast:
+        """Broadcast through tables of this file (`conveyor.brokers.sqlite_broadcast`)."""
+        from conveyor.brokers.sqlite_broadcast import SQLiteBroadcast
+
+        return SQLiteBroadcast(self.display_url)
 
     def close(self) -> None:
         """Close this process's connections (once; later calls do nothing)."""

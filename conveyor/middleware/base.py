@@ -59,7 +59,9 @@ class RunOutcome:
     """Seconds the task ran."""
 
 
-Outcome = Literal["succeeded", "failed", "retried", "lost", "rejected", "expired", "skipped"]
+Outcome = Literal[
+    "succeeded", "failed", "retried", "lost", "rejected", "expired", "skipped", "revoked"
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,7 +72,8 @@ class Settled:
     dead-lettered); `lost` ones (the prefork child died) go back to the broker; `rejected`
     messages (undecodable, unknown task, bad arguments, poison) are dead-lettered without running;
     `expired` and `skipped` ones (`TaskSkipped` from `before_admit`) are acknowledged without
-    running.
+    running; `revoked` ones (`conveyor revoke`) are acknowledged without running, or after their
+    run was stopped (`--terminate`; then `took` is set).
     """
 
     outcome: Outcome

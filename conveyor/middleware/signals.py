@@ -1,7 +1,8 @@
 """The built-in middleware behind `conveyor.signals`: each hook sends its signals.
 
 A worker adds it (`worker_hooks`) only when some signal has a receiver, so signals nobody
-listens to cost nothing per task.
+listens to cost nothing per task; `task_revoked`, sent from `after_settle`, has a middleware of
+its own, added only when it has receivers.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from conveyor import signals
-from conveyor.middleware.base import Middleware, RunOutcome
+from conveyor.middleware.base import Middleware, RunOutcome, Settled
 from conveyor.middleware.hooks import Hooks
 from conveyor.results import State
 
@@ -80,8 +81,27 @@ class SignalDispatch(Middleware):
         signals.worker_shutdown.send(worker)
 
 
+class RevokedSignal(Middleware):
+    """Sends `task_revoked` when a revoked delivery is settled."""
+
+    def after_settle(self, settled: Settled) -> None:
+        """`task_revoked`."""
+        if settled.outcome == "revoked":
+            envelope = settled.envelope
+            signals.task_revoked.send(
+                settled.task,
+                task_id=None if envelope is None else envelope.id,
+                terminated=settled.took is not None,
+                expired=False,
+                envelope=envelope,
+            )
+
+
 def worker_hooks(middleware: Sequence[object]) -> Hooks:
     """The hooks a worker runs: the app's middleware, then the signals' if any are connected."""
     if signals.connected():
-        return Hooks([*middleware, SignalDispatch()])
+        extra: list[Middleware] = [SignalDispatch()]
+        if signals.task_revoked.receivers:
+            extra.append(RevokedSignal())
+        return Hooks([*middleware, *extra])
     return Hooks(middleware)

@@ -27,9 +27,11 @@ class State(enum.StrEnum):
     """Failed this time; another try is scheduled."""
     SUCCESS = "SUCCESS"
     FAILURE = "FAILURE"
+    REVOKED = "REVOKED"
+    """Revoked (`conveyor revoke`, `Result.revoke()`): a worker skipped it, or stopped it."""
 
 
-READY_STATES = frozenset({State.SUCCESS, State.FAILURE})
+READY_STATES = frozenset({State.SUCCESS, State.FAILURE, State.REVOKED})
 
 
 class ResultRecord(msgspec.Struct, frozen=True, kw_only=True):

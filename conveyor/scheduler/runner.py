@@ -37,20 +37,19 @@ HEADER_TICK = "conveyor-tick"
 
 
 def store_url(app: Conveyor) -> str:
-    """Where this app's schedulers claim ticks: `scheduler_store`, else its SQLite or SQL/Redis
-    result store, else its SQLite broker."""
-    settings = app.settings
-    if settings.scheduler_store:
-        return settings.scheduler_store
-    for url in (settings.results, settings.broker):
-        if url and url.startswith(("sqlite:", "postgresql:", "postgres:", "redis:", "rediss:")):
-            return url
+    """Where this app's schedulers claim ticks: `scheduler_store`, else the fleet store
+    (`conveyor.fleet`: `store`, else its SQLite or SQL/Redis result store, else its SQLite
+    broker)."""
+    from conveyor import fleet
+
+    url = app.settings.scheduler_store or fleet.store_url(app.settings)
+    if url is not None:
+        return url
     from conveyor.errors import ConfigurationError
 
     raise ConfigurationError(
         "the scheduler needs a store to claim ticks in: set scheduler_store "
-        "(CONVEYOR_SCHEDULER_STORE) to postgresql://... or redis://... (schedulers on several "
-        "machines) or sqlite:///file.db (one machine)"
+        "(CONVEYOR_SCHEDULER_STORE), or " + fleet.HOW_TO_SET
     )
 
 

@@ -4,6 +4,7 @@
 start now; it makes no call to a broker or store and keeps no state. In order:
 
 1. the body decodes (size, signature, JSON, envelope): else dead-lettered with the decoder's reason;
+   its id is not revoked (`revoked`): else acknowledged and recorded as REVOKED;
 2. its runs so far do not make it poison (`poisoned`): else dead-lettered;
 3. its task is registered here, and 4. its arguments fit the task's signature: else dead-lettered;
 5. it has not expired: else acknowledged and recorded as failed (TaskExpired);
@@ -18,7 +19,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from conveyor.app import Conveyor
@@ -51,9 +52,18 @@ class AdmissionPolicy:
     delivery_limit: int
     isolates_tasks: bool
     """The pool runs each task in a process the worker watches (prefork): see `poisoned`."""
+    revoked: Mapping[str, object] = field(default_factory=dict)
+    """Revoked task ids (`KnownRevocations.ids`: the worker keeps it up to date)."""
 
     @classmethod
-    def of(cls, app: Conveyor, records: Records, *, isolates_tasks: bool) -> AdmissionPolicy:
+    def of(
+        cls,
+        app: Conveyor,
+        records: Records,
+        *,
+        isolates_tasks: bool,
+        revoked: Mapping[str, object] | None = None,
+    ) -> AdmissionPolicy:
         """The policy of `app`'s tasks and settings, for a pool that isolates tasks or not."""
         s = app.settings
         return cls(
@@ -65,6 +75,7 @@ class AdmissionPolicy:
             s.poison_limit,
             s.delivery_limit,
             isolates_tasks,
+            {} if revoked is None else revoked,
         )
 
     def admit(self, delivery: Delivery, now: float) -> Job | Verdict:
@@ -73,6 +84,8 @@ class AdmissionPolicy:
             envelope = decode(delivery.body, max_size=self.max_message_size, signer=self.signer)
         except DecodeError as exc:
             return refused(self.records, delivery, exc.reason, None, "DecodeError")
+        if envelope.id in self.revoked:
+            return self.revoked_verdict(envelope, Outcome.revoked("skipped before it started"))
         reason = self.poisoned(delivery)
         if reason is not None:
             return refused(self.records, delivery, reason, envelope, "WorkerLost")
@@ -118,6 +131,27 @@ class AdmissionPolicy:
                 logging.INFO,
                 "task %s[%s] skipped: %s",
                 (envelope.task, envelope.id, skip),
+            ),
+            envelope=envelope,
+        )
+
+    def revoked_verdict(self, envelope: Envelope, outcome: Outcome) -> Verdict:
+        """A revoked task that is not run: acknowledged, recorded as REVOKED."""
+        record = self.records.of(envelope, State.REVOKED, outcome=outcome)
+        return Verdict(
+            ("revoked",),
+            ack=True,
+            record=record,
+            follow=failed(
+                envelope,
+                outcome.error_type or "TaskRevoked",
+                outcome.error_message or "revoked",
+                self.records.expires_at(record),
+            ),
+            log=(
+                logging.INFO,
+                "task %s[%s] revoked: %s",
+                (envelope.task, envelope.id, outcome.error_message),
             ),
             envelope=envelope,
         )

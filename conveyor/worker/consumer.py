@@ -30,10 +30,13 @@ from msgspec import UNSET
 
 from conveyor.app import Conveyor
 from conveyor.brokers import Delivery
+from conveyor.control.events import TaskEvents
 from conveyor.errors import ConfigurationError
 from conveyor.middleware.base import Settled
 from conveyor.middleware.hooks import admit as admit_hooks
 from conveyor.middleware.hooks import call
+from conveyor.revocations import Revocation
+from conveyor.revocations.watch import KnownRevocations
 from conveyor.worker.admission import AdmissionPolicy
 from conveyor.worker.execution import Job, Outcome, request_for
 from conveyor.worker.pools.base import Pool
@@ -87,11 +90,17 @@ class Consumer:
         self.broker = app.broker
         self.store = app.results
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}"
+        #: Task events, reported only while `events.on` (see `conveyor.control`).
+        self.events = TaskEvents(self.worker_id)
         self._settings = app.settings
         records = Records(
             app.tasks, self.store is not None, self.worker_id, app.settings.result_expires
         )
-        self._admission = AdmissionPolicy.of(app, records, isolates_tasks=pool.isolates_tasks)
+        #: The revoked task ids this worker skips (`revoke` adds to them).
+        self.revoked = KnownRevocations()
+        self._admission = AdmissionPolicy.of(
+            app, records, isolates_tasks=pool.isolates_tasks, revoked=self.revoked.ids
+        )
         self._settlement = SettlementPolicy.of(app, records)
         self._before_admit = app.hooks.before_admit
         self._after_settle = app.hooks.after_settle
@@ -232,6 +241,11 @@ class Consumer:
     def running(self) -> int:
         """Jobs running now."""
         return len(self._running)
+
+    def jobs(self) -> list[Job]:
+        """The jobs submitted to the pool and not yet settled, from any thread."""
+        with self._lock:
+            return list(self._running)
 
     # I/O
 
@@ -427,10 +441,13 @@ class Consumer:
         now = time.time()
         admit, started, store = self._admission.admit, self._admission.started, self.store
         before_admit = self._before_admit
+        events = self.events
         jobs: list[Job] = []
         claiming: list[Job] = []
         for delivery in deliveries:
             admitted = admit(delivery, now)
+            if events.on:
+                events.received(delivery, admitted, now)
             envelope = admitted.envelope
             if delivery.reply_to is not None and store is not None and envelope is not None:
                 store.route(envelope.id, delivery.reply_to)  # the sender takes its records
@@ -451,10 +468,11 @@ class Consumer:
             jobs.append(admitted)
         if claiming:
             jobs += self._claimed(claiming)
-        if store is not None:
-            for job in jobs:
-                if (record := started(job)) is not None:
-                    self._pending.records[record.id] = record
+        for job in jobs:
+            if events.on:
+                events.started(job)
+            if store is not None and (record := started(job)) is not None:
+                self._pending.records[record.id] = record
         return jobs, [job.delivery for job in jobs if not job.task.options.acks_late]
 
     def _claimed(self, jobs: list[Job]) -> list[Job]:
@@ -498,6 +516,15 @@ class Consumer:
             self.stats.rejected += new
             self.stats.dead_lettered += new
 
+    def revoke(self, revocations: Sequence[Revocation]) -> None:
+        """Skip these task ids from now on, and tell the pool about the jobs it holds of them
+        (queued, or running: see `Pool.revoke`). Called on the worker's event loop."""
+        with self._lock:
+            live = self.revoked.add(revocations)
+            held = [(job, live[j]) for job in self._running if (j := job.envelope.id) in live]
+            if held:
+                self.pool.revoke(held)
+
     def _without_early(self, jobs: list[Job], exc: Exception) -> list[Job]:
         """The acks_late=False jobs whose ack failed are not started: they come back later."""
         late = [job for job in jobs if job.task.options.acks_late]
@@ -532,7 +559,10 @@ class Consumer:
             if verdict.finished is not None:
                 env = job.envelope
                 self.task_log.finished(env.task, env.id, verdict.finished, outcome.took)
-            if self._direct and not self._stopping and self._cycle(self._free()) > 0:
+            started = self._direct and not self._stopping and self._cycle(self._free()) > 0
+            if started and self._running:
+                # A job started: its end runs the next round. Deliveries that did not start
+                # (expired, revoked, refused) leave settlements only the loop would carry out.
                 return
             # The loop must still run a round once nothing runs (a drain check, a shutdown).
             if self._native and self._running and self._ack_at_once():
@@ -553,6 +583,8 @@ class Consumer:
             log.log(level, message, *args)
         self.stats.count(verdict.counts)
         self._pending.add(delivery, verdict)
+        if self.events.on and verdict.counts:
+            self.events.settled(delivery, verdict, job, outcome)
         if self._after_settle and verdict.counts:
             call(self._after_settle, "after_settle", self._settled(delivery, verdict, job, outcome))
 

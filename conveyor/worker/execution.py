@@ -50,6 +50,7 @@ class Kind(enum.Enum):
     FAILURE = "failure"
     RETRY = "retry"
     LOST = "lost"  # the process running it died: the message goes back, counted
+    REVOKED = "revoked"  # skipped or stopped by a revocation: acknowledged, not counted
 
 
 @dataclass(slots=True, eq=False)
@@ -91,6 +92,11 @@ class Outcome:
         """An outcome for an exception, kept as three strings."""
         text = "".join(traceback.format_exception(exc)) if with_traceback else ""
         return cls(Kind.FAILURE, None, type(exc).__name__, str(exc), text, finished_at=time.time())
+
+    @classmethod
+    def revoked(cls, how: str) -> Outcome:
+        """The outcome of a job a revocation skipped or stopped; `how` says which."""
+        return cls(Kind.REVOKED, None, "TaskRevoked", how, "", finished_at=time.time())
 
 
 def request_for(job: Job) -> Request:

@@ -11,7 +11,9 @@ a broker or store and keeps no state, so each rule can be tested on its own. The
 - a failure: record it, acknowledge;
 - lost (the process running it died): with late acks the message goes back, as a lost run that
   counts toward the poison limit; with early acks nothing is left to give back, so the failure
-  is recorded.
+  is recorded;
+- revoked (a revocation skipped it in the pool, or stopped it running): record REVOKED,
+  acknowledge; never given back, never counted toward the poison limit.
 
 `refused` is the verdict on a message that cannot run at all (admission's, or an outcome that
 could not be settled): dead-lettered with its reason, and recorded as a failure when decoded.
@@ -177,6 +179,8 @@ class SettlementPolicy:
             return _SUCCEEDED_ACK if acks_late else _SUCCEEDED
         if kind is Kind.LOST:
             return self._lost(job, outcome)
+        if kind is Kind.REVOKED:
+            return self._revoked(job, outcome)
         if kind is Kind.RETRY and job.envelope.retries < max_retries(job, outcome):
             return self._retry(job, outcome)
         return self._failed(job, outcome)
@@ -216,6 +220,28 @@ class SettlementPolicy:
             "lost",
             record=self.records.of(env, State.FAILURE, outcome=outcome, started_at=job.started_at),
             log=(logging.ERROR, "task %s[%s] lost: %s", (env.task, env.id, outcome.error_message)),
+        )
+
+    def _revoked(self, job: Job, outcome: Outcome) -> Verdict:
+        env = job.envelope
+        record = self.records.of(env, State.REVOKED, outcome=outcome, started_at=job.started_at)
+        return Verdict(
+            ("revoked",),
+            "revoked" if outcome.took else None,  # stopped while it ran, or skipped unrun
+            ack=job.task.options.acks_late,
+            record=record,
+            # What follows a revoked workflow task fails with it, its chord too.
+            follow=failed(
+                env,
+                outcome.error_type or "TaskRevoked",
+                outcome.error_message or "revoked",
+                self.records.expires_at(record),
+            ),
+            log=(
+                logging.INFO,
+                "task %s[%s] revoked: %s",
+                (env.task, env.id, outcome.error_message),
+            ),
         )
 
     def _retry(self, job: Job, outcome: Outcome) -> Verdict:

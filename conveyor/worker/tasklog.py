@@ -34,7 +34,7 @@ LINES_PER_S = 10
 SUMMARY_EVERY_S = 5.0
 #: Task names listed in a summary, the busiest first; the rest are counted together.
 SUMMARY_NAMES = 10
-OUTCOMES = ("succeeded", "failed", "retried", "lost")
+OUTCOMES = ("succeeded", "failed", "retried", "lost", "revoked")
 
 
 class TaskLog:

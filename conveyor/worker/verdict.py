@@ -22,7 +22,15 @@ if TYPE_CHECKING:
 
 #: A `WorkerStats` counter a verdict adds one to.
 Counter = Literal[
-    "succeeded", "failed", "retried", "rejected", "dead_lettered", "expired", "skipped", "lost"
+    "succeeded",
+    "failed",
+    "retried",
+    "rejected",
+    "dead_lettered",
+    "expired",
+    "skipped",
+    "lost",
+    "revoked",
 ]
 #: A log line to write: level, format, arguments (formatted by logging, as ever).
 LogLine = tuple[int, str, tuple[object, ...]]
@@ -73,6 +81,8 @@ class WorkerStats:
     expired: int = 0
     skipped: int = 0
     """Deliveries a middleware's `before_admit` skipped (`TaskSkipped`): acknowledged unrun."""
+    revoked: int = 0
+    """Tasks revoked (`conveyor revoke`): skipped, or stopped while running; acknowledged."""
     released: int = 0
     """Messages given back unfinished at shutdown."""
     lost: int = 0
@@ -84,9 +94,16 @@ class WorkerStats:
 
     @property
     def finished(self) -> int:
-        """Tasks that reached their end: succeeded, failed for good, rejected, expired or
-        skipped."""
-        return self.succeeded + self.failed + self.rejected + self.expired + self.skipped
+        """Tasks that reached their end: succeeded, failed for good, rejected, expired,
+        skipped or revoked."""
+        return (
+            self.succeeded
+            + self.failed
+            + self.rejected
+            + self.expired
+            + self.skipped
+            + self.revoked
+        )
 
     def count(self, counters: tuple[Counter, ...]) -> None:
         """Add one to each of `counters` (a verdict's)."""

@@ -13,10 +13,14 @@ import signal
 import threading
 from collections.abc import Sequence
 
+from conveyor import fleet, revocations
 from conveyor.app import Conveyor
+from conveyor.control.beacon import Beacon
 from conveyor.middleware.hooks import call
 from conveyor.middleware.signals import worker_hooks
 from conveyor.redact import redact_url
+from conveyor.revocations import no_store
+from conveyor.revocations.watch import RevocationWatch
 from conveyor.worker import pools
 from conveyor.worker.consumer import Consumer
 from conveyor.worker.loops import choose
@@ -43,6 +47,7 @@ class Worker:
         max_memory_per_child: int | None = None,
         task_log: TaskLogMode | None = None,
         loop: str | None = None,
+        events: bool | None = None,
     ) -> None:
         settings = app.settings
         self.app = app
@@ -57,6 +62,8 @@ class Worker:
         #: The event loop the worker runs on, "asyncio" or "uvloop" (`loop`: auto, asyncio or
         #: uvloop; auto is uvloop when it is installed).
         self.loop_name, self._loop_factory = choose(loop or settings.loop)
+        #: Publish task events and heartbeats from the start, not only while a reader asks.
+        self.events = settings.events if events is None else events
         self.stats = WorkerStats()
         self.started = threading.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -70,6 +77,11 @@ class Worker:
         with asyncio.Runner(loop_factory=self._loop_factory) as runner:
             runner.run(self._main())
         return self.stats
+
+    @property
+    def event_loop(self) -> asyncio.AbstractEventLoop | None:
+        """The loop the worker runs on, while it runs."""
+        return self._loop
 
     def stop(self) -> None:
         """Ask for a shutdown from any thread; a second call makes it cold."""
@@ -121,15 +133,24 @@ class Worker:
         pool.on_broken = self._on_broken
         consumer.on_fatal = self._on_misconfigured
         await pool.start()
+        # After the fork of the pool's zygote: no child inherits the store's connection.
+        watch = await _watch_revocations(app, consumer)
+        beacon = Beacon(self, consumer, pool, always=self.events)
+        beacon.start()  # after the pool: its thread is never in a fork
         installed = self._install_signals()
         call(app.hooks.worker_start, "worker_start", self)
         self.started.set()
+        watching = None if watch is None else asyncio.create_task(watch.run())
         try:
             await consumer.run()
         finally:
+            if watching is not None and watch is not None:
+                watching.cancel()
+                watch.close()
             for sig in installed:
                 self._loop.remove_signal_handler(sig)
             await pool.stop()
+            beacon.stop()  # bounded: it publishes what is left, then lets go
             call(app.hooks.worker_stop, "worker_stop", self)
             # Connections the tasks opened in this process (a prefork child closes its own).
             self.app.resources.close_all()
@@ -208,3 +229,22 @@ class Worker:
         if self._consumer is not None and self._consumer.running:
             log.warning("shutdown grace over: giving %d running tasks back", self._consumer.running)
             self._consumer.abandon()
+
+
+async def _watch_revocations(app: Conveyor, consumer: Consumer) -> RevocationWatch | None:
+    """Load the revocations before the first fetch, and the watch that keeps up with them;
+    None (said once) when the app has no store for them."""
+    url = fleet.store_url(app.settings, memory=True)
+    if url is None:
+        log.info("revocations are not checked: %s", no_store())
+        return None
+    try:
+        # A store of the worker's own, closed when it stops (an in-memory one is the app's).
+        store = app.revocations if url.startswith("memory:") else revocations.from_url(url)
+    except Exception as exc:  # a store URL that cannot be used: the worker runs without
+        log.error("revocations are not checked: %s", exc)
+        return None
+    assert store is not None
+    watch = RevocationWatch(store, consumer.revoke, owned=not url.startswith("memory:"))
+    await watch.load()
+    return watch

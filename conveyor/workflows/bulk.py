@@ -25,6 +25,8 @@ if TYPE_CHECKING:
 
 STARMAP = "conveyor.starmap"
 COLLECT = "conveyor.collect"
+#: Tasks every worker registers itself: left out where a worker lists the tasks it was given.
+BUILTINS = frozenset({STARMAP, COLLECT})
 
 
 def register(app: Conveyor) -> Task[Any, Any]:

@@ -283,7 +283,7 @@ class _Compiler:
             call = self.call(canvas, then, ref, errbacks + own)
             task = canvas.task
             store = None if task.options.ignore_result else self.store
-            return call, Result(call.id, store, task.name, task.types.returns)
+            return call, Result(call.id, store, task.name, task.types.returns, app=self.app)
         if isinstance(canvas, Chain):
             links = _fold(canvas.links)
             if not links:

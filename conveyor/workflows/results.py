@@ -6,8 +6,8 @@ import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from conveyor.errors import MemberFailed, ResultTimeout, TaskFailed
-from conveyor.results import READY_STATES, State
+from conveyor.errors import MemberFailed, ResultTimeout, TaskFailed, TaskRevoked
+from conveyor.results import State
 from conveyor.results.handle import Result
 
 
@@ -59,6 +59,8 @@ class GroupResult:
                 raise MemberFailed(
                     index, exc.task_id, exc.type_name, exc.message, exc.traceback
                 ) from None
+            except TaskRevoked as exc:
+                raise MemberFailed(index, result.id, TaskRevoked.__name__, str(exc), "") from None
             except ResultTimeout:
                 raise ResultTimeout(
                     f"group {self.id}: member {index} of {len(self.results)} did not finish "
@@ -71,6 +73,11 @@ class GroupResult:
         for result in self.results:
             result.forget()
 
+    def revoke(self, terminate: bool = False) -> None:
+        """Revoke every member (see `Result.revoke`); those that finished are left alone."""
+        for result in self.results:
+            result.revoke(terminate)
+
 
 def _succeeded(result: Result[Any] | GroupResult) -> bool:
     if isinstance(result, GroupResult):
@@ -81,4 +88,4 @@ def _succeeded(result: Result[Any] | GroupResult) -> bool:
 def _failed(result: Result[Any] | GroupResult) -> bool:
     if isinstance(result, GroupResult):
         return result.failed()
-    return result.state is State.FAILURE and result.state in READY_STATES
+    return result.state in (State.FAILURE, State.REVOKED)

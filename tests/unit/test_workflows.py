@@ -526,3 +526,25 @@ def test_members_that_keep_no_result_still_join(app: Conveyor, tasks: Tasks) -> 
     run(app)
     assert joined.get(1) == 60
     assert isinstance(grouped, GroupResult) and grouped.get(1) == [30, 2]
+
+
+def test_a_revoked_member_fails_its_chord_and_is_named_in_its_group(
+    app: Conveyor, tasks: Tasks
+) -> None:
+    members = group(tasks.add.s(1, 1), tasks.add.s(2, 2)).apply_async()
+    assert isinstance(members, GroupResult)
+    member = tasks.add.s(2, 2).set(task_id="revoked-member")
+    joined = chord([tasks.add.s(1, 1), member], tasks.total.s()).apply_async()
+    chained = (tasks.add.s(1, 1).set(task_id="revoked-link") | tasks.add.s(1)).apply_async()
+    members[1].revoke()
+    app.result("revoked-member").revoke()
+    app.result("revoked-link").revoke()
+    run(app)
+    with pytest.raises(MemberFailed) as failed:
+        members.get(1)
+    assert failed.value.index == 1 and failed.value.type_name == "TaskRevoked"
+    with pytest.raises(TaskFailed, match=r"chord member 1 .*TaskRevoked"):
+        joined.get(1)
+    with pytest.raises(TaskFailed, match="TaskRevoked"):
+        chained.get(1)
+    assert tasks.runs("total") == []

@@ -12,7 +12,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterator, Sequence
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlsplit
 
 import aiormq
@@ -41,6 +41,9 @@ from conveyor.errors import BrokerError, ConfigurationError
 from conveyor.reasons import DeadLetterReason as Why
 from conveyor.redact import redact_text, redact_url
 from conveyor.signing import PREFIX as SIGNED_PREFIX
+
+if TYPE_CHECKING:
+    from conveyor.brokers.rabbitmq._broadcast import RabbitMQBroadcast
 
 T = TypeVar("T")
 REPLY_TO = "amq.rabbitmq.reply-to"  # RabbitMQ's direct reply-to pseudo-queue
@@ -860,6 +863,16 @@ class RabbitMQBroker(Broker):
         finally:
             await _close_channel(channel)
         return True
+
+    def broadcast(self) -> RabbitMQBroadcast:
+        """Broadcast over fanout exchanges, on a connection of its own (`_broadcast`)."""
+        from conveyor.brokers.rabbitmq._broadcast import RabbitMQBroadcast
+
+        return RabbitMQBroadcast(self._url)
+
+    def held(self) -> list[Delivery]:
+        """What RabbitMQ pushed that no job has taken yet (read on the worker's loop)."""
+        return list(self._inbox)
 
     def close(self) -> None:
         """Close the connection and stop the broker's event-loop thread."""

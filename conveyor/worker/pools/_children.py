@@ -16,14 +16,17 @@ over one Unix socket of packets:
                        b"E" text: a fresh zygote could not start, and why (then it exits)
 
 A child talks to the worker over its own two pipes, in frames of a 4-byte length and a msgpack
-message (`Run` in; `Up` once, then a `Done` per task, out). It has no broker: it runs tasks and
-reports their outcomes.
+message (`Run` and `Revoke` in; `Up` once, then a `Done` per task, out). It has no broker: it
+runs tasks and reports their outcomes. Before each task it compares a counter the worker bumps
+after writing a `Revoke` (shared memory: `ChildOptions.revocations`); only when it moved does it
+read its pipe without waiting, so a revoked job queued behind others is reported, not run.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import mmap
 import os
 import selectors
 import signal
@@ -66,6 +69,12 @@ class Run(msgspec.Struct, array_like=True, tag=1):
     delivery_count: int
 
 
+class Revoke(msgspec.Struct, array_like=True, tag=4):
+    """Worker to child: these jobs, written before, were revoked: do not start them."""
+
+    jobs: list[int]
+
+
 class Up(msgspec.Struct, array_like=True, tag=2):
     """Child to worker: ready for work (WORKER_UP)."""
 
@@ -103,7 +112,7 @@ class Done(msgspec.Struct, array_like=True, tag=3):
         )
 
 
-Message = Run | Up | Done
+Message = Run | Up | Done | Revoke
 _KINDS = {kind.value: kind for kind in Kind}  # a dict lookup, not an Enum call, per outcome
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Message)
@@ -185,10 +194,13 @@ class ZygoteSpec(msgspec.Struct, frozen=True):
     max_tasks: int | None
     max_memory: int | None
     max_message_size: int
+    revocations: int = -1
 
     def options(self) -> ChildOptions:
         """The children's options (`before_up`, a test hook, cannot cross into a new process)."""
-        return ChildOptions(self.max_tasks, self.max_memory, self.max_message_size)
+        return ChildOptions(
+            self.max_tasks, self.max_memory, self.max_message_size, revocations=self.revocations
+        )
 
 
 def start_fresh_zygote(
@@ -206,11 +218,13 @@ def start_fresh_zygote(
         max_tasks=options.max_tasks,
         max_memory=options.max_memory,
         max_message_size=options.max_message_size,
+        revocations=options.revocations,
     )
     argument = msgspec.json.encode(spec).decode()
     command = [sys.executable, "-m", "conveyor.worker.pools._zygote", argument]
+    passed = [theirs.fileno()] + ([options.revocations] if options.revocations >= 0 else [])
     try:
-        process = subprocess.Popen(command, pass_fds=[theirs.fileno()])
+        process = subprocess.Popen(command, pass_fds=passed)
     except BaseException:
         ours.close()
         raise
@@ -405,6 +419,8 @@ class ChildOptions:
     max_message_size: int = 16 * 1024 * 1024
     #: Called in the child before it reports WORKER_UP (tests use it to delay start-up).
     before_up: Callable[[], None] | None = None
+    #: A memfd holding the counter of revocations the worker wrote (-1: none).
+    revocations: int = -1
 
 
 def child_main(
@@ -431,14 +447,32 @@ def _serve(app: Conveyor, options: ChildOptions, tasks: int, results: int) -> in
         options.before_up()
     frames = Frames()
     done = 0
+    counter = _counter(options.revocations)
+    seen = 0 if counter is None else counter[0]
+    revoked: set[int] = set()
     try:
         _write(results, frame(Up(os.getpid())))
         while True:
             data = os.read(tasks, 1 << 16)
             if not data:  # the worker closed the pipe: nothing more to do
                 return 0
-            for message in frames.feed(data):
+            messages = frames.feed(data)
+            if len(messages) > 1:
+                _note_revoked(messages, revoked)  # a Revoke follows the Runs it names
+            for message in messages:  # may grow as it goes: see below
                 if not isinstance(message, Run):
+                    if isinstance(message, Revoke):
+                        revoked.update(message.jobs)
+                    continue
+                if counter is not None and counter[0] != seen:
+                    # The worker revoked jobs since: its word may wait in the pipe.
+                    seen = counter[0]
+                    more = _waiting(tasks, frames)
+                    _note_revoked(more, revoked)
+                    messages.extend(more)
+                if revoked and message.job in revoked:
+                    revoked.discard(message.job)
+                    _write(results, frame(_done(message.job, _REVOKED, None)))
                     continue
                 outcome = _run(app, options, message)
                 done += 1
@@ -450,6 +484,40 @@ def _serve(app: Conveyor, options: ChildOptions, tasks: int, results: int) -> in
                     return 0
     except BrokenPipeError:  # the worker is gone
         return 0
+
+
+_REVOKED = Outcome(Kind.REVOKED, None, "TaskRevoked", "skipped before it started", "")
+
+
+def _counter(fd: int) -> memoryview | None:
+    """The revocation counter the worker shares with its children, mapped here."""
+    if fd < 0:
+        return None
+    return memoryview(mmap.mmap(fd, mmap.PAGESIZE, prot=mmap.PROT_READ)).cast("Q")
+
+
+def _note_revoked(messages: list[Message], revoked: set[int]) -> None:
+    for message in messages:
+        if isinstance(message, Revoke):
+            revoked.update(message.jobs)
+
+
+def _waiting(tasks: int, frames: Frames) -> list[Message]:
+    """What the worker has written to the task pipe so far, read without waiting for more."""
+    found: list[Message] = []
+    os.set_blocking(tasks, False)
+    try:
+        while True:
+            try:
+                data = os.read(tasks, 1 << 16)
+            except BlockingIOError:
+                break
+            if not data:  # the pipe's end: the next blocking read says so too
+                break
+            found += frames.feed(data)
+    finally:
+        os.set_blocking(tasks, True)
+    return found
 
 
 def _run(app: Conveyor, options: ChildOptions, message: Run) -> Outcome:

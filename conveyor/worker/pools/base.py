@@ -8,11 +8,13 @@ the consumer makes that safe.
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable
+import logging
+from collections.abc import Callable, Sequence
 
 from conveyor.worker.execution import Job, Outcome
 
 Done = Callable[[Job, Outcome], None]
+log = logging.getLogger("conveyor.worker")
 
 
 class Pool(abc.ABC):
@@ -58,6 +60,12 @@ class Pool(abc.ABC):
         """Learn what a finished job's replacement takes to arrive from the broker (its ack's
         wait and a round trip), as the consumer measured it. Default: nothing to learn."""
 
+    def placement(self) -> dict[Job, tuple[int, bool]] | None:
+        """Where submitted jobs are, for `conveyor inspect`: per job, the pid of the process
+        holding it and whether it runs now (a job not listed waits in the pool). None: every
+        job submitted runs now, in the worker's own process. Called on the event loop."""
+        return None
+
     @abc.abstractmethod
     async def start(self) -> None:
         """Get ready to run jobs (called on the consumer's event loop)."""
@@ -65,6 +73,30 @@ class Pool(abc.ABC):
     @abc.abstractmethod
     def submit(self, job: Job, done: Done) -> None:
         """Start a job now; call `done(job, outcome)` on the event loop when it ends."""
+
+    def revoke(self, jobs: Sequence[tuple[Job, bool]]) -> None:
+        """Jobs submitted here (and not done) whose tasks were just revoked, each with whether
+        to stop it if it runs (`terminate`). A job that has not started must not start: end it
+        with `Outcome.revoked(...)`. This default, for pools that start every job at once and
+        cannot stop one (threads, solo), only says that they run to the end."""
+        for job, terminate in jobs:
+            env = job.envelope
+            if terminate:
+                log.warning(
+                    "task %s[%s] was revoked with terminate while running, but the %s pool cannot "
+                    "stop a running task: it runs to the end (use the prefork pool, or the "
+                    "asyncio pool for async tasks, to stop running tasks)",
+                    env.task,
+                    env.id,
+                    self.name,
+                )
+            else:
+                log.info(
+                    "task %s[%s] was revoked while running: it runs to the end", env.task, env.id
+                )
+
+    #: The pool's name, for log lines.
+    name = "this"
 
     def flush(self) -> None:  # noqa: B027
         """Hand over now what `submit` gathered (a pool that writes jobs in batches, prefork,

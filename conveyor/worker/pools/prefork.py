@@ -36,6 +36,14 @@ retries, per its options). A child that dies otherwise (a crash, `os._exit`, the
 loses its task: the outcome says so and the consumer gives the message back, counted, so the
 poison limit ends a task that keeps killing children.
 
+A revocation (`Pool.revoke`) of a job the pool holds takes effect at the last moment before it
+would run. A job still waiting in the pool is ended at once. A job written to a child is named
+in a `Revoke` frame down its pipe, and a counter in memory shared with every child (a memfd,
+mapped before the zygote forks) is bumped once that frame is written whole: the child compares
+the counter before each task, a memory read, and only when it moved reads what waits in its
+pipe without blocking, so the job is reported as revoked instead of run. With `terminate`, the
+child running the job is killed and replaced (not counted as a lost run: never poison).
+
 All bookkeeping hangs off `_Child` objects with a generation number, never off descriptor
 numbers, and a pipe leaves the event loop before it is closed, so a number the kernel hands out
 again can never be mistaken for an old child's.
@@ -46,16 +54,18 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import enum
 import itertools
 import logging
 import math
+import mmap
 import os
 import signal
 import socket
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from conveyor.app import import_path_of
@@ -63,7 +73,7 @@ from conveyor.brokers.base import own_endpoints
 from conveyor.errors import TimeLimitExceeded
 from conveyor.worker.execution import Job, Kind, Outcome
 from conveyor.worker.pools import _children
-from conveyor.worker.pools._children import ChildOptions, Done, Frames, Run, Up
+from conveyor.worker.pools._children import ChildOptions, Done, Frames, Revoke, Run, Up
 from conveyor.worker.pools.base import Done as DoneCallback
 from conveyor.worker.pools.base import Pool
 
@@ -124,6 +134,8 @@ class _Child:
         self.sent = 0  # jobs written to it in its life
         self.timer: asyncio.TimerHandle | None = None  # start-up timeout or hard time limit
         self.overran = False  # killed for running past its hard limit
+        self.revoked = False  # killed to stop a revoked task (terminate)
+        self.revokes_owed = False  # a Revoke frame is in `outbox`: bump the counter once out
         # Its zygote died: it finishes what it was given and exits; a pidfd kills it if need be.
         self.orphan = False
         self.pidfd = -1
@@ -137,6 +149,7 @@ class PreforkPool(Pool):
     """`concurrency` child processes, one task at a time each."""
 
     isolates_tasks = True
+    name = "prefork"
 
     def __init__(
         self,
@@ -186,6 +199,8 @@ class PreforkPool(Pool):
         self._unflushed: set[_Child] = set()
         self._flushing = False
         self._clock = time.monotonic
+        self._revocations: mmap.mmap | None = None  # the counter children check (see above)
+        self._revoked: set[Job] = set()  # revoked jobs written to children, until they end
 
     @property
     def most(self) -> int:
@@ -282,12 +297,24 @@ class PreforkPool(Pool):
         depth = min(MAX_DEPTH, 2 + int(self._budget / max(self._pace, 1e-6)))
         self._depth = 1 << (depth.bit_length() - 1)
 
+    def placement(self) -> dict[Job, tuple[int, bool]]:
+        """Each job written to a child: the child's pid, and whether it is the one it runs."""
+        return {
+            job: (child.pid, n == 0)
+            for child in self._children
+            for n, (job, _) in enumerate(child.jobs.values())
+        }
+
     # lifecycle
 
     async def start(self) -> None:
         """Fork the zygote, then ask it for the children."""
         self._loop = asyncio.get_running_loop()
         self._warn_inherited()
+        fd = os.memfd_create("conveyor-revocations", os.MFD_CLOEXEC)
+        os.ftruncate(fd, mmap.PAGESIZE)
+        self._revocations = mmap.mmap(fd, mmap.PAGESIZE)
+        self._options = dataclasses.replace(self._options, revocations=fd)
         pid, control = _children.start_zygote(self.app, self._options)
         self._adopt(pid, control, None)
         for _ in range(self.concurrency):
@@ -353,6 +380,10 @@ class PreforkPool(Pool):
         if self._zygote_pid:
             await asyncio.to_thread(_reap, self._zygote_pid, self._zygote_process)
             self._zygote_pid, self._zygote_process = 0, None
+        if self._revocations is not None:
+            self._revocations.close()
+            self._revocations = None
+            os.close(self._options.revocations)
 
     # dispatch
 
@@ -367,6 +398,40 @@ class PreforkPool(Pool):
         self._give(child, job, done)
         if not short:
             self._capacity_changed()  # that child takes no more for now
+
+    def revoke(self, jobs: Sequence[tuple[Job, bool]]) -> None:
+        """End the revoked jobs that wait here; tell the children that hold some not to start
+        them; kill the children running those revoked with terminate."""
+        wanted = dict(jobs)
+        if any(job in wanted for job, _ in self._backlog):
+            waiting = [entry for entry in self._backlog if entry[0] in wanted]
+            self._backlog = collections.deque(e for e in self._backlog if e[0] not in wanted)
+            for job, done in waiting:
+                done(job, Outcome.revoked("skipped before it started"))
+        for child in list(self._children):
+            held = [number for number, (job, _) in child.jobs.items() if job in wanted]
+            if not held:
+                continue
+            head, (job, _) = next(iter(child.jobs.items()))
+            if head in held and wanted[job] and not child.revoked:
+                env = job.envelope
+                log.info(
+                    "task %s[%s] revoked with terminate: killing child %d (pid %d) that runs it",
+                    env.task,
+                    env.id,
+                    child.generation,
+                    child.pid,
+                )
+                child.revoked = True
+                self._kill(child)
+                held.remove(head)
+            # Should the child end before it reads the word, they must not go to another.
+            self._revoked.update(child.jobs[number][0] for number in held)
+            if held and child.tasks >= 0 and not child.revoked:
+                child.outbox += _children.frame(Revoke(held))
+                child.revokes_owed = True
+                self._flush(child)
+        self._capacity_changed()
 
     def _pick(self, short: bool) -> _Child | None:
         """An idle child, or for a short task the least loaded child with room for it."""
@@ -442,6 +507,12 @@ class PreforkPool(Pool):
         del child.outbox[:written]
         if child.outbox:
             self._loop.add_writer(child.tasks, self._drain, child)
+        elif child.revokes_owed and self._revocations is not None:
+            # The Revoke frame is in the pipe whole: now the child may look for it.
+            child.revokes_owed = False
+            counter = memoryview(self._revocations).cast("Q")
+            counter[0] = counter[0] + 1
+            counter.release()
 
     def _drain(self, child: _Child) -> None:
         """The pipe has room again: write what did not fit."""
@@ -513,8 +584,11 @@ class PreforkPool(Pool):
         if entry is None:
             return
         job, done = entry
+        if self._revoked:
+            self._revoked.discard(job)
         self._cancel_timer(child)
-        self._observe(job, message.took)
+        if message.kind != "revoked":  # skipped unrun: says nothing of its run time
+            self._observe(job, message.took)
         child.short.discard(message.job)
         if child.jobs:  # the next one starts now
             child.head_since = self._clock()
@@ -552,6 +626,12 @@ class PreforkPool(Pool):
         for key in list(child.jobs)[skip:]:
             del child.jobs[key]
             child.short.discard(key)
+        if self._revoked:
+            revoked = [entry for entry in jobs if entry[0] in self._revoked]
+            jobs = [entry for entry in jobs if entry[0] not in self._revoked]
+            for job, done in revoked:
+                self._revoked.discard(job)
+                done(job, Outcome.revoked("skipped before it started"))
         self._backlog.extendleft(reversed(jobs))
         if jobs:
             for other in list(self._ready_children):
@@ -573,6 +653,7 @@ class PreforkPool(Pool):
             self._failed_starts += 1
         if lost is not None:
             job, done = lost
+            self._revoked.discard(job)
             done(job, self._lost(child, job))
         replaced = state is State.RETIRING or child.orphan
         if (not self._stopping or self._backlog) and not replaced:
@@ -590,6 +671,12 @@ class PreforkPool(Pool):
         )
 
     def _lost(self, child: _Child, job: Job) -> Outcome:
+        if child.revoked:
+            outcome = Outcome.revoked(
+                f"stopped while running: its process (pid {child.pid}) was killed (--terminate)"
+            )
+            outcome.took = max(self._clock() - child.head_since, 1e-9)
+            return outcome
         if child.overran:
             limit = job.task.options.time_limit
             error = TimeLimitExceeded(

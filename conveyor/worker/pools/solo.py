@@ -16,6 +16,7 @@ class SoloPool(Pool):
     """Runs each job inline, one at a time."""
 
     loop_free = False
+    name = "solo"
 
     def __init__(self, concurrency: int = 1) -> None:
         super().__init__(1)

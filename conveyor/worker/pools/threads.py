@@ -25,6 +25,7 @@ class ThreadPool(Pool):
     """
 
     threaded = True
+    name = "threads"
 
     def __init__(self, concurrency: int) -> None:
         super().__init__(concurrency)
