@@ -39,6 +39,7 @@ SCENARIOS = {
     "results": ("bench.results_roundtrip", "result round trips for every result store"),
     "values": ("bench.values", "what the checks that keep values exact cost per send and run"),
     "logging": ("bench.logging_cost", "conveyor's default logging against --quiet-tasks"),
+    "chord": ("bench.chord", "a 10,000-member chord from send to callback, against Celery"),
 }
 
 

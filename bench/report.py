@@ -554,6 +554,31 @@ def logging_cost(s: Summary, f: dict[str, Any]) -> None:
     )
 
 
+def chord(s: Summary, f: dict[str, Any]) -> None:
+    target, median = f["target"], f["median"]
+    s.target(
+        "Chord send-to-callback, Celery ÷ conveyor",
+        target["ratio"],
+        f"≥ {target['at_least']:g}x",
+        bool(target["met"]),
+    )
+    s.section(
+        "## Chords",
+        "",
+        f"One chord of {f['members']:,} members, from just before the send to the callback's "
+        "result in the sender's `get()` (seconds, lower is better):",
+        "",
+        "| Worker | send | send to callback |",
+        "|---|---:|---:|",
+        *(
+            f"| {f['labels'][m]} | {median[m]['send_s']:.2f} | {median[m]['callback_s']:.2f} |"
+            for m in median
+        ),
+        "",
+        "Details: [benchmarks-chord.md](benchmarks-chord.md).",
+    )
+
+
 RENDERERS: dict[str, Callable[[Summary, dict[str, Any]], None]] = {
     "embedded": embedded,
     "enqueue": enqueue,
@@ -566,6 +591,7 @@ RENDERERS: dict[str, Callable[[Summary, dict[str, Any]], None]] = {
     "results": results,
     "values": values,
     "logging": logging_cost,
+    "chord": chord,
 }
 
 

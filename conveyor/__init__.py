@@ -20,6 +20,7 @@ from conveyor.errors import (
     DecodeError,
     EncodeError,
     MaxRetriesExceeded,
+    MemberFailed,
     PublishError,
     ResourceError,
     ResultTimeout,
@@ -39,6 +40,8 @@ from conveyor.results.handle import Result
 from conveyor.settings import Settings
 from conveyor.task import Request, Task
 from conveyor.worker import Worker, WorkerStats
+from conveyor.workflows.canvas import Signature, chain, chord, group
+from conveyor.workflows.results import GroupResult
 
 __all__ = [
     "ArgumentError",
@@ -48,7 +51,9 @@ __all__ = [
     "DeadLetterReason",
     "DecodeError",
     "EncodeError",
+    "GroupResult",
     "MaxRetriesExceeded",
+    "MemberFailed",
     "PublishError",
     "Request",
     "Resource",
@@ -57,6 +62,7 @@ __all__ = [
     "ResultTimeout",
     "Retry",
     "Settings",
+    "Signature",
     "SoftTimeLimitExceeded",
     "State",
     "Task",
@@ -68,4 +74,7 @@ __all__ = [
     "UnknownTaskError",
     "Worker",
     "WorkerStats",
+    "chain",
+    "chord",
+    "group",
 ]

@@ -12,6 +12,7 @@ ConveyorError
 ├── ArgumentError               arguments do not fit the task's signature (also a TypeError)
 ├── TaskError
 │   ├── TaskFailed              Result.get() of a task that failed
+│   │   └── MemberFailed        GroupResult.get(): which member failed, by index
 │   ├── TaskRevoked             Result.get() of a task that was revoked
 │   ├── TaskExpired             the task's `expires` passed before it ran
 │   ├── TaskSkipped             a middleware's before_admit said not to run it (raised there)
@@ -169,3 +170,20 @@ class Retry(ConveyorError):
         self.countdown = countdown
         self.exc = exc
         self.max_retries = max_retries
+
+
+class MemberFailed(TaskFailed):
+    """A member of a group failed: `GroupResult.get()` says which one by `index`."""
+
+    def __init__(
+        self, index: int, task_id: str, type_name: str, message: str, traceback: str
+    ) -> None:
+        super().__init__(task_id, type_name, message, traceback)
+        self.index = index
+        self.args = (f"group member {index} (task {task_id}) failed: {type_name}: {message}",)
+
+    def __reduce__(self) -> tuple[type[MemberFailed], tuple[int, str, str, str, str]]:
+        return (
+            type(self),
+            (self.index, self.task_id, self.type_name, self.message, self.traceback),
+        )

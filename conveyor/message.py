@@ -21,6 +21,7 @@ from conveyor.errors import DecodeError, EncodeError
 from conveyor.reasons import DeadLetterReason as Why
 from conveyor.signing import NO_KEY, PREFIX, Signer
 from conveyor.values import encoder as _value_encoder
+from conveyor.workflows.wire import Workflow
 
 VERSION = 1
 DEFAULT_MAX_SIZE = 16 * 1024 * 1024
@@ -62,6 +63,9 @@ class Envelope(
     idempotency_key: Annotated[str, msgspec.Meta(max_length=255)] | None = None
     sent_at: Timestamp = 0.0
     headers: dict[str, str] = {}
+    workflow: Workflow | msgspec.UnsetType = msgspec.UNSET
+    """What follows this task in a workflow (`conveyor.workflows.wire`); absent, and not
+    encoded, on a plain task's message."""
 
     def retried(self, eta: float | None) -> Envelope:
         """The envelope of the next try: same id, one more retry, a new due time."""

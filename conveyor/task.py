@@ -22,6 +22,7 @@ from conveyor.values import Types, check_arguments
 
 if TYPE_CHECKING:
     from conveyor.app import Conveyor
+    from conveyor.workflows.canvas import Group, Signature
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -279,6 +280,31 @@ class Task(Generic[P, R]):
         envelopes = [self.envelope(args) for args in arguments]
         self.app.send(envelopes)
         return [self._result(e) for e in envelopes]
+
+    def s(self, *args: Any, **kwargs: Any) -> Signature[R]:
+        """A signature of this task: in a chain, the previous result is prepended to `args`."""
+        from conveyor.workflows.canvas import Signature
+
+        return Signature(self, args, kwargs)
+
+    def si(self, *args: P.args, **kwargs: P.kwargs) -> Signature[R]:
+        """An immutable signature: it runs with these arguments only, whatever came before."""
+        from conveyor.workflows.canvas import Signature
+
+        return Signature(self, args, kwargs, immutable=True)
+
+    def starmap(self, arguments: Iterable[Sequence[Any]]) -> Signature[list[R]]:
+        """One message that calls this task once per argument tuple, in order, in one worker;
+        its result is the list of results. (`map` sends one message per tuple instead.)"""
+        from conveyor.workflows.bulk import starmap
+
+        return starmap(self, arguments)
+
+    def chunks(self, arguments: Iterable[Sequence[Any]], size: int) -> Group:
+        """A group of `starmap` messages of at most `size` calls each."""
+        from conveyor.workflows.bulk import chunks
+
+        return chunks(self, arguments, size)
 
     def retry(
         self,

@@ -43,6 +43,7 @@ from conveyor.control.protocol import (
 from conveyor.errors import ConfigurationError
 from conveyor.message import decode
 from conveyor.redact import redact_text, redact_url
+from conveyor.workflows.bulk import BUILTINS
 
 if TYPE_CHECKING:
     from conveyor.brokers import Delivery
@@ -247,7 +248,7 @@ class Beacon:
             stats=asdict(worker.stats),
             active=active,
             reserved=reserved,
-            registered=sorted(self.app.tasks),
+            registered=sorted(n for n in self.app.tasks if n not in BUILTINS),
             events=self.events.on,
             dropped=self.events.dropped,
             load=_load(),

@@ -33,6 +33,7 @@ from conveyor.task import Task
 from conveyor.worker.execution import Job, Outcome
 from conveyor.worker.settlement import Records, refused
 from conveyor.worker.verdict import Verdict
+from conveyor.workflows.plan import failed
 
 # A task may start this much before its ETA; earlier deliveries are delayed again.
 EARLY_TOLERANCE_S = 0.01
@@ -116,11 +117,15 @@ class AdmissionPolicy:
     def skipped(self, job: Job, skip: TaskSkipped) -> Verdict:
         """A job that a middleware said not to run: acknowledged, recorded as failed."""
         envelope = job.envelope
+        record = self.records.of(
+            envelope, State.FAILURE, outcome=Outcome.failure(skip, with_traceback=False)
+        )
         return Verdict(
             ("skipped",),
             ack=True,
-            record=self.records.of(
-                envelope, State.FAILURE, outcome=Outcome.failure(skip, with_traceback=False)
+            record=record,
+            follow=failed(
+                envelope, type(skip).__name__, str(skip), self.records.expires_at(record)
             ),
             log=(
                 logging.INFO,
@@ -132,10 +137,17 @@ class AdmissionPolicy:
 
     def revoked_verdict(self, envelope: Envelope, outcome: Outcome) -> Verdict:
         """A revoked task that is not run: acknowledged, recorded as REVOKED."""
+        record = self.records.of(envelope, State.REVOKED, outcome=outcome)
         return Verdict(
             ("revoked",),
             ack=True,
-            record=self.records.of(envelope, State.REVOKED, outcome=outcome),
+            record=record,
+            follow=failed(
+                envelope,
+                outcome.error_type or "TaskRevoked",
+                outcome.error_message or "revoked",
+                self.records.expires_at(record),
+            ),
             log=(
                 logging.INFO,
                 "task %s[%s] revoked: %s",
@@ -175,10 +187,17 @@ class AdmissionPolicy:
 
     def _expired(self, envelope: Envelope) -> Verdict:
         outcome = Outcome.failure(TaskExpired("expired before it started"))
+        record = self.records.of(envelope, State.FAILURE, outcome=outcome)
         return Verdict(
             ("expired",),
             ack=True,
-            record=self.records.of(envelope, State.FAILURE, outcome=outcome),
+            record=record,
+            follow=failed(
+                envelope,
+                TaskExpired.__name__,
+                "expired before it started",
+                self.records.expires_at(record),
+            ),
             log=(
                 logging.INFO,
                 "task %s[%s] expired before it started",

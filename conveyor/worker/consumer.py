@@ -26,6 +26,8 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
+from msgspec import UNSET
+
 from conveyor.app import Conveyor
 from conveyor.brokers import Delivery
 from conveyor.control.events import TaskEvents
@@ -42,6 +44,7 @@ from conveyor.worker.rounds import settle_and_fetch, settle_and_fetch_async
 from conveyor.worker.settlement import UNSTARTED, Records, SettlementPolicy
 from conveyor.worker.tasklog import TaskLog
 from conveyor.worker.verdict import Settlements, Verdict, WorkerStats
+from conveyor.workflows.plan import Continuations
 
 log = logging.getLogger("conveyor.worker")
 
@@ -103,6 +106,7 @@ class Consumer:
         self._after_settle = app.hooks.after_settle
         self._io = ThreadPoolExecutor(1, thread_name_prefix="conveyor-io")
         self._pending = Settlements()
+        self._follow = Continuations(app)
         self._refused = self.broker.refused
         self._running: set[Job] = set()
         self._abandoned: set[Job] = set()
@@ -274,7 +278,7 @@ class Consumer:
             batch, self._pending = self._pending, Settlements()
             try:
                 deliveries, stale = settle_and_fetch(
-                    self.broker, self.store, self.queues, batch, free
+                    self.broker, self.store, self.queues, batch, free, self._follow
                 )
             except Exception as exc:
                 self._failed(exc)
@@ -300,12 +304,16 @@ class Consumer:
         """
         with self._lock:
             batch, self._pending = self._pending, Settlements()
-        broker, store, queues = self.broker, self.store, self.queues
+        broker, store, queues, follow = self.broker, self.store, self.queues, self._follow
         try:
             if self._native:
-                fetched = await settle_and_fetch_async(broker, store, queues, batch, free, self._io)
+                fetched = await settle_and_fetch_async(
+                    broker, store, queues, batch, free, self._io, follow
+                )
             else:
-                fetched = await self._call(settle_and_fetch, broker, store, queues, batch, free)
+                fetched = await self._call(
+                    settle_and_fetch, broker, store, queues, batch, free, follow
+                )
         except Exception as exc:
             self._failed(exc)
             with self._lock:
@@ -444,6 +452,7 @@ class Consumer:
         before_admit = self._before_admit
         events = self.events
         jobs: list[Job] = []
+        claiming: list[Job] = []
         for delivery in deliveries:
             admitted = admit(delivery, now)
             if events.on:
@@ -462,12 +471,50 @@ class Consumer:
                         delivery, verdict, admitted, Outcome.failure(skip, with_traceback=False)
                     )
                     continue
+            if admitted.envelope.workflow is not UNSET:
+                claiming.append(admitted)  # claimed below, all in one round trip
+                continue
             jobs.append(admitted)
+        if claiming:
+            jobs += self._claimed(claiming)
+        for job in jobs:
             if events.on:
-                events.started(admitted)
-            if store is not None and (record := started(admitted)) is not None:
+                events.started(job)
+            if store is not None and (record := started(job)) is not None:
                 self._pending.records[record.id] = record
         return jobs, [job.delivery for job in jobs if not job.task.options.acks_late]
+
+    def _claimed(self, jobs: list[Job]) -> list[Job]:
+        """The workflow jobs whose copy holds its run claim. Another copy (sent again by a
+        redelivered workflow task) is acknowledged unrun; without an answer from the store, the
+        messages come back later."""
+        expires_at = time.time() + self._settings.result_expires
+        try:
+            claimed = self._follow.claim([job.envelope for job in jobs], expires_at)
+        except Exception as exc:
+            log.error("could not claim the runs of %d workflow tasks: %s", len(jobs), exc)
+            for job in jobs:
+                self._apply(job.delivery, Verdict(delay=1.0))
+            return []
+        running = []
+        for job, ours in zip(jobs, claimed, strict=True):
+            if ours:
+                running.append(job)
+                continue
+            env = job.envelope
+            verdict = Verdict(
+                ("skipped",),
+                ack=True,
+                log=(
+                    logging.INFO,
+                    "task %s[%s] not run: another copy of it holds the run (sent again by a "
+                    "redelivered workflow task)",
+                    (env.task, env.id),
+                ),
+                envelope=env,
+            )
+            self._apply(job.delivery, verdict)
+        return running
 
     def _count_refused(self) -> None:
         """Count what the broker dead-lettered on arrival as received and rejected here."""
@@ -591,7 +638,14 @@ class Consumer:
         pending = self._pending
         if not self._on_loop() or not pending.acks or self._stopping:
             return False
-        if pending.records or pending.publish or pending.dead or pending.release or pending.delay:
+        if (
+            pending.records
+            or pending.publish
+            or pending.dead
+            or pending.release
+            or pending.delay
+            or pending.follow
+        ):
             return False  # results are stored before acks: the round keeps that order
         if not self._acking:
             self._acking = True
@@ -603,7 +657,13 @@ class Consumer:
         with self._lock:
             self._acking = False
             pending = self._pending
-            if pending.records or pending.publish or pending.dead or pending.release:
+            if (
+                pending.records
+                or pending.publish
+                or pending.dead
+                or pending.release
+                or pending.follow
+            ):
                 self._wake()  # something came since that the round must settle first
                 return
             acks, pending.acks = pending.acks, []
@@ -659,7 +719,9 @@ class Consumer:
                 self.pool.flush()  # into the children now, not a loop turn later
                 self._started_on_arrival += len(deliveries)
             pending = self._pending
-            settled_by_acks = not (pending.publish or pending.dead or pending.delay)
+            settled_by_acks = not (
+                pending.publish or pending.dead or pending.delay or pending.follow
+            )
             # A worker that stops once its queues are empty must check them when a slot frees
             # and nothing waits for it: the round loop may sleep for want of a free slot.
             drain = self.until_empty and not deliveries and free > 0

@@ -8,6 +8,9 @@ loop (the result store, which blocks, still goes through the given I/O thread).
 
 The order is the guarantee: outcomes are stored and retries published before their messages are
 acknowledged or dead-lettered, so a crash in between means a redelivery, never a lost result.
+A workflow's finished tasks are followed (`conveyor.workflows.plan`) after their records are
+stored: their chords joined, what comes next published with the rest, then their chords marked
+fired, all before the acks.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from typing import Any
 from conveyor.brokers import Broker, Delivery
 from conveyor.results import ResultStore
 from conveyor.worker.verdict import Settlements
+from conveyor.workflows.plan import Continuations, Plan
 
 
 class Call(enum.Enum):
@@ -34,6 +38,8 @@ class Call(enum.Enum):
     RELEASE = "release"  # deliveries given back unfinished, as lost runs
     DELAY = "delay"  # one (delivery, seconds) pair, given back for later, counted as nothing
     FETCH = "fetch"  # how many to fetch at most; the result is the deliveries
+    FOLLOW = "follow"  # finished workflow tasks; the result is a `Plan`
+    FIRED = "fired"  # chord ids whose callbacks were published
 
 
 #: What a round returns: the deliveries fetched, and how many acks came too late to count.
@@ -44,8 +50,14 @@ _Flow = Generator[tuple[Call, Any], Any, Fetched]
 def _flow(batch: Settlements, free: int, store: bool) -> _Flow:
     if batch.records and store:
         yield Call.STORE, list(batch.records.values())
-    if batch.publish:
-        yield Call.PUBLISH, batch.publish
+    publish, fired = batch.publish, []
+    if batch.follow:
+        plan: Plan = yield Call.FOLLOW, batch.follow
+        publish, fired = publish + plan.publish, plan.fired
+    if publish:
+        yield Call.PUBLISH, publish
+    if fired:
+        yield Call.FIRED, fired
     acked = (yield Call.ACK, batch.acks) if batch.acks else 0
     if batch.dead:
         yield Call.DEAD_LETTER, batch.dead
@@ -58,7 +70,12 @@ def _flow(batch: Settlements, free: int, store: bool) -> _Flow:
 
 
 def settle_and_fetch(
-    broker: Broker, store: ResultStore | None, queues: Sequence[str], batch: Settlements, free: int
+    broker: Broker,
+    store: ResultStore | None,
+    queues: Sequence[str],
+    batch: Settlements,
+    free: int,
+    follow: Continuations | None = None,
 ) -> Fetched:
     """The round with blocking calls, in one batch of the broker's when there is anything to
     settle (a fetch alone needs none)."""
@@ -88,6 +105,12 @@ def settle_and_fetch(
                     broker.requeue(arg)
                 case Call.DELAY:
                     broker.requeue([arg[0]], delay=arg[1], count_delivery=False)
+                case Call.FOLLOW:
+                    assert follow is not None
+                    result = follow.plan(arg)
+                case Call.FIRED:
+                    assert follow is not None
+                    follow.fired(arg)
 
 
 async def settle_and_fetch_async(
@@ -97,6 +120,7 @@ async def settle_and_fetch_async(
     batch: Settlements,
     free: int,
     io: Executor,
+    follow: Continuations | None = None,
 ) -> Fetched:
     """The round on a broker attached to the running loop; the store's calls go through `io`."""
     flow = _flow(batch, free, store is not None)
@@ -124,3 +148,9 @@ async def settle_and_fetch_async(
                 await broker.requeue_async(arg)
             case Call.DELAY:
                 await broker.requeue_async([arg[0]], delay=arg[1], count_delivery=False)
+            case Call.FOLLOW:
+                assert follow is not None
+                result = await asyncio.get_running_loop().run_in_executor(io, follow.plan, arg)
+            case Call.FIRED:
+                assert follow is not None
+                await asyncio.get_running_loop().run_in_executor(io, follow.fired, arg)

@@ -40,6 +40,7 @@ from conveyor.signing import Signer
 from conveyor.task import Task
 from conveyor.worker.execution import Job, Kind, Outcome, max_retries
 from conveyor.worker.verdict import LogLine, Verdict
+from conveyor.workflows.plan import Follow, failed
 
 _NULL = msgspec.Raw(b"null")
 # The verdicts of a success when nothing is recorded: the same every time, so shared.
@@ -51,6 +52,7 @@ _ABANDONED = Verdict(("abandoned",))
 #: A job admitted but never started, whose message the broker still holds (the acknowledgement
 #: it needed first failed): nothing to do, the broker delivers it again.
 UNSTARTED = Verdict(("released",))
+_FINAL = ("succeeded", "failed")
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +65,10 @@ class Records:
     worker: str
     expires: float
     """Seconds a record is kept for a task that sets no `result_expires` of its own."""
+
+    def expires_at(self, record: ResultRecord | None) -> float:
+        """When what a workflow keeps about a task expires: with its record."""
+        return record.expires_at if record is not None else time.time() + self.expires
 
     def of(
         self,
@@ -118,16 +124,18 @@ def refused(
 ) -> Verdict:
     """Dead-letter a message that cannot run; logged once, and the worker goes on."""
     where = f"task {envelope.task}[{envelope.id}]" if envelope else f"a message on {delivery.queue}"
-    record = None
+    record = follow = None
     if envelope is not None:
         outcome = Outcome(Kind.FAILURE, None, error_type, reason, "", finished_at=time.time())
         record = records.of(envelope, State.FAILURE, outcome=outcome)
+        follow = failed(envelope, error_type, reason, records.expires_at(record))
     return Verdict(
         ("rejected", "dead_lettered"),
         dead=reason,
         record=record,
         log=(logging.WARNING, "dead-lettered %s: %s", (where, reason)),
         envelope=envelope,
+        follow=follow,
     )
 
 
@@ -149,6 +157,22 @@ class SettlementPolicy:
     def settle(self, job: Job, outcome: Outcome) -> Verdict:
         """What to do now that `job` ended with `outcome`. May raise (a retry that cannot be
         encoded): `unsettled` then says what to do instead."""
+        verdict = self._settle(job, outcome)
+        if job.envelope.workflow is msgspec.UNSET or verdict.finished not in _FINAL:
+            return verdict
+        # A workflow's task that finished for good: what follows it goes out before its ack.
+        ok = verdict.finished == "succeeded"
+        follow = Follow(
+            job.envelope,
+            ok,
+            outcome.value if ok else None,
+            None if ok else outcome.error_type,
+            None if ok else outcome.error_message,
+            self.records.expires_at(verdict.record),
+        )
+        return msgspec.structs.replace(verdict, follow=follow)
+
+    def _settle(self, job: Job, outcome: Outcome) -> Verdict:
         kind = outcome.kind
         if kind is Kind.SUCCESS:
             acks_late = job.task.options.acks_late
@@ -210,11 +234,19 @@ class SettlementPolicy:
 
     def _revoked(self, job: Job, outcome: Outcome) -> Verdict:
         env = job.envelope
+        record = self.records.of(env, State.REVOKED, outcome=outcome, started_at=job.started_at)
         return Verdict(
             ("revoked",),
             "revoked" if outcome.took else None,  # stopped while it ran, or skipped unrun
             ack=job.task.options.acks_late,
-            record=self.records.of(env, State.REVOKED, outcome=outcome, started_at=job.started_at),
+            record=record,
+            # What follows a revoked workflow task fails with it, its chord too.
+            follow=failed(
+                env,
+                outcome.error_type or "TaskRevoked",
+                outcome.error_message or "revoked",
+                self.records.expires_at(record),
+            ),
             log=(
                 logging.INFO,
                 "task %s[%s] revoked: %s",

@@ -9,13 +9,16 @@ log. They do no I/O. The consumer logs the line, counts, and adds the rest to it
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import msgspec
 
 from conveyor.brokers import Delivery, Outgoing
 from conveyor.message import Envelope
 from conveyor.results import ResultRecord, State
+
+if TYPE_CHECKING:
+    from conveyor.workflows.plan import Follow
 
 #: A `WorkerStats` counter a verdict adds one to.
 Counter = Literal[
@@ -58,6 +61,8 @@ class Verdict(msgspec.Struct, frozen=True):
     log: LogLine | None = None
     envelope: Envelope | None = None
     """The decoded message, where admission got that far (its sender may want its records)."""
+    follow: Follow | None = None
+    """A workflow task's final outcome: what follows it is sent before its message is acked."""
 
 
 @dataclass
@@ -123,10 +128,18 @@ class Settlements:
     dead: list[tuple[Delivery, str]] = field(default_factory=list)
     release: list[Delivery] = field(default_factory=list)
     delay: list[tuple[Delivery, float]] = field(default_factory=list)
+    follow: list[Follow] = field(default_factory=list)
+    """Finished workflow tasks whose continuations go out before their acks."""
 
     def __bool__(self) -> bool:
         return bool(
-            self.records or self.publish or self.acks or self.dead or self.release or self.delay
+            self.records
+            or self.publish
+            or self.acks
+            or self.dead
+            or self.release
+            or self.delay
+            or self.follow
         )
 
     @property
@@ -138,6 +151,7 @@ class Settlements:
             or self.dead
             or self.release
             or self.delay
+            or self.follow
             or any(r.state is not State.STARTED for r in self.records.values())
         )
 
@@ -147,6 +161,8 @@ class Settlements:
             self.records[verdict.record.id] = verdict.record
         if verdict.publish is not None:
             self.publish.append(verdict.publish)
+        if verdict.follow is not None:
+            self.follow.append(verdict.follow)
         if verdict.ack:
             self.acks.append(delivery)
         elif verdict.dead is not None:
@@ -165,4 +181,5 @@ class Settlements:
             self.dead + later.dead,
             self.release + later.release,
             self.delay + later.delay,
+            self.follow + later.follow,
         )

@@ -27,6 +27,7 @@ from conveyor.worker.consumer import Consumer
 from conveyor.worker.loops import choose
 from conveyor.worker.tasklog import TaskLog, TaskLogMode
 from conveyor.worker.verdict import WorkerStats
+from conveyor.workflows.bulk import register as register_bulk
 
 if TYPE_CHECKING:
     from conveyor.middleware.prometheus import MetricsEndpoint
@@ -119,6 +120,7 @@ class Worker:
     async def _work(self, middleware: list[object]) -> None:
         app = self.app
         app.hooks = worker_hooks(middleware)
+        register_bulk(app)  # the built-in task of `task.starmap` and `task.chunks` messages
         pool = self.pool = pools.create(
             self.pool_name,
             self.concurrency,
