@@ -121,10 +121,15 @@ class PrometheusMiddleware(Middleware):
         self.registry.register(_Collector(self))
 
     def worker_start(self, worker: Worker) -> None:
-        """Remember the worker, for the gauges; show each task's main outcomes at 0."""
+        """Remember the worker, for the gauges; show each of the app's tasks' main outcomes at
+        0 (the built-in ones of workflows are counted once they run)."""
+        from conveyor.workflows.bulk import BUILTINS
+
         with self._lock:
             self._worker = worker
             for name in worker.app.tasks:
+                if name in BUILTINS:
+                    continue
                 for outcome in _INITIAL:
                     self._counts.setdefault((name, outcome), 0)
 
