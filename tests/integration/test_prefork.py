@@ -18,6 +18,7 @@ import os
 import random
 import signal
 import socket
+import sqlite3
 import stat
 import threading
 import time
@@ -147,6 +148,25 @@ def exited(pid: int) -> bool:
 
 def open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
+
+
+def settle_descriptors(app: Conveyor) -> None:
+    """Make the descriptors a process opens once and keeps, before they are counted.
+
+    libuv (uvloop) opens a pipe for signals with its first loop and keeps it for the process's
+    life. SQLite keeps the descriptor of a connection closed while another of the process holds
+    a lock on the same file, and gives it to the next connection it opens to that file (the
+    worker's event beacon opens and closes one to the broker's file).
+    """
+    with contextlib.suppress(ImportError):
+        import uvloop
+
+        uvloop.new_event_loop().close()
+    url = app.settings.broker
+    if url.startswith("sqlite:///"):
+        connection = sqlite3.connect(url.removeprefix("sqlite:///").partition("?")[0])
+        connection.execute("select 1").fetchall()
+        connection.close()
 
 
 def wait_for_file(path: Path, timeout: float = 30.0) -> None:
@@ -615,6 +635,7 @@ def test_replacing_children_leaves_the_worker_no_open_descriptor(
         app.broker.stats([queue_of(app)])
         assert app.results is not None
         app.results.count()
+    settle_descriptors(app)
     before = open_fds()
     worker = Worker(app, pool="prefork", concurrency=2, max_tasks_per_child=1, until_empty=True)
     stats = worker.run()  # on this thread, so no thread-local connection stays behind
@@ -1044,6 +1065,7 @@ def test_stress_one_task_per_child_with_random_start_delays(
     store = app.results
     assert store is not None
     store.count()
+    settle_descriptors(app)
     before = open_fds()
     worker = Worker(app, pool="prefork", concurrency=2, max_tasks_per_child=1, until_empty=True)
     started = time.monotonic()
