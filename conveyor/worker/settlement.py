@@ -200,15 +200,35 @@ class SettlementPolicy:
             return refused(self.records, job.delivery, reason, env, error_type)
         # Acknowledged before it ran: there is no message left to dead-letter.
         failure = Outcome(Kind.FAILURE, None, error_type, reason, "")
+        record = self.records.of(env, State.FAILURE, outcome=failure)
         return Verdict(
             ("rejected",),
-            record=self.records.of(env, State.FAILURE, outcome=failure),
+            record=record,
+            follow=failed(env, error_type, reason, self.records.expires_at(record)),
             log=(logging.ERROR, "task %s[%s] failed: %s", (env.task, env.id, reason)),
         )
 
     def abandoned(self, job: Job) -> Verdict:
-        """A job still running (or waiting in the pool) when a shutdown gives up on it."""
-        return _RELEASED if job.task.options.acks_late else _ABANDONED
+        """A job still running (or waiting in the pool) when a shutdown gives up on it.
+
+        With acks_late its message goes back. Without, nothing does: a task outside any
+        workflow just ends unknown, but one in a workflow is recorded as failed, and what follows
+        it fails too (its chord with it), since nothing would ever finish it.
+        """
+        if job.task.options.acks_late:
+            return _RELEASED
+        env = job.envelope
+        if env.workflow is msgspec.UNSET:
+            return _ABANDONED
+        message = "given up at a worker's shutdown (acknowledged before it ran, acks_late=False)"
+        outcome = Outcome(Kind.FAILURE, None, "TaskAbandoned", message, "")
+        record = self.records.of(env, State.FAILURE, outcome=outcome, started_at=job.started_at)
+        return Verdict(
+            ("abandoned",),
+            record=record,
+            follow=failed(env, "TaskAbandoned", message, self.records.expires_at(record)),
+            envelope=env,
+        )
 
     def _lost(self, job: Job, outcome: Outcome) -> Verdict:
         env = job.envelope
@@ -224,11 +244,19 @@ class SettlementPolicy:
                     (env.task, env.id, outcome.error_message, runs, self.poison_limit),
                 ),
             )
-        # Acknowledged before it ran (at most once): nothing to give back.
+        # Acknowledged before it ran (at most once): nothing to give back, and what follows it
+        # in a workflow fails with it rather than wait for a run that will not come.
+        record = self.records.of(env, State.FAILURE, outcome=outcome, started_at=job.started_at)
         return Verdict(
             ("lost",),
             "lost",
-            record=self.records.of(env, State.FAILURE, outcome=outcome, started_at=job.started_at),
+            record=record,
+            follow=failed(
+                env,
+                outcome.error_type or "WorkerLost",
+                outcome.error_message or "the process running it died",
+                self.records.expires_at(record),
+            ),
             log=(logging.ERROR, "task %s[%s] lost: %s", (env.task, env.id, outcome.error_message)),
         )
 

@@ -548,3 +548,96 @@ def test_a_revoked_member_fails_its_chord_and_is_named_in_its_group(
     with pytest.raises(TaskFailed, match="TaskRevoked"):
         chained.get(1)
     assert tasks.runs("total") == []
+
+
+# a workflow's task acknowledged before it ran, that never finishes
+
+
+def _early_first_link(app: Conveyor) -> tuple[Any, Any, Result[Any]]:
+    """A chain whose first link acks early, sent but not run: (policy, its job, the chain's
+    result)."""
+    from conveyor.worker.execution import Job
+    from conveyor.worker.settlement import Records, SettlementPolicy
+
+    @app.task(name="wf.early", acks_late=False)
+    def early(x: int) -> int:
+        return x
+
+    @app.task(name="wf.then")
+    def then(x: int) -> int:
+        return x + 1
+
+    result = chain(early.s(1), then.s()).apply_async()
+    (delivery,) = app.broker.fetch([app.settings.default_queue], 1)
+    envelope = decode(delivery.body)
+    assert envelope.workflow is not msgspec.UNSET
+    policy = SettlementPolicy.of(app, Records(app.tasks, True, "host:1", 60.0))
+    return policy, Job(delivery, envelope, early, started_at=time.time()), result
+
+
+def test_an_early_acked_link_whose_child_died_fails_what_follows(app: Conveyor) -> None:
+    from conveyor.worker.execution import Kind, Outcome
+
+    policy, job, _ = _early_first_link(app)
+    lost = Outcome(Kind.LOST, None, "WorkerLost", "the child died (signal 9)")
+    verdict = policy.settle(job, lost)
+    assert verdict.release is False and verdict.follow is not None
+    assert (verdict.follow.ok, verdict.follow.error_type) == (False, "WorkerLost")
+
+
+def test_an_early_acked_link_given_up_at_shutdown_fails_what_follows(app: Conveyor) -> None:
+    policy, job, _ = _early_first_link(app)
+    verdict = policy.abandoned(job)
+    assert verdict.counts == ("abandoned",) and verdict.release is False
+    assert verdict.record is not None and verdict.record.state == State.FAILURE
+    assert verdict.follow is not None and verdict.follow.error_type == "TaskAbandoned"
+
+
+def test_a_plain_early_acked_task_given_up_at_shutdown_ends_unknown(app: Conveyor) -> None:
+    from conveyor.worker.execution import Job
+    from conveyor.worker.settlement import Records, SettlementPolicy
+
+    @app.task(name="plain.early", acks_late=False)
+    def early(x: int) -> int:
+        return x
+
+    early.delay(1)
+    (delivery,) = app.broker.fetch([app.settings.default_queue], 1)
+    job = Job(delivery, decode(delivery.body), early, started_at=time.time())
+    verdict = SettlementPolicy.of(app, Records(app.tasks, True, "h:1", 60.0)).abandoned(job)
+    assert (verdict.counts, verdict.record, verdict.follow) == (("abandoned",), None, None)
+
+
+def test_a_chain_given_up_at_shutdown_fails_instead_of_waiting() -> None:
+    """Threads cannot be killed: a cold shutdown abandons the running first link (acks_late
+    False); the chain's result is a failure at once, not a wait for ever."""
+    app = memory_app()
+    started, release = threading.Event(), threading.Event()
+
+    @app.task(name="wf.slow", acks_late=False)
+    def slow(x: int) -> int:
+        started.set()
+        release.wait(30)
+        return x
+
+    @app.task(name="wf.next")
+    def after(x: int) -> int:
+        return x + 1
+
+    result = chain(slow.s(1), after.s()).apply_async()
+    from conveyor import Worker
+
+    worker = Worker(app, pool="threads", concurrency=1, shutdown_grace=0)
+    thread = threading.Thread(target=worker.run)
+    thread.start()
+    try:
+        assert started.wait(30)
+        worker.stop()
+        worker.stop()  # cold
+        thread.join(30)
+        assert not thread.is_alive()
+    finally:
+        release.set()
+    with pytest.raises(TaskFailed, match="given up at a worker's shutdown"):
+        result.get(timeout=5)
+    app.close()
