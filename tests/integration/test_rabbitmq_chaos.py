@@ -103,7 +103,8 @@ def test_no_task_is_lost_when_the_broker_closes_every_connection(
         thread.join(60)
         assert not thread.is_alive(), "the worker did not finish within 60s of the closure"
         assert not errors
-        assert closed == 1, "the worker's connection was closed"
+        # The worker's two: its consumer's, and its events and inspection beacon's.
+        assert closed == 2, "the worker's connections were closed"
         lost = set(range(TASKS)) - set(runs)
         print(
             f"\nclose_all_connections with {HOLD_AT + CONCURRENCY} of {TASKS} tasks run: "
@@ -163,7 +164,7 @@ def test_every_send_that_returned_runs_when_the_broker_closes_every_connection(
         # What the first worker left (it may have stopped with tasks still queued), a fresh
         # worker runs.
         stats = Worker(drainer, pool="threads", concurrency=CONCURRENCY, until_empty=True).run()
-        assert closed == 2, "the producer's and the worker's connections were closed"
+        assert closed == 3, "the producer's and the worker's two connections were closed"
         confirmed = set(sent_args)
         failed_but_ran = {n for n, _ in failed} & set(runs)
         print(
@@ -197,7 +198,8 @@ def test_an_idle_worker_consumes_again_after_the_broker_closes_its_connection(
         first = record.delay(1)
         poll(lambda: app.result(first.id).ready(), timeout=30, what="the first task")
         poll(lambda: node.unacknowledged(queue) == 0, timeout=10, what="its acknowledgement")
-        assert node.close_all_connections("chaos test") == 2
+        # The producer's, and the worker's two (its consumer's and its beacon's).
+        assert node.close_all_connections("chaos test") == 3
         second = record.delay(2)  # the producer reconnects and the message is stored
         poll(lambda: app.result(second.id).ready(), timeout=10, what="a task sent after it")
     finally:
